@@ -1,0 +1,19 @@
+"""What a method asks the data pipeline for: named resizes of one shared crop of each image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class View:
+    """One output of the pipeline per image. Every view of an image comes from the *same* random crop and flip,
+    so patch i means the same place in all of them; views differ only in size, resampling and pixel scale.
+
+    normalize: 'mean_std' for the encoder (data.mean / data.std), 'unit' for raw [0, 1] pixels (tokenizers).
+    """
+
+    name: str
+    size: int
+    interpolation: str = "bicubic"  # bicubic | bilinear | lanczos | nearest
+    normalize: str = "mean_std"

@@ -1,0 +1,1 @@
+"""Backbones and heads: timm encoders with a masked forward, decoders, position embeddings."""

@@ -1,0 +1,85 @@
+"""mimkit's MAE loss equals Hugging Face transformers' ViTMAEForPreTraining on the same weights and mask."""
+
+import pytest
+import torch
+
+from mimkit.config import Config
+from mimkit.methods.mae import MAE
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_block_weights(ours: dict, prefix: str, hf_prefix: str, hf_keys: set) -> dict:
+    """Map one timm Block (fused qkv) onto a transformers ViT layer (separate q/k/v), for either naming scheme
+    transformers has used (4.x: attention.attention.query / 5.x: attention.q_proj)."""
+    d = ours[f"{prefix}.attn.qkv.weight"].shape[1]
+    qkv_w, qkv_b = ours[f"{prefix}.attn.qkv.weight"], ours[f"{prefix}.attn.qkv.bias"]
+    new_names = f"{hf_prefix}.attention.q_proj.weight" in hf_keys
+    q, k, v, o = (("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj") if new_names
+                  else ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                        "attention.output.dense"))
+    fc1, fc2 = ("mlp.fc1", "mlp.fc2") if new_names else ("intermediate.dense", "output.dense")
+    out = {}
+    for i, name in enumerate((q, k, v)):
+        out[f"{hf_prefix}.{name}.weight"] = qkv_w[i * d:(i + 1) * d]
+        out[f"{hf_prefix}.{name}.bias"] = qkv_b[i * d:(i + 1) * d]
+    pairs = {o: "attn.proj", "layernorm_before": "norm1", "layernorm_after": "norm2", fc1: "mlp.fc1", fc2: "mlp.fc2"}
+    for hf, mine in pairs.items():
+        for p in ("weight", "bias"):
+            out[f"{hf_prefix}.{hf}.{p}"] = ours[f"{prefix}.{mine}.{p}"]
+    return out
+
+
+def _to_hf(ours: dict, hf_keys: set, depth: int, dec_depth: int) -> dict:
+    layers = "vit.layers" if any(k.startswith("vit.layers.") for k in hf_keys) else "vit.encoder.layer"
+    dec_layers = "decoder.decoder_layers"
+    out = {
+        "vit.embeddings.cls_token": ours["encoder.cls_token"],
+        "vit.embeddings.position_embeddings": ours["encoder.pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": ours["encoder.patch_embed.proj.weight"],
+        "vit.embeddings.patch_embeddings.projection.bias": ours["encoder.patch_embed.proj.bias"],
+        "vit.layernorm.weight": ours["encoder.norm.weight"],
+        "vit.layernorm.bias": ours["encoder.norm.bias"],
+        "decoder.mask_token": ours["decoder.mask_token"],
+        "decoder.decoder_pos_embed": ours["decoder.pos_embed"],
+    }
+    for hf, mine in {"decoder_embed": "embed", "decoder_norm": "norm", "decoder_pred": "pred"}.items():
+        for p in ("weight", "bias"):
+            out[f"decoder.{hf}.{p}"] = ours[f"decoder.{mine}.{p}"]
+    for i in range(depth):
+        out.update(_hf_block_weights(ours, f"encoder.blocks.{i}", f"{layers}.{i}", hf_keys))
+    for i in range(dec_depth):
+        out.update(_hf_block_weights(ours, f"decoder.blocks.{i}", f"{dec_layers}.{i}", hf_keys))
+    return out
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_matches_transformers(norm_pix):
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.data.image_size, cfg.model.patch_size = 32, 4
+    cfg.model.name = "vit_tiny_patch16_224"  # 192 wide, 12 deep, 3 heads
+    cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = 64, 2, 4
+    cfg.mae.norm_pix_loss = norm_pix
+    ours = MAE(cfg).eval()
+
+    hf_cfg = transformers.ViTMAEConfig(
+        image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+        intermediate_size=768, decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+        decoder_intermediate_size=256, mask_ratio=0.75, norm_pix_loss=norm_pix, layer_norm_eps=1e-6,
+        qkv_bias=True, hidden_act="gelu",
+    )
+    hf = transformers.ViTMAEForPreTraining(hf_cfg).eval()
+    mapped = _to_hf(ours.state_dict(), set(hf.state_dict()), depth=12, dec_depth=2)
+    missing, unexpected = hf.load_state_dict(mapped, strict=False)
+    assert not unexpected and not [k for k in missing if "pos" not in k], (missing, unexpected)
+
+    imgs = torch.randn(3, 3, 32, 32)
+    noise = torch.rand(3, 64)
+    with torch.no_grad():
+        our_loss, _ = ours({"image": imgs}, noise=noise)
+        hf_out = hf(pixel_values=imgs, noise=noise)
+    torch.testing.assert_close(our_loss, hf_out.loss, rtol=1e-5, atol=1e-6)
+    # the mask itself agrees too (1 = masked in both libraries)
+    _, our_mask, _ = ours.mask(3, imgs.device, noise)
+    torch.testing.assert_close(our_mask, hf_out.mask)
