@@ -15,14 +15,21 @@ def _hf_block_weights(ours: dict, prefix: str, hf_prefix: str, hf_keys: set) -> 
     d = ours[f"{prefix}.attn.qkv.weight"].shape[1]
     qkv_w, qkv_b = ours[f"{prefix}.attn.qkv.weight"], ours[f"{prefix}.attn.qkv.bias"]
     new_names = f"{hf_prefix}.attention.q_proj.weight" in hf_keys
-    q, k, v, o = (("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj") if new_names
-                  else ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-                        "attention.output.dense"))
+    q, k, v, o = (
+        ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
+        if new_names
+        else (
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+        )
+    )
     fc1, fc2 = ("mlp.fc1", "mlp.fc2") if new_names else ("intermediate.dense", "output.dense")
     out = {}
     for i, name in enumerate((q, k, v)):
-        out[f"{hf_prefix}.{name}.weight"] = qkv_w[i * d:(i + 1) * d]
-        out[f"{hf_prefix}.{name}.bias"] = qkv_b[i * d:(i + 1) * d]
+        out[f"{hf_prefix}.{name}.weight"] = qkv_w[i * d : (i + 1) * d]
+        out[f"{hf_prefix}.{name}.bias"] = qkv_b[i * d : (i + 1) * d]
     pairs = {o: "attn.proj", "layernorm_before": "norm1", "layernorm_after": "norm2", fc1: "mlp.fc1", fc2: "mlp.fc2"}
     for hf, mine in pairs.items():
         for p in ("weight", "bias"):
@@ -64,10 +71,21 @@ def test_mae_loss_matches_transformers(norm_pix):
     ours = MAE(cfg).eval()
 
     hf_cfg = transformers.ViTMAEConfig(
-        image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
-        intermediate_size=768, decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
-        decoder_intermediate_size=256, mask_ratio=0.75, norm_pix_loss=norm_pix, layer_norm_eps=1e-6,
-        qkv_bias=True, hidden_act="gelu",
+        image_size=32,
+        patch_size=4,
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        intermediate_size=768,
+        decoder_hidden_size=64,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=256,
+        mask_ratio=0.75,
+        norm_pix_loss=norm_pix,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+        hidden_act="gelu",
     )
     hf = transformers.ViTMAEForPreTraining(hf_cfg).eval()
     mapped = _to_hf(ours.state_dict(), set(hf.state_dict()), depth=12, dec_depth=2)

@@ -41,6 +41,10 @@ class ModelConfig:
     name: str = "vit_tiny_patch16_224"  # any timm vit_* name
     patch_size: int = 4
     drop_path: float = 0.0
+    # optional size overrides of the named architecture (timm accepts them as factory arguments)
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
 
 
 @dataclass

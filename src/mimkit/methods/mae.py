@@ -36,15 +36,20 @@ class MAE(Method):
             raise ConfigError(f"mae.mask_ratio must be in (0, 1), got {o.mask_ratio}")
         self.cfg = o
         self.views = (View("image", cfg.data.image_size),)
-        self.encoder = V.create_vit(cfg.model.name, cfg.data.image_size, cfg.model.patch_size, cfg.model.drop_path)
+        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size)
         self.patch = V.patch_size(self.encoder)
         self.grid = V.grid_size(self.encoder)
         self.num_patches = self.grid[0] * self.grid[1]
         if int(self.num_patches * (1 - o.mask_ratio)) < 1:
             raise ConfigError(f"mae.mask_ratio {o.mask_ratio} leaves no visible patch of {self.num_patches}")
         self.decoder = MaskedDecoder(
-            self.encoder.embed_dim, o.decoder_dim, o.decoder_depth, o.decoder_heads, self.grid,
-            out_dim=self.patch**2 * 3, num_prefix=self.encoder.num_prefix_tokens,
+            self.encoder.embed_dim,
+            o.decoder_dim,
+            o.decoder_depth,
+            o.decoder_heads,
+            self.grid,
+            out_dim=self.patch**2 * 3,
+            num_prefix=self.encoder.num_prefix_tokens,
         )
         init_mae_weights(self)
         w = self.encoder.patch_embed.proj.weight

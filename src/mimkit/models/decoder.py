@@ -15,8 +15,9 @@ class MaskedDecoder(nn.Module):
     runs `depth` blocks and predicts `out_dim` values per patch. Sized by the caller: MAE on ImageNet uses
     8x512, a ViT-Tiny at 32 px wants something like 4x192 (the 8x512 decoder would cost 8x the encoder)."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, grid: tuple[int, int], out_dim: int,
-                 num_prefix: int = 1):
+    def __init__(
+        self, in_dim: int, dim: int, depth: int, heads: int, grid: tuple[int, int], out_dim: int, num_prefix: int = 1
+    ):
         super().__init__()
         self.num_prefix = num_prefix
         self.embed = nn.Linear(in_dim, dim)

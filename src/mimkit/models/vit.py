@@ -16,9 +16,10 @@ from .pos_embed import sincos_2d
 
 
 def create_vit(
-    name: str, img_size: int, patch_size: int, drop_path: float = 0.0, sincos_pos: bool = True
+    name: str, img_size: int, patch_size: int, drop_path: float = 0.0, sincos_pos: bool = True, **sizes
 ) -> VisionTransformer:
-    """A headless timm ViT at `img_size` with `patch_size`; fixed sin-cos position embeddings when asked."""
+    """A headless timm ViT at `img_size` with `patch_size`; fixed sin-cos position embeddings when asked.
+    `sizes` (depth, embed_dim, num_heads; None = the architecture's own) go to timm's factory."""
     if not name.startswith(("vit_", "deit_")) or not timm.is_model(name):
         raise ConfigError(f"model.name '{name}' is not a timm ViT (try e.g. vit_tiny_patch16_224)")
     if img_size % patch_size:
@@ -30,12 +31,27 @@ def create_vit(
         img_size=img_size,
         patch_size=patch_size,
         drop_path_rate=drop_path,
+        **{k: v for k, v in sizes.items() if v is not None},
     )
     if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
         raise ConfigError(f"model.name '{name}' must be a timm VisionTransformer with a class token")
     if sincos_pos:
         set_sincos_pos_embed(vit)
     return vit
+
+
+def create_encoder(model_cfg, img_size: int, sincos_pos: bool = True) -> VisionTransformer:
+    """`create_vit` from a ModelConfig."""
+    return create_vit(
+        model_cfg.name,
+        img_size,
+        model_cfg.patch_size,
+        model_cfg.drop_path,
+        sincos_pos,
+        depth=model_cfg.depth,
+        embed_dim=model_cfg.embed_dim,
+        num_heads=model_cfg.num_heads,
+    )
 
 
 def set_sincos_pos_embed(vit: VisionTransformer) -> None:

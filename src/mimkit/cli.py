@@ -1,0 +1,245 @@
+"""mimkit command line: argparse sub-commands -> typed config -> the layers below. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, DataConfig, build_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _pretrain_parser(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train an encoder (no arguments: the built-in demo)",
+        description="Pre-train an encoder with a masked image modeling method. With no arguments, runs the "
+        "built-in demo (scikit-learn's digits, a small ViT, MAE, CPU, a few minutes). Re-running the same "
+        "command with the same --out resumes from its last checkpoint.",
+    )
+    p.add_argument("--config", help="a recipe YAML file, or the name of a packaged recipe (e.g. cifar10-mae)")
+    p.add_argument("--method", help="mae (see `mimkit methods`)")
+    p.add_argument(
+        "--data",
+        help="a folder of images (class sub-folders optional; train/ + val|test/ split used when present) or 'demo'",
+    )
+    p.add_argument("--out", help="run folder (default runs/<method>-<data name>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--model", help="timm ViT name, e.g. vit_tiny_patch16_224 (patch size: model.patch_size=N)")
+    p.add_argument("--max-images", type=int, help="a fixed, seeded subset of the training images")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. mae.mask_ratio=0.6")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="k-NN or linear-probe evaluation of an encoder on labeled images")
+    p.add_argument("protocol", choices=["knn", "linear"])
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt) or an exported encoder folder")
+    p.add_argument("--data", required=True, help="labeled folder (train/ + val|test/, or class sub-folders) or demo")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--image-size", type=int, help="default: the size the encoder was trained at")
+    p.add_argument("--pool", choices=["avg", "cls"], default="avg", help="ViT feature: mean patch token or class token")
+    p.add_argument("--max-images", type=int, help="subset of the training split (the k-NN memory / probe train set)")
+    p.add_argument("--max-eval-images", type=int, help="subset of the evaluation split")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--epochs", type=int, default=90, help="linear probe epochs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write the encoder as a timm Hub folder (config.json + model.safetensors)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _visualize_parser(sub) -> None:
+    p = sub.add_parser("visualize", help="a picture of what the method does (e.g. original | masked | reconstruction)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--num", type=int, default=8, help="number of images (rows)")
+    p.add_argument("--scale", type=int, default=0, help="enlarge by this factor (default: to about 128 px rows)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mimkit", description="Masked and corrupted image modeling on timm backbones."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _pretrain_parser(sub)
+    _eval_parser(sub)
+    _export_parser(sub)
+    _visualize_parser(sub)
+    sub.add_parser("methods", help="list the registered methods")
+    return parser
+
+
+def pretrain_config(args):
+    flags = {
+        "method": args.method,
+        "data.path": args.data,
+        "out": args.out,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "data.image_size": args.image_size,
+        "model.name": args.model,
+        "data.max_images": args.max_images,
+        "train.device": args.device,
+    }
+    overrides: dict = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    files = [args.config] if args.config else []
+    if not files and (args.data in (None, "demo")):
+        files = ["demo"]  # the packaged demo recipe
+    cfg = build_config(files, overrides, args.overrides)
+    if not args.out and not any(o.startswith("out=") for o in args.overrides) and not _recipe_sets_out(files):
+        name = "demo" if cfg.data.path == "demo" else Path(cfg.data.path).resolve().name
+        cfg.out = f"runs/{cfg.method}-{name}"
+    return cfg
+
+
+def _recipe_sets_out(files) -> bool:
+    from .config import read_yaml
+
+    return any("out" in read_yaml(f) for f in files)
+
+
+def cmd_pretrain(args) -> int:
+    from .engine.run import pretrain_and_report
+
+    cfg = pretrain_config(args)
+    pretrain_and_report(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data import labeled_splits
+    from .engine.run import load_encoder
+    from .engine.train import resolve_device
+    from .eval import extract, knn_accuracy, linear_probe
+
+    device = resolve_device(args.device)
+    encoder, info = load_encoder(args.checkpoint, device)
+    size = args.image_size or info["image_size"]
+    data = DataConfig(
+        path=args.data,
+        mean=tuple(info["mean"]),
+        std=tuple(info["std"]),
+        num_workers=args.workers,
+        max_images=args.max_images,
+    )
+    memory, query = labeled_splits(args.data, data, 0, args.max_eval_images)
+    tr, ytr = extract(encoder, memory, data, size, device, args.pool)
+    te, yte = extract(encoder, query, data, size, device, args.pool)
+    if args.protocol == "knn":
+        res = knn_accuracy(tr, ytr, te, yte, len(memory.classes), args.k, args.temperature)
+    else:
+        torch.manual_seed(0)
+        res = linear_probe(tr, ytr, te, yte, len(memory.classes), epochs=args.epochs)
+    res.update(
+        {
+            "protocol": args.protocol,
+            "checkpoint": str(args.checkpoint),
+            "data": args.data,
+            "pool": args.pool,
+            "method": info.get("method"),
+        }
+    )
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .engine.train import method_from_checkpoint
+    from .export import export_encoder
+
+    method, cfg, state = method_from_checkpoint(args.checkpoint)
+    out = export_encoder(
+        method.encoder,
+        args.out,
+        image_size=cfg.data.image_size,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        mimkit_meta={"method": cfg.method, "steps": state["run"]["step"]},
+    )
+    print(
+        f"exported the {cfg.method} encoder to '{out}'; load it with "
+        f"timm.create_model('local-dir:{out}', pretrained=True)"
+    )
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    import torch
+
+    from .data import load_splits
+    from .data.pipeline import ViewDataset, collate, prepare_batch
+    from .engine.train import method_from_checkpoint
+    from .viz import save_grid, unnormalize
+
+    method, cfg, _ = method_from_checkpoint(args.checkpoint)
+    data = DataConfig(**{**cfg.data.__dict__, "path": args.data})
+    splits = load_splits(data, args.seed)
+    source = splits.query if splits.query is not None else splits.train
+    g = torch.Generator().manual_seed(args.seed)
+    picks = torch.randperm(len(source), generator=g)[: args.num].tolist()
+    ds = ViewDataset(source, method.views, data, seed=args.seed, train=False)
+    batch = prepare_batch(collate([ds[i] for i in picks]), method.views, "cpu", data.mean, data.std)
+    torch.manual_seed(args.seed)
+    rows = unnormalize(method.visualize(batch), data.mean, data.std)
+    scale = args.scale or max(1, 128 // rows.shape[2])
+    path = save_grid(rows, args.out, scale=scale)
+    print(f"wrote '{path}' ({len(picks)} rows; {cfg.method}: {method.visualize.__doc__.strip().splitlines()[0]})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "methods":
+            from .methods import METHODS
+
+            for name, cls in METHODS.items():
+                print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+            return 0
+        return {"pretrain": cmd_pretrain, "eval": cmd_eval, "export": cmd_export, "visualize": cmd_visualize}[
+            args.command
+        ](args)
+    except ConfigError as e:
+        print(f"mimkit: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        from .engine.train import TrainingError
+
+        if isinstance(e, TrainingError):
+            print(f"mimkit: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        print("mimkit: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""What happens around the loop: the end-of-run export and report, and loading encoders back for evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..export import export_encoder, load_exported
+from ..methods import build_method
+from . import distributed as D
+from .logging import say
+from .train import method_from_checkpoint, monitor_knn, pretrain
+
+
+def pretrain_and_report(cfg: Config) -> dict:
+    """Pre-train, export the encoder to out/encoder, and on labeled data compare k-NN accuracy of the trained
+    encoder with the same encoder at random initialisation. -> the summary written to out/summary.json."""
+    try:
+        result = pretrain(cfg)
+        summary = {}
+        if result["main"]:
+            summary = report(cfg, result)
+        D.barrier()
+        return summary
+    finally:
+        D.shutdown()
+
+
+def report(cfg: Config, result: dict) -> dict:
+    out, method, splits, device = result["out"], result["method"], result["splits"], result["device"]
+    method.eval()
+    enc_dir = export_encoder(
+        method.encoder,
+        out / "encoder",
+        image_size=cfg.data.image_size,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        mimkit_meta={"method": cfg.method, "steps": result["steps"]},
+    )
+    summary = {"method": cfg.method, "steps": result["steps"], "encoder": str(enc_dir)}
+    say(f"encoder exported to '{enc_dir}' (timm.create_model('local-dir:{enc_dir}', pretrained=True))")
+    if cfg.eval.final_knn and splits.query is not None:
+        trained = monitor_knn(method, splits, cfg, device)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.train.seed)
+            random_init = build_method(cfg).to(device).eval()
+        baseline = monitor_knn(random_init, splits, cfg, device)
+        summary["knn_top1"] = trained["top1"]
+        summary["knn_top1_random_init"] = baseline["top1"]
+        say(f"k-NN top-1 (k={cfg.eval.knn_k}, {len(splits.memory)} memory / {len(splits.query)} query images):")
+        say(f"  pre-trained encoder  {trained['top1']:.4f}")
+        say(f"  random-init encoder  {baseline['top1']:.4f}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_encoder(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
+    """An encoder from a training checkpoint (.pt) or an export folder -> (encoder, preprocessing info with
+    image_size, mean, std, method)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"'{p}' is not an exported encoder folder (no config.json)")
+        encoder = load_exported(p)
+        pcfg = encoder.pretrained_cfg
+        info = {
+            "image_size": int(pcfg["input_size"][-1]),
+            "mean": tuple(pcfg["mean"]),
+            "std": tuple(pcfg["std"]),
+            "method": json.loads((p / "config.json").read_text()).get("mimkit", {}).get("method"),
+        }
+        return encoder.to(device).eval(), info
+    method, cfg, _ = method_from_checkpoint(p, device)
+    info = {
+        "image_size": cfg.data.image_size,
+        "mean": cfg.data.mean,
+        "std": cfg.data.std,
+        "method": cfg.method,
+        "config": cfg,
+    }
+    return method.encoder.eval(), info

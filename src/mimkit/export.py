@@ -1,0 +1,89 @@
+"""Export an encoder as a timm Hugging Face Hub folder: `config.json` + `model.safetensors`.
+
+`timm.create_model('local-dir:DIR', pretrained=True)` loads the folder strictly, and the same folder can be
+uploaded to the Hub and loaded with `hf-hub:user/name`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+
+
+def timm_model_args(encoder: nn.Module) -> dict:
+    """The factory arguments that rebuild `encoder` (recorded by timm), minus training-only ones."""
+    args = dict(getattr(encoder, "_model_args", {}) or {})
+    for k in ("pretrained", "drop_path_rate", "drop_rate", "pretrained_cfg", "pretrained_cfg_overlay", "device"):
+        args.pop(k, None)
+    args["num_classes"] = 0
+    return {k: v for k, v in args.items() if isinstance(v, int | float | str | bool | list | tuple | type(None))}
+
+
+def export_encoder(
+    encoder: nn.Module,
+    out_dir: str | Path,
+    *,
+    image_size: int,
+    mean,
+    std,
+    interpolation: str = "bicubic",
+    mimkit_meta: dict | None = None,
+) -> Path:
+    """Write the encoder's state dict and its timm config into `out_dir` (replaced atomically)."""
+    out_dir = Path(out_dir)
+    architecture = encoder.default_cfg.get("architecture") or encoder.pretrained_cfg["architecture"]
+    config = {
+        "architecture": architecture,
+        "num_classes": 0,
+        "num_features": int(encoder.num_features),
+        "global_pool": getattr(encoder, "global_pool", "") or "",
+        "model_args": timm_model_args(encoder),
+        "pretrained_cfg": {
+            "tag": "mimkit",
+            "custom_load": False,
+            "input_size": [3, image_size, image_size],
+            "fixed_input_size": True,
+            "interpolation": interpolation,
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(mean),
+            "std": list(std),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": encoder.pretrained_cfg.get("first_conv"),
+            "classifier": encoder.pretrained_cfg.get("classifier"),
+        },
+        "mimkit": {"version": __version__, **(mimkit_meta or {})},
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "mimkit": __version__})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """Build the timm model from an export folder (strict load), for evaluation and fine-tuning."""
+    import timm
+
+    return timm.create_model(f"local-dir:{Path(path).resolve()}", pretrained=True)
+
+
+def encoder_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}

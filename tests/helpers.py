@@ -1,0 +1,41 @@
+"""Test helpers: tiny image folders made on the fly and a tiny, fast configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_images(folder: Path, n: int, size: int = 16, seed: int = 0, fmt: str = "png") -> list[Path]:
+    """n random-but-structured RGB images (a bright square on a dark ground) in `folder`."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+        s = size // 2
+        y, x = rng.integers(0, size - s, 2)
+        img[y : y + s, x : x + s] = rng.integers(150, 255, 3)
+        p = folder / f"img_{i:04d}.{fmt}"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+TINY = [
+    "data.image_size=16",
+    "model.patch_size=4",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "mae.decoder_dim=32",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=2",
+    "data.num_workers=0",
+    "train.batch_size=16",
+    "train.log_every=1",
+]

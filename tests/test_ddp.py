@@ -1,0 +1,31 @@
+"""The same pretrain command under `torchrun` with 2 CPU processes (gloo): rank 0 alone logs and saves."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from helpers import TINY
+
+
+def test_torchrun_two_processes(tmp_path, labeled_folder):
+    out = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [
+        *launcher, "--standalone", "--nproc_per_node=2", "-m", "mimkit.cli", "pretrain",
+        "--data", str(labeled_folder), "--out", str(out), "--epochs", "2", "--device", "cpu", *TINY,
+        "train.batch_size=8",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("pre-trained encoder") == 1  # reported once, by rank 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 48 images / (8 per process x 2 processes) = 3 steps per epoch, logged once each
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["finished"] and state["run"]["step"] == 6
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
