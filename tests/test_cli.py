@@ -91,3 +91,15 @@ def test_pretrain_export_eval_visualize(tmp_path, capsys, labeled_folder):
 
     assert Image.open(png).size[0] > Image.open(png).size[1] / 3  # three panels side by side
     capsys.readouterr()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain", "--data", "demo", "--max-images", "64", "--out", str(out), "--epochs", "3", *TINY]
+    # an absurd learning rate blows the weights up after the first update
+    code, _, err = run([*argv, "optim.lr=1e30", "optim.warmup_epochs=0", "train.checkpoint_every=1"], capsys)
+    assert code == 1 and "non-finite loss at step" in err
+    bad_step = int(err.split("non-finite loss at step ")[1].split(";")[0])
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["run"]["step"] == bad_step - 1 and not state["finished"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

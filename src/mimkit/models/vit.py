@@ -102,6 +102,20 @@ def encode_visible(vit: VisionTransformer, patches: torch.Tensor) -> torch.Tenso
     return run_blocks(vit, x)
 
 
+def encode_with_mask_token(
+    vit: VisionTransformer, imgs: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor
+) -> torch.Tensor:
+    """SimMIM/BEiT-style encoding of all patches: imgs (B, C, H, W), mask (B, N) bool with 1 = masked,
+    mask_token (1, 1, D) -> (B, P + N, D). Masked patch embeddings are replaced by the mask token *before* the
+    position embedding is added, so the token carries its position."""
+    x = vit.patch_embed(imgs)
+    w = mask.unsqueeze(-1).to(x.dtype)
+    x = x * (1 - w) + mask_token.to(x.dtype) * w
+    pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
+    x = torch.cat([prefix_tokens(vit, x.shape[0]), x + pos], dim=1)
+    return run_blocks(vit, x)
+
+
 def pool_features(vit: VisionTransformer, tokens: torch.Tensor, pool: str) -> torch.Tensor:
     """(B, P + N, D) -> (B, D): the class token ('cls') or the mean of the patch tokens ('avg')."""
     if pool == "cls":

@@ -1,0 +1,211 @@
+"""Training throughput of one pre-training step (forward, backward, AdamW) — mimkit against its peers.
+
+    python benchmarks/throughput.py                       # ViT-Tiny/4 at 32 px, batch 128, on this machine
+    python benchmarks/throughput.py --sizes tiny,base     # also ViT-Base/16 at 224 px
+    python benchmarks/throughput.py --precision bf16 --compile
+
+Each configuration is run side by side in one process: mimkit's MAE, transformers' ViTMAEForPreTraining and
+lightly's MAE blocks (MaskedVisionTransformerTIMM + MAEDecoderTIMM) at the same encoder, decoder, batch and mask
+ratio, on synthetic images (data loading is measured separately). Peers that are not installed are skipped.
+On a GPU, model-FLOPs utilisation is printed too, with the FLOP count stated (see `train_flops_mae`).
+Results are for benchmarks/README.md and docs/benchmarks.md, never for assertions in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mimkit.config import Config
+from mimkit.methods.mae import MAE
+
+
+@dataclass
+class Size:
+    name: str
+    timm_name: str
+    image: int
+    patch: int
+    dim: int
+    depth: int
+    heads: int
+    dec_dim: int
+    dec_depth: int
+    dec_heads: int
+    batch_cpu: int
+    batch_gpu: int
+
+
+SIZES = {
+    "tiny": Size("ViT-Tiny/4 @32, dec 4x192", "vit_tiny_patch16_224", 32, 4, 192, 12, 3, 192, 4, 3, 128, 1024),
+    "base": Size("ViT-Base/16 @224, dec 8x512", "vit_base_patch16_224", 224, 16, 768, 12, 12, 512, 8, 16, 16, 256),
+}
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def train_flops_mae(s: Size, mask_ratio: float = 0.75) -> float:
+    """Training FLOPs per image = 3 x forward, forward counted as 2 x MACs of the matrix products:
+    blocks 24*N*D^2 + 4*N^2*D (encoder on 1 + visible tokens, decoder on 1 + all), patch embedding over all
+    patches, decoder embedding and prediction. Element-wise work and the optimizer are not counted."""
+    n = (s.image // s.patch) ** 2
+    k = int(n * (1 - mask_ratio))
+
+    def blocks(tokens, dim, depth):
+        return depth * (24 * tokens * dim**2 + 4 * tokens**2 * dim)
+
+    pix = s.patch**2 * 3
+    fwd = blocks(k + 1, s.dim, s.depth) + 2 * n * pix * s.dim
+    fwd += 2 * (k + 1) * s.dim * s.dec_dim + blocks(n + 1, s.dec_dim, s.dec_depth) + 2 * n * s.dec_dim * pix
+    return 3.0 * fwd
+
+
+# ------------------------------------------------------------------------------------------------ models
+def mimkit_mae(s: Size) -> tuple[nn.Module, callable]:
+    cfg = Config()
+    cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
+    cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = s.dec_dim, s.dec_depth, s.dec_heads
+    model = MAE(cfg)
+    return model, lambda x: model({"image": x})[0]
+
+
+def transformers_mae(s: Size):
+    import transformers
+
+    hf_cfg = transformers.ViTMAEConfig(
+        image_size=s.image, patch_size=s.patch, hidden_size=s.dim, num_hidden_layers=s.depth,
+        num_attention_heads=s.heads, intermediate_size=4 * s.dim, decoder_hidden_size=s.dec_dim,
+        decoder_num_hidden_layers=s.dec_depth, decoder_num_attention_heads=s.dec_heads,
+        decoder_intermediate_size=4 * s.dec_dim, mask_ratio=0.75, norm_pix_loss=True, layer_norm_eps=1e-6,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    model = transformers.ViTMAEForPreTraining(hf_cfg)
+    return model, lambda x: model(pixel_values=x).loss
+
+
+def lightly_mae(s: Size):
+    """lightly's MAE building blocks wired as its documentation shows, with the same loss (norm-pix MSE)."""
+    import timm
+    from lightly.models import utils
+    from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
+
+    vit = timm.create_model(s.timm_name, img_size=s.image, patch_size=s.patch, num_classes=0)
+    backbone = MaskedVisionTransformerTIMM(vit=vit)
+    decoder = MAEDecoderTIMM(
+        num_patches=vit.patch_embed.num_patches, patch_size=s.patch, embed_dim=s.dim, decoder_embed_dim=s.dec_dim,
+        decoder_depth=s.dec_depth, decoder_num_heads=s.dec_heads, mlp_ratio=4.0, proj_drop_rate=0.0, attn_drop_rate=0.0,
+    )  # fmt: skip
+    model = nn.ModuleDict({"backbone": backbone, "decoder": decoder})
+    seq_len = backbone.sequence_length
+
+    def step(x):
+        b = x.shape[0]
+        idx_keep, idx_mask = utils.random_token_mask(size=(b, seq_len), mask_ratio=0.75, device=x.device)
+        encoded = backbone.encode(images=x, idx_keep=idx_keep)
+        tokens = utils.repeat_token(decoder.mask_token, (b, seq_len))
+        tokens = utils.set_at_index(tokens, idx_keep, decoder.embed(encoded).type_as(tokens))
+        pred = decoder.predict(utils.get_at_index(decoder.decode(tokens), idx_mask))
+        target = utils.get_at_index(utils.patchify(x, s.patch), idx_mask - 1)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+        return nn.functional.mse_loss(pred.float(), target)
+
+    return model, step
+
+
+IMPLS = {"mimkit": mimkit_mae, "transformers": transformers_mae, "lightly": lightly_mae}
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def measure(build, s: Size, batch: int, device, dtype, steps: int, warmup: int, compile_: bool) -> dict:
+    torch.manual_seed(0)
+    model, loss_fn = build(s)
+    model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    fn = torch.compile(loss_fn) if compile_ else loss_fn
+    x = torch.randn(batch, 3, s.image, s.image, device=device)
+
+    def one():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = fn(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    res = {"img_per_s": batch * steps / dt, "step_ms": 1000 * dt / steps}
+    if device.type == "cuda":
+        res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny")
+    ap.add_argument("--impls", default="mimkit,transformers,lightly")
+    ap.add_argument("--batch-size", type=int, help="default: per size, smaller on CPU")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps (default 10 on CPU, 30 on GPU)")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed steps (default 2 on CPU, 10 on GPU)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", help="append results as JSON lines to this file")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = device.type == "cuda"
+    dtype = {"fp32": None, "bf16": torch.bfloat16}.get(args.precision, torch.bfloat16 if gpu else None)
+    steps, warmup = args.steps or (30 if gpu else 10), args.warmup or (10 if gpu else 2)
+    name = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if gpu else None
+    print(f"# device {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"precision {args.precision if dtype is None or args.precision != 'auto' else 'bf16'}; "
+          f"compile {args.compile}; steps {steps} (+{warmup} warm-up)")  # fmt: skip
+    for size_name in args.sizes.split(","):
+        s = SIZES[size_name]
+        batch = args.batch_size or (s.batch_gpu if gpu else s.batch_cpu)
+        flops = train_flops_mae(s)
+        print(f"\n## MAE {s.name}, batch {batch}, mask 0.75; {flops / 1e9:.2f} train GFLOP/img")
+        print("| impl | img/s | ms/step | ratio vs transformers |" + (" MFU | peak GB |" if gpu else ""))
+        results = {}
+        for impl in args.impls.split(","):
+            try:
+                results[impl] = measure(IMPLS[impl], s, batch, device, dtype, steps, warmup, args.compile)
+            except ImportError as e:
+                print(f"| {impl} | skipped ({e.name} not installed) |")
+        ref = results.get("transformers", {}).get("img_per_s")
+        for impl, r in results.items():
+            ratio = f"{r['img_per_s'] / ref:.2f}x" if ref else "-"
+            row = f"| {impl} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {ratio} |"
+            if gpu:
+                mfu = f"{100 * r['img_per_s'] * flops / peak:.1f}%" if peak else "-"
+                row += f" {mfu} | {r.get('peak_mem_gb', 0):.1f} |"
+            print(row)
+            if args.json:
+                with open(args.json, "a") as f:
+                    rec = {"size": size_name, "impl": impl, "batch": batch, "device": name, "compile": args.compile,
+                           "precision": args.precision, "train_gflop_per_img": flops / 1e9, **r}  # fmt: skip
+                    f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
