@@ -69,6 +69,9 @@ def export_encoder(
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "mimkit": __version__})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
