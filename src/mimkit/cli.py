@@ -172,17 +172,9 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from .engine.train import method_from_checkpoint
-    from .export import export_encoder
 
-    method, cfg, state = method_from_checkpoint(args.checkpoint)
-    out = export_encoder(
-        method.encoder,
-        args.out,
-        image_size=cfg.data.image_size,
-        mean=cfg.data.mean,
-        std=cfg.data.std,
-        mimkit_meta={"method": cfg.method, "steps": state["run"]["step"]},
-    )
+    method, cfg, _ = method_from_checkpoint(args.checkpoint)
+    out = method.export(args.out, cfg)
     print(
         f"exported the {cfg.method} encoder to '{out}'; load it with "
         f"timm.create_model('local-dir:{out}', pretrained=True)"

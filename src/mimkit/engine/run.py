@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..export import export_encoder, load_exported
+from ..export import load_exported
 from ..methods import build_method
 from . import distributed as D
 from .logging import say
@@ -33,14 +33,7 @@ def pretrain_and_report(cfg: Config) -> dict:
 def report(cfg: Config, result: dict) -> dict:
     out, method, splits, device = result["out"], result["method"], result["splits"], result["device"]
     method.eval()
-    enc_dir = export_encoder(
-        method.encoder,
-        out / "encoder",
-        image_size=cfg.data.image_size,
-        mean=cfg.data.mean,
-        std=cfg.data.std,
-        mimkit_meta={"method": cfg.method, "steps": result["steps"]},
-    )
+    enc_dir = method.export(out / "encoder", cfg)
     summary = {"method": cfg.method, "steps": result["steps"], "encoder": str(enc_dir)}
     say(f"encoder exported to '{enc_dir}' (timm.create_model('local-dir:{enc_dir}', pretrained=True))")
     if cfg.eval.final_knn and splits.query is not None:

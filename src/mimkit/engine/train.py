@@ -78,6 +78,18 @@ def check_resume_compatible(cfg: Config, state: dict, path: Path) -> None:
 
 
 @dataclass
+class EpochContext:
+    """What `Method.on_epoch_end` may use."""
+
+    epoch: int
+    step: int
+    splits: Splits
+    cfg: Config
+    device: torch.device
+    main: bool
+
+
+@dataclass
 class RunState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch in progress
@@ -240,6 +252,9 @@ def pretrain(cfg: Config) -> dict:
         if bad_total:
             say(f"epoch {st.epoch + 1}: skipped {bad_total} unreadable image(s) of {len(dataset)}", main)
         st.epoch, st.batch = st.epoch + 1, 0
+        extra = method.on_epoch_end(EpochContext(st.epoch, st.step, splits, cfg, device, main))
+        if extra and main:
+            log.write({"step": st.step, "epoch": st.epoch, **extra})
         if cfg.eval.knn_every and st.epoch % cfg.eval.knn_every == 0 and splits.query is not None:
             res = monitor_knn(method, splits, cfg, device) if main else None
             if main:
