@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                       # ViT-Tiny/4 at 32 px, batch 128, on this machine
     python benchmarks/throughput.py --sizes tiny,base     # also ViT-Base/16 at 224 px
     python benchmarks/throughput.py --precision bf16 --compile
+    python benchmarks/throughput.py --methods conmim --sizes tiny,base   # ConMIM (own implementation), MAE for scale
 
 Each configuration is run side by side in one process: mimkit's MAE, transformers' ViTMAEForPreTraining and
 lightly's MAE blocks (MaskedVisionTransformerTIMM + MAEDecoderTIMM) at the same encoder, decoder, batch and mask
@@ -14,6 +15,7 @@ Results are for benchmarks/README.md and docs/benchmarks.md, never for assertion
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from mimkit.config import Config
+from mimkit.methods.cmae import CMAE
 from mimkit.methods.mae import MAE
 
 
@@ -154,6 +157,152 @@ def measure(build, s: Size, batch: int, device, dtype, steps: int, warmup: int, 
     return res
 
 
+# ------------------------------------------------------------------------------------------------ CMAE
+CMAE_DECODER = {"tiny": (128, 2, 4), "base": (256, 4, 8)}  # (dim, depth, heads), slimmer than MAE's decoders
+CMAE_VARIANTS = {  # loss weights (rec, contrast, pos): the full method, then each task alone on top of MAE
+    "CMAE (all three tasks)": (1.0, 0.1, 0.1),
+    "rec only (slim decoder)": (1.0, 0.0, 0.0),
+    "rec + contrastive": (1.0, 0.1, 0.0),
+    "rec + position": (1.0, 0.0, 0.1),
+}
+
+
+def mimkit_cmae(s: Size, size_name: str, weights: tuple[float, float, float]):
+    """mimkit's CMAE with two crops (here: the image and its mirror) and the EMA update inside the step."""
+    cfg = Config()
+    cfg.method = "cmae"
+    cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
+    o = cfg.cmae
+    o.decoder_dim, o.decoder_depth, o.decoder_heads = CMAE_DECODER[size_name]
+    o.rec_weight, o.contrast_weight, o.pos_weight = weights
+    model = CMAE(cfg)
+
+    def step(x):
+        model.after_step(1, 100)  # the EMA update of the previous step (same cost, kept inside the timing)
+        return model({"image": x, "target": x.flip(-1)})[0]
+
+    return model, step
+
+
+@torch.no_grad()
+def measure_box_pass(s: Size, batch: int, device, dtype, steps: int) -> float:
+    """Images/s of ContrastiveCrop's box re-estimation: encoder forward (eval) + heat map + boxes, no data loading."""
+    from mimkit.data.ccrop import boxes_from_heatmaps, feature_heatmap
+
+    cfg = Config()
+    cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
+    encoder = MAE(cfg).encoder.to(device).eval()
+    x = torch.randn(batch, 3, s.image, s.image, device=device)
+
+    def one():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            boxes_from_heatmaps(feature_heatmap(encoder, x), s.image, 0.1).cpu()
+
+    one()
+    t = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def cmae_section(args, device, dtype, steps: int, warmup: int, name: str) -> None:
+    """CMAE rows per size: MAE (its own decoder) for reference, CMAE and its task ablations, the box pass."""
+    gpu = device.type == "cuda"
+    for size_name in args.sizes.split(","):
+        s = SIZES[size_name]
+        batch = args.batch_size or (s.batch_gpu if gpu else s.batch_cpu)
+        dec = "x".join(str(v) for v in CMAE_DECODER[size_name][1::-1])
+        print(f"\n## CMAE {s.name.split(',')[0]}, decoder {dec}, batch {batch}, mask 0.75")
+        print("| variant | img/s | ms/step | ratio vs mimkit MAE |" + (" peak GB |" if gpu else ""))
+        timing = (s, batch, device, dtype, steps, warmup, args.compile)
+        rows = {"MAE (mimkit, decoder of the MAE table)": measure(IMPLS["mimkit"], *timing)}
+        for label, weights in CMAE_VARIANTS.items():
+            rows[label] = measure(functools.partial(mimkit_cmae, size_name=size_name, weights=weights), *timing)
+        ref = rows["MAE (mimkit, decoder of the MAE table)"]["img_per_s"]
+        for label, r in rows.items():
+            row = f"| {label} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {r['img_per_s'] / ref:.2f}x |"
+            print(row + (f" {r.get('peak_mem_gb', 0):.1f} |" if gpu else ""))
+        box = measure_box_pass(s, batch, device, dtype, steps)
+        print(f"| ContrastiveCrop box pass (eval forward + heat map + boxes) | {box:.1f} | - | - |")
+        if args.json:
+            with open(args.json, "a") as f:
+                for label, r in rows.items():
+                    rec = {"section": "cmae", "size": size_name, "variant": label, "batch": batch, "device": name,
+                           "compile": args.compile, "precision": args.precision, **r}  # fmt: skip
+                    f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps({"section": "cmae", "size": size_name, "variant": "ccrop box pass", "batch": batch,
+                                    "device": name, "precision": args.precision, "img_per_s": box}) + "\n")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ ConMIM
+CONMIM_PROJ = {"tiny": (1024, 256), "base": (4096, 256)}  # projector (hidden, out): the recipe's / the paper's
+
+
+def train_flops_conmim(s: Size, hidden: int, out: int) -> float:
+    """Training FLOPs per image, counted as in `train_flops_mae`: the student (encoder on 1 + all tokens,
+    projector on every token, the N x N logits) forward + backward = 3x, plus the teacher forward (encoder and
+    projector) = 1x. The on-device perturbation, masks and EMA are element-wise and not counted."""
+    n = (s.image // s.patch) ** 2
+    enc = s.depth * (24 * (n + 1) * s.dim**2 + 4 * (n + 1) ** 2 * s.dim) + 2 * n * s.patch**2 * 3 * s.dim
+    proj = 2 * (n + 1) * (s.dim * hidden + hidden * hidden + hidden * out)
+    return 3.0 * (enc + proj + 2 * n * n * out) + enc + proj
+
+
+def mimkit_conmim(s: Size, size_name: str, perturb: bool = True):
+    """mimkit's ConMIM step: on-device strong perturbation, teacher forward, masked student, loss, EMA update."""
+    from mimkit.methods.conmim import ConMIM
+
+    cfg = Config()
+    cfg.method = "conmim"
+    cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
+    cfg.conmim.proj_hidden, cfg.conmim.proj_dim = CONMIM_PROJ[size_name]
+    if not perturb:
+        cfg.conmim.jitter_p = cfg.conmim.grayscale_p = cfg.conmim.blur_p = cfg.conmim.solarize_p = 0.0
+    model = ConMIM(cfg)
+
+    def step(x):
+        model.after_step(1, 100)  # the EMA update of the previous step (same cost, kept inside the timing)
+        return model({"image": x})[0]
+
+    return model, step
+
+
+def conmim_section(args, device, dtype, steps: int, warmup: int, name: str) -> None:
+    """ConMIM rows per size (own implementation only: no peer library implements it), MAE for reference."""
+    gpu = device.type == "cuda"
+    for size_name in args.sizes.split(","):
+        s = SIZES[size_name]
+        batch = args.batch_size or (s.batch_gpu if gpu else s.batch_cpu)
+        hidden, out = CONMIM_PROJ[size_name]
+        flops = train_flops_conmim(s, hidden, out)
+        print(f"\n## ConMIM {s.name.split(',')[0]}, projector {hidden}-{hidden}-{out}, block mask 0.4, batch {batch}; "
+              f"{flops / 1e9:.2f} train GFLOP/img")  # fmt: skip
+        print("| variant | img/s | ms/step | ratio vs mimkit MAE |" + (" MFU | peak GB |" if gpu else ""))
+        timing = (s, batch, device, dtype, steps, warmup, args.compile)
+        rows = {
+            "MAE (mimkit, as in the MAE table)": measure(IMPLS["mimkit"], *timing),
+            "ConMIM (full step)": measure(functools.partial(mimkit_conmim, size_name=size_name), *timing),
+            "ConMIM without the teacher's perturbation": measure(
+                functools.partial(mimkit_conmim, size_name=size_name, perturb=False), *timing
+            ),
+        }
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if gpu else None
+        ref = rows["MAE (mimkit, as in the MAE table)"]["img_per_s"]
+        for label, r in rows.items():
+            row = f"| {label} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {r['img_per_s'] / ref:.2f}x |"
+            if gpu:
+                mfu = f"{100 * r['img_per_s'] * flops / peak:.1f}%" if peak and label.startswith("ConMIM") else "-"
+                row += f" {mfu} | {r.get('peak_mem_gb', 0):.1f} |"
+            print(row)
+        if args.json:
+            with open(args.json, "a") as f:
+                for label, r in rows.items():
+                    rec = {"section": "conmim", "size": size_name, "variant": label, "batch": batch, "device": name,
+                           "compile": args.compile, "precision": args.precision,
+                           "train_gflop_per_img": flops / 1e9, **r}  # fmt: skip
+                    f.write(json.dumps(rec) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny")
@@ -166,6 +315,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="append results as JSON lines to this file")
+    ap.add_argument("--methods", default="mae", help="sections to run: mae (the peer comparison), conmim")
+    ap.add_argument("--cmae", action="store_true", help="also time CMAE, its task ablations and the box pass")
     args = ap.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -180,7 +331,7 @@ def main() -> None:
     print(f"# device {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"precision {args.precision if dtype is None or args.precision != 'auto' else 'bf16'}; "
           f"compile {args.compile}; steps {steps} (+{warmup} warm-up)")  # fmt: skip
-    for size_name in args.sizes.split(","):
+    for size_name in args.sizes.split(",") if "mae" in args.methods.split(",") else []:
         s = SIZES[size_name]
         batch = args.batch_size or (s.batch_gpu if gpu else s.batch_cpu)
         flops = train_flops_mae(s)
@@ -205,6 +356,10 @@ def main() -> None:
                     rec = {"size": size_name, "impl": impl, "batch": batch, "device": name, "compile": args.compile,
                            "precision": args.precision, "train_gflop_per_img": flops / 1e9, **r}  # fmt: skip
                     f.write(json.dumps(rec) + "\n")
+    if args.cmae:
+        cmae_section(args, device, dtype, steps, warmup, name)
+    if "conmim" in args.methods.split(","):
+        conmim_section(args, device, dtype, steps, warmup, name)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,15 @@ TINY = [
     "train.batch_size=16",
     "train.log_every=1",
 ]
+
+
+def make_tokenizer(out_dir: Path, image_size: int = 16, vocab_size: int = 64, downsample: int = 4) -> Path:
+    """A small, randomly initialised VQ tokenizer saved as a tokenizer folder (16 px -> 4x4 tokens)."""
+    import torch
+
+    from mimkit.models.tokenizer import VQTokenizer, save_tokenizer
+
+    torch.manual_seed(0)
+    tok = VQTokenizer(vocab_size=vocab_size, downsample=downsample, width=16, code_dim=8, res_blocks=1,
+                      image_size=image_size)  # fmt: skip
+    return save_tokenizer(tok, out_dir)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hf_maps import hf_block_weights, hf_vit_weights
 
 from mimkit.config import Config
 from mimkit.methods.mae import MAE
@@ -9,54 +10,16 @@ from mimkit.methods.mae import MAE
 transformers = pytest.importorskip("transformers")
 
 
-def _hf_block_weights(ours: dict, prefix: str, hf_prefix: str, hf_keys: set) -> dict:
-    """Map one timm Block (fused qkv) onto a transformers ViT layer (separate q/k/v), for either naming scheme
-    transformers has used (4.x: attention.attention.query / 5.x: attention.q_proj)."""
-    d = ours[f"{prefix}.attn.qkv.weight"].shape[1]
-    qkv_w, qkv_b = ours[f"{prefix}.attn.qkv.weight"], ours[f"{prefix}.attn.qkv.bias"]
-    new_names = f"{hf_prefix}.attention.q_proj.weight" in hf_keys
-    q, k, v, o = (
-        ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
-        if new_names
-        else (
-            "attention.attention.query",
-            "attention.attention.key",
-            "attention.attention.value",
-            "attention.output.dense",
-        )
-    )
-    fc1, fc2 = ("mlp.fc1", "mlp.fc2") if new_names else ("intermediate.dense", "output.dense")
-    out = {}
-    for i, name in enumerate((q, k, v)):
-        out[f"{hf_prefix}.{name}.weight"] = qkv_w[i * d : (i + 1) * d]
-        out[f"{hf_prefix}.{name}.bias"] = qkv_b[i * d : (i + 1) * d]
-    pairs = {o: "attn.proj", "layernorm_before": "norm1", "layernorm_after": "norm2", fc1: "mlp.fc1", fc2: "mlp.fc2"}
-    for hf, mine in pairs.items():
-        for p in ("weight", "bias"):
-            out[f"{hf_prefix}.{hf}.{p}"] = ours[f"{prefix}.{mine}.{p}"]
-    return out
-
-
 def _to_hf(ours: dict, hf_keys: set, depth: int, dec_depth: int) -> dict:
-    layers = "vit.layers" if any(k.startswith("vit.layers.") for k in hf_keys) else "vit.encoder.layer"
     dec_layers = "decoder.decoder_layers"
-    out = {
-        "vit.embeddings.cls_token": ours["encoder.cls_token"],
-        "vit.embeddings.position_embeddings": ours["encoder.pos_embed"],
-        "vit.embeddings.patch_embeddings.projection.weight": ours["encoder.patch_embed.proj.weight"],
-        "vit.embeddings.patch_embeddings.projection.bias": ours["encoder.patch_embed.proj.bias"],
-        "vit.layernorm.weight": ours["encoder.norm.weight"],
-        "vit.layernorm.bias": ours["encoder.norm.bias"],
-        "decoder.mask_token": ours["decoder.mask_token"],
-        "decoder.decoder_pos_embed": ours["decoder.pos_embed"],
-    }
+    out = hf_vit_weights(ours, "encoder", hf_keys, depth)
+    out["decoder.mask_token"] = ours["decoder.mask_token"]
+    out["decoder.decoder_pos_embed"] = ours["decoder.pos_embed"]
     for hf, mine in {"decoder_embed": "embed", "decoder_norm": "norm", "decoder_pred": "pred"}.items():
         for p in ("weight", "bias"):
             out[f"decoder.{hf}.{p}"] = ours[f"decoder.{mine}.{p}"]
-    for i in range(depth):
-        out.update(_hf_block_weights(ours, f"encoder.blocks.{i}", f"{layers}.{i}", hf_keys))
     for i in range(dec_depth):
-        out.update(_hf_block_weights(ours, f"decoder.blocks.{i}", f"{dec_layers}.{i}", hf_keys))
+        out.update(hf_block_weights(ours, f"decoder.blocks.{i}", f"{dec_layers}.{i}", hf_keys))
     return out
 
 

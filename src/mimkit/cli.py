@@ -20,8 +20,14 @@ def _pretrain_parser(sub) -> None:
         "built-in demo (scikit-learn's digits, a small ViT, MAE, CPU, a few minutes). Re-running the same "
         "command with the same --out resumes from its last checkpoint.",
     )
-    p.add_argument("--config", help="a recipe YAML file, or the name of a packaged recipe (e.g. cifar10-mae)")
     p.add_argument("--method", help="mae (see `mimkit methods`)")
+    p.add_argument("--model", help="timm ViT name, e.g. vit_tiny_patch16_224 (patch size: model.patch_size=N)")
+    _run_flags(p, example="mae.mask_ratio=0.6")
+
+
+def _run_flags(p, example: str) -> None:
+    """The data, budget and override flags of every command that runs the training engine."""
+    p.add_argument("--config", help="a recipe YAML file, or the name of a packaged recipe (e.g. cifar10-mae)")
     p.add_argument(
         "--data",
         help="a folder of images (class sub-folders optional; train/ + val|test/ split used when present) or 'demo'",
@@ -30,10 +36,29 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--image-size", type=int)
-    p.add_argument("--model", help="timm ViT name, e.g. vit_tiny_patch16_224 (patch size: model.patch_size=N)")
     p.add_argument("--max-images", type=int, help="a fixed, seeded subset of the training images")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. mae.mask_ratio=0.6")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted config overrides, e.g. {example}")
+
+
+def _tokenizer_parser(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train an image tokenizer, or import DALL-E's dVAE (targets for BEiT/CIM)")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser(
+        "train",
+        help="train a VQ-VAE tokenizer on a folder of images",
+        description="Train mimkit's VQ-VAE image tokenizer (EMA codebook, dead-code restarts) with the pre-training "
+        "engine: same data and budget flags as `mimkit pretrain`, resumable. Reports held-out reconstruction PSNR "
+        "and codebook usage; writes the tokenizer folder to <out>/tokenizer.",
+    )
+    _run_flags(t, example="tokenizer.vocab_size=1024 tokenizer.downsample=8")
+    t.set_defaults(method="tokenizer", model=None)
+    i = tsub.add_parser("import-dalle", help="convert OpenAI's DALL-E dVAE weights (encoder.pkl, decoder.pkl)")
+    i.add_argument("--encoder", required=True, help="the official encoder.pkl")
+    i.add_argument("--decoder", required=True, help="the official decoder.pkl")
+    i.add_argument("--out", required=True, help="tokenizer folder to write (tokenizer.json + model.safetensors)")
+    i.add_argument("--trust-pickle", action="store_true", help="required: the official files are Python pickles")
+    i.add_argument("--image-size", type=int, default=112, help="input size it is used at (BEiT/CIM: 112 -> 14x14)")
 
 
 def _eval_parser(sub) -> None:
@@ -61,9 +86,10 @@ def _export_parser(sub) -> None:
 
 def _visualize_parser(sub) -> None:
     p = sub.add_parser("visualize", help="a picture of what the method does (e.g. original | masked | reconstruction)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt) or a tokenizer folder")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--image-size", type=int, help="tokenizer folders: input size (default: the tokenizer's own)")
     p.add_argument("--num", type=int, default=8, help="number of images (rows)")
     p.add_argument("--scale", type=int, default=0, help="enlarge by this factor (default: to about 128 px rows)")
     p.add_argument("--seed", type=int, default=0)
@@ -78,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _export_parser(sub)
     _visualize_parser(sub)
+    _tokenizer_parser(sub)
     sub.add_parser("methods", help="list the registered methods")
     return parser
 
@@ -124,6 +151,29 @@ def cmd_pretrain(args) -> int:
 
     cfg = pretrain_config(args)
     pretrain_and_report(cfg)
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    if args.tokenizer_command == "train":
+        from .engine.run import pretrain_and_report
+
+        cfg = pretrain_config(args)
+        cfg.eval.final_knn = False  # a tokenizer is judged by held-out PSNR and codebook usage, not k-NN
+        pretrain_and_report(cfg)
+        return 0
+    from .models.tokenizer import save_tokenizer
+    from .models.tokenizer.dalle_import import WHY_TRUST, convert_dalle
+
+    if not args.trust_pickle:
+        raise ConfigError(f"'{args.encoder}' and '{args.decoder}' {WHY_TRUST}")
+    tok = convert_dalle(args.encoder, args.decoder, image_size=args.image_size)
+    source = {"encoder": Path(args.encoder).name, "decoder": Path(args.decoder).name}
+    out = save_tokenizer(tok, args.out, meta={"source": "openai/DALL-E dVAE", **source})
+    print(
+        f"wrote the DALL-E tokenizer to '{out}': {tok.vocab_size} tokens, {tok.grid()}x{tok.grid()} grid at "
+        f"{tok.image_size} px (config: tokenizer.path={out})"
+    )
     return 0
 
 
@@ -190,14 +240,29 @@ def cmd_visualize(args) -> int:
     from .engine.train import method_from_checkpoint
     from .viz import save_grid, unnormalize
 
-    method, cfg, _ = method_from_checkpoint(args.checkpoint)
+    state = {}
+    if Path(args.checkpoint).is_dir():  # a tokenizer folder: original | reconstruction
+        from .methods.tokenizer import method_from_tokenizer
+
+        method, cfg = method_from_tokenizer(args.checkpoint, args.image_size)
+    else:
+        method, cfg, state = method_from_checkpoint(args.checkpoint)
     data = DataConfig(**{**cfg.data.__dict__, "path": args.data})
     splits = load_splits(data, args.seed)
     source = splits.query if splits.query is not None else splits.train
+    boxes = state.get("ccrop_boxes")  # ContrastiveCrop: whole training images, with their current boxes
+    if boxes is not None:
+        from .data.ccrop import check_boxes
+
+        source = load_splits(data, cfg.train.seed).train  # the subset the boxes index
+        check_boxes(boxes, len(source), args.checkpoint)
     g = torch.Generator().manual_seed(args.seed)
     picks = torch.randperm(len(source), generator=g)[: args.num].tolist()
-    ds = ViewDataset(source, method.views, data, seed=args.seed, train=False)
+    crop = "center" if boxes is None else "full"
+    ds = ViewDataset(source, method.views, data, seed=args.seed, train=False, eval_crop=crop)
     batch = prepare_batch(collate([ds[i] for i in picks]), method.views, "cpu", data.mean, data.std)
+    if boxes is not None:
+        batch["ccrop_box"] = boxes[picks]
     torch.manual_seed(args.seed)
     rows = unnormalize(method.visualize(batch), data.mean, data.std)
     scale = args.scale or max(1, 128 // rows.shape[2])
@@ -215,9 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, cls in METHODS.items():
                 print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
             return 0
-        return {"pretrain": cmd_pretrain, "eval": cmd_eval, "export": cmd_export, "visualize": cmd_visualize}[
-            args.command
-        ](args)
+        commands = {"pretrain": cmd_pretrain, "eval": cmd_eval, "export": cmd_export, "visualize": cmd_visualize}
+        return {**commands, "tokenizer": cmd_tokenizer}[args.command](args)
     except ConfigError as e:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -30,6 +30,14 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
     hflip: bool = True
+    # ContrastiveCrop (Peng et al. 2022), for every method: crops whose centre lies inside a per-image box found on
+    # the model's own feature heat map; RandomResizedCrop until the first box update (docs/design.md)
+    crop_mode: str = "rrc"  # rrc | ccrop
+    ccrop_alpha: float = 0.6  # Beta(alpha, alpha) placement inside the box; < 1 pushes the crops apart
+    ccrop_threshold: float = 0.1  # heat-map rows/columns whose max (min-max normalised) exceeds this span the box
+    ccrop_warmup_epochs: int = 20  # RandomResizedCrop for these epochs; boxes are first estimated at their end
+    ccrop_interval: int = 20  # re-estimate the boxes after every epoch e >= warm-up with e % interval == 0
+    ccrop_heat: str = "l1"  # ViT heat map: l1 (sum of |pre-norm token|) | sum (signed channel sum) [UNVERIFIED]
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = 2
@@ -45,6 +53,10 @@ class ModelConfig:
     depth: int | None = None
     embed_dim: int | None = None
     num_heads: int | None = None
+    layer_scale: float | None = None  # LayerScale init (BEiT: 0.1 for ViT-B, 1e-5 for ViT-L); None = off
+    # beit_* encoders only (BEiT, SimMIM's ViT): relative position bias shared | per_layer | none; absolute pos
+    rel_pos_bias: str = "shared"
+    abs_pos_embed: bool = False
 
 
 @dataclass
@@ -55,6 +67,111 @@ class MAEConfig:
     decoder_heads: int = 3
     norm_pix_loss: bool = True
     norm_pix_eps: float = 1e-6  # MAE's value; flat images (documents, digits) want a larger one
+
+
+@dataclass
+class BEiTConfig:
+    mask_ratio: float = 0.4  # target share of patches (BEiT: 75 of 196); blockwise masks may hold fewer
+    min_block_patches: int = 16  # smallest block (capped at the target count on small grids)
+    max_block_patches: int | None = None
+    min_aspect: float = 0.3
+
+
+@dataclass
+class CIMConfig:
+    """CIM's generator, corruption and enhancer (cim-respix / cim-revdet). Values the paper does not give us are
+    marked: see docs/methods.md."""
+
+    mask_ratio: float = 0.5  # share of tokens the generator must fill (paper ablation: ~50%)
+    mask_mode: str = "random"  # random | block (BEiT's blockwise masks)
+    generator_depth: int = 4  # a *small* BEiT: paper ablation favours 4-6 layers
+    generator_dim: int = 192  # UNVERIFIED width; keep it well below the enhancer's
+    generator_heads: int = 3
+    generator_patch: int | None = None  # pixels per token; default: the ViT enhancer's patch / model.patch_size
+    sample: str = "softmax"  # softmax (paper) | argmax (ablation)
+    temperature: float = 1.0  # UNVERIFIED
+    target_norm: str = "window"  # ResPix targets: window (paper) | patch (MAE) | none
+    window: int = 9  # UNVERIFIED sliding-window size (odd)
+    enhancer_weight: float = 1.0  # lambda in L = L_gen + lambda * L_enh; UNVERIFIED
+    cnn_output_stride: int = 32  # CNN enhancers: 8 | 16 | 32 (dilation keeps small images' maps large enough)
+    vocab_size: int = 0  # 0 = the tokenizer's codebook size; otherwise must equal it
+    eval_images: int = 256  # held-out images for the epoch-end check against trivial baselines
+
+
+@dataclass
+class SimMIMConfig:
+    mask_ratio: float = 0.6
+    mask_patch_size: int = 32  # pixels per mask cell (SimMIM: 32 px cells over 16 px patches); a multiple of the patch
+
+
+@dataclass
+class ConMIMConfig:
+    mask_mode: str = "block"  # block (BEiT's rectangles, the reference default) | coarse (random cells, "random_mps32")
+    mask_ratio: float = 0.4  # block: target fraction of patches (BEiT/ConMIM: 75 of 196); coarse: fraction of cells
+    mask_min_patches: int = 16  # block: smallest rectangle, in patches
+    mask_cell: int = 2  # coarse: cell side in patches (32 px cells over 16 px patches)
+    mask_bank: int = 0  # block: > 0 draws masks on the device from this many precomputed (x8 flips) ones
+    temperature: float = 0.1  # InfoNCE temperature on L2-normalised projections
+    momentum: float = 0.996  # teacher EMA momentum at the first step, raised by a cosine to momentum_final
+    momentum_final: float = 1.0
+    proj_hidden: int = 2048  # per-token MLP projector width (the paper: 4096)
+    proj_dim: int = 256  # projection size (the paper: 256)
+    export_encoder: str = "teacher"  # which ViT goes downstream: teacher (EMA, the reference) | student
+    center_teacher: bool = False  # subtract the teacher's per-position batch mean (not in the reference; see docs)
+    # the strong perturbation of the teacher's view (batched, on the device; see mimkit.data.augment)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the view
+    solarize_p: float = 0.2
+
+
+@dataclass
+class CMAEConfig:
+    """CMAE seed variant (Mao et al., arXiv 2205.10546; only the abstract is public). Every [UNVERIFIED] key is a
+    reconstruction choice (docs/design.md, "CMAE"); set a weight to 0 to switch its task off."""
+
+    # reconstruction: MAE's masking, encoder pass, decoder and norm-pix loss, with a slimmer decoder than MAE's 4x192
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+    norm_pix_eps: float = 1e-6
+    # loss = rec_weight * L_rec + contrast_weight * L_contrast + pos_weight * L_pos  [UNVERIFIED weights]
+    rec_weight: float = 1.0
+    contrast_weight: float = 0.1
+    pos_weight: float = 0.1
+    # contrastive: pooled visible tokens of the masked crop vs the whole second crop through the target encoder
+    target_encoder: str = "ema"  # ema (momentum copy, mimkit.ema) | shared (the online encoder); stop-gradient both
+    momentum: float = 0.996  # EMA momentum at step 0, raised by a cosine to momentum_final
+    momentum_final: float = 1.0
+    temperature: float = 0.2  # InfoNCE over the batch, symmetric [UNVERIFIED: MoCo's 0.2]
+    pool: str = "avg"  # avg (mean of patch tokens) | cls
+    proj_hidden: int = 1024  # projector D -> hidden -> proj_dim (predictor proj_dim -> hidden -> proj_dim)
+    proj_dim: int = 256
+    predictor: bool = True  # a predictor on the online side (MoCo v3 / BYOL)
+    # token position prediction: a second encoder pass over the visible patches with positions hidden, a linear
+    # head classifies each token's patch index. drop: no position embedding | permute: those of random positions
+    pos_hiding: str = "drop"
+
+
+@dataclass
+class TokenizerConfig:
+    """An image tokenizer: `path` is the one BEiT/CIM read targets from; the rest shapes the VQ-VAE that
+    `mimkit tokenizer train` fits (mimkit.models.tokenizer.VQTokenizer)."""
+
+    path: str | None = None  # a tokenizer folder (`mimkit tokenizer train` / `mimkit tokenizer import-dalle`)
+    vocab_size: int = 512
+    downsample: int = 4  # pixels per token side, a power of 2: the ViT patch size (4 at 32 px gives 8x8 tokens)
+    width: int = 64  # channels after the stem, doubled at each downsampling up to 4x
+    res_blocks: int = 2  # residual blocks at token resolution, in the encoder and in the decoder
+    code_dim: int = 16  # low-dimensional codes are used more evenly (docs/results.md, "Tokenizer")
+    commitment: float = 0.25  # weight of ||z - sg(code)||^2 (VQ-VAE's beta)
+    ema_decay: float = 0.99  # codebook running-mean decay
+    restart_every: int = 10  # steps between dead-code restarts (codes unused since the last one); 0 = each epoch
+    eval_images: int = 1000  # held-out images for the epoch-end PSNR and codebook usage
 
 
 @dataclass
@@ -89,7 +206,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     pool: str = "avg"  # feature for k-NN / linear: avg of patch tokens, or the class token ("cls")
     final_knn: bool = True  # after pre-training on labeled data: k-NN of the encoder vs random init
-    max_eval_images: int | None = None
+    max_eval_images: int | None = 2000  # queries for the k-NN monitor / final k-NN (eval knn: the full split)
 
 
 @dataclass
@@ -99,6 +216,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    cmae: CMAEConfig = field(default_factory=CMAEConfig)
+    conmim: ConMIMConfig = field(default_factory=ConMIMConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
+    beit: BEiTConfig = field(default_factory=BEiTConfig)
+    cim: CIMConfig = field(default_factory=CIMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

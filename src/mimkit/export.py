@@ -27,6 +27,12 @@ def timm_model_args(encoder: nn.Module) -> dict:
     return {k: v for k, v in args.items() if isinstance(v, int | float | str | bool | list | tuple | type(None))}
 
 
+def _pool_name(encoder: nn.Module) -> str:
+    """ViTs keep the pooling as a string; CNNs as a SelectAdaptivePool2d module with a `pool_type`."""
+    pool = getattr(encoder, "global_pool", "")
+    return pool if isinstance(pool, str) else str(getattr(pool, "pool_type", "") or "")
+
+
 def export_encoder(
     encoder: nn.Module,
     out_dir: str | Path,
@@ -44,13 +50,13 @@ def export_encoder(
         "architecture": architecture,
         "num_classes": 0,
         "num_features": int(encoder.num_features),
-        "global_pool": getattr(encoder, "global_pool", "") or "",
+        "global_pool": _pool_name(encoder),
         "model_args": timm_model_args(encoder),
         "pretrained_cfg": {
             "tag": "mimkit",
             "custom_load": False,
             "input_size": [3, image_size, image_size],
-            "fixed_input_size": True,
+            "fixed_input_size": bool(encoder.pretrained_cfg.get("fixed_input_size", False)),
             "interpolation": interpolation,
             "crop_pct": 1.0,
             "crop_mode": "center",

@@ -1,4 +1,5 @@
-"""Datasets and loaders: one seeded crop per image, every view resized from it, resumable batch order.
+"""Datasets and loaders: one seeded crop per image (per crop group), every view resized from it, resumable batch
+order. Crops are RandomResizedCrop's or ContrastiveCrop's (boxes estimated by `data.ccrop`).
 
 Randomness in the data never depends on worker scheduling: each (epoch, index) pair seeds its own generator, so
 the same seed gives the same batches with 0 or 8 workers, and a run resumed mid-epoch sees exactly the batches
@@ -28,10 +29,11 @@ RESAMPLE = {
 MAX_BAD_RETRIES = 50
 
 
-def random_resized_crop_box(
+def _rrc_size(
     rng: np.random.Generator, width: int, height: int, scale: Sequence[float], ratio: Sequence[float]
-) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) sampled as torchvision's RandomResizedCrop does (10 tries, then centre)."""
+) -> tuple[int, int] | None:
+    """(w, h) drawn as torchvision's RandomResizedCrop draws it (area fraction, log-uniform aspect; 10 tries),
+    or None when no try fits the image."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -40,9 +42,12 @@ def random_resized_crop_box(
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, left + w, top + h
+            return w, h
+    return None
+
+
+def _fallback_box(width: int, height: int, ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's fallback: the centred crop of the whole image clamped to the ratio range."""
     in_ratio = width / height
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
@@ -52,6 +57,74 @@ def random_resized_crop_box(
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator, width: int, height: int, scale: Sequence[float], ratio: Sequence[float]
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) sampled as torchvision's RandomResizedCrop does (10 tries, then centre)."""
+    size = _rrc_size(rng, width, height, scale, ratio)
+    if size is None:
+        return _fallback_box(width, height, ratio)
+    w, h = size
+    top = int(rng.integers(0, height - h + 1))
+    left = int(rng.integers(0, width - w + 1))
+    return left, top, left + w, top + h
+
+
+def contrastive_crop_box(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    box: Sequence[float],
+    alpha: float,
+) -> tuple[int, int, int, int]:
+    """ContrastiveCrop (Peng et al., CVPR 2022): a crop sized as RandomResizedCrop's whose centre lies inside
+    `box` = relative (x0, y0, x1, y1). Each axis: the top-left corner ranges over the positions that put the
+    crop's centre between the box edges (clamped so the crop stays inside the image), and is drawn there with a
+    Beta(alpha, alpha) fraction; alpha < 1 favours the ends, so two crops of one image overlap less.
+    -> (left, top, right, bottom) in pixels; the centred fallback when no size fits."""
+    size = _rrc_size(rng, width, height, scale, ratio)
+    if size is None:
+        return _fallback_box(width, height, ratio)
+    w, h = size
+
+    def corner(lo: float, hi: float, extent: int, length: int) -> int:
+        first = min(max(int(extent * lo) - length // 2, 0), extent - length)
+        last = min(max(int(extent * hi) - length // 2, 0), extent - length)
+        return first + int((last - first) * rng.beta(alpha, alpha))
+
+    top = corner(box[1], box[3], height, h)
+    left = corner(box[0], box[2], width, w)
+    return left, top, left + w, top + h
+
+
+def check_crop_mode(cfg: DataConfig) -> str:
+    """`data.crop_mode`, checked together with the ContrastiveCrop keys it uses."""
+    if cfg.crop_mode not in ("rrc", "ccrop"):
+        raise ConfigError(f"data.crop_mode must be 'rrc' or 'ccrop', got '{cfg.crop_mode}'")
+    if cfg.crop_mode == "ccrop":
+        if cfg.ccrop_alpha <= 0:
+            raise ConfigError(f"data.ccrop_alpha must be > 0 (Beta(alpha, alpha)), got {cfg.ccrop_alpha}")
+        if not 0.0 <= cfg.ccrop_threshold < 1.0:
+            raise ConfigError(f"data.ccrop_threshold must be in [0, 1), got {cfg.ccrop_threshold}")
+        if cfg.ccrop_heat not in ("l1", "sum"):
+            raise ConfigError(f"data.ccrop_heat must be 'l1' or 'sum', got '{cfg.ccrop_heat}'")
+        if cfg.ccrop_warmup_epochs < 0 or cfg.ccrop_interval < 1:
+            raise ConfigError(
+                f"data.ccrop_warmup_epochs must be >= 0 and data.ccrop_interval >= 1, got "
+                f"{cfg.ccrop_warmup_epochs} and {cfg.ccrop_interval}"
+            )
+    return cfg.crop_mode
+
+
+def full_boxes(n: int) -> torch.Tensor:
+    """(n, 4) relative boxes (x0, y0, x1, y1) covering every image: ContrastiveCrop's starting state."""
+    boxes = torch.zeros(n, 4)
+    boxes[:, 2:] = 1.0
+    return boxes
 
 
 def center_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -66,14 +139,33 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
 
 
 class ViewDataset(Dataset):
-    """Items are keyed by (epoch, index). Training: one random resized crop + flip per key, rendered into every
-    view. Evaluation (`train=False`): the centred square resized to each view, no randomness.
+    """Items are keyed by (epoch, index). Training: one random crop + flip per key and crop group, rendered into
+    every view of that group. Evaluation (`train=False`): the centred square (`eval_crop='center'`) or the whole
+    image squashed to a square (`'full'`) resized to each view, no randomness.
+
+    Crops are RandomResizedCrop's (`data.crop_mode=rrc`) or, with `data.crop_mode=ccrop` and past
+    `data.ccrop_warmup_epochs`, ContrastiveCrop's inside each image's box. The boxes live in `self.boxes`, an
+    (N, 4) tensor of relative (x0, y0, x1, y1) in shared memory: the training loop updates it in place and
+    DataLoader workers (persistent ones included) read the new boxes.
 
     An unreadable file is replaced by the next readable one (so batches keep their shape) and reported in the
     item's `bad` list; the training loop counts them and stops past `data.bad_file_limit`."""
 
-    def __init__(self, source: ImageSource, views: Sequence[View], cfg: DataConfig, seed: int, train: bool = True):
+    def __init__(
+        self,
+        source: ImageSource,
+        views: Sequence[View],
+        cfg: DataConfig,
+        seed: int,
+        train: bool = True,
+        eval_crop: str = "center",
+    ):
         self.source, self.views, self.cfg, self.seed, self.train = source, tuple(views), cfg, seed, train
+        self.eval_crop = eval_crop
+        self.groups = sorted({v.crop_group for v in self.views})
+        self.boxes = None
+        if train and check_crop_mode(cfg) == "ccrop":
+            self.boxes = full_boxes(len(source)).share_memory_()
 
     def __len__(self) -> int:
         return len(self.source)
@@ -88,18 +180,28 @@ class ViewDataset(Dataset):
                 bad.append(i)
         raise RuntimeError(f"{len(bad)} consecutive unreadable images from index {index} in '{self.source.name}'")
 
+    def _random_crop(self, rng: np.random.Generator, w: int, h: int, epoch: int, index: int):
+        """-> ((left, top, right, bottom), flip) for one crop group of image `index` at `epoch`."""
+        c = self.cfg
+        if self.boxes is not None and epoch >= c.ccrop_warmup_epochs:
+            box = contrastive_crop_box(rng, w, h, c.crop_scale, c.crop_ratio, self.boxes[index].tolist(), c.ccrop_alpha)
+        else:
+            box = random_resized_crop_box(rng, w, h, c.crop_scale, c.crop_ratio)
+        return box, c.hflip and rng.random() < 0.5
+
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         img, used, bad = self._load(index)
         w, h = img.size
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, index])
-            box = random_resized_crop_box(rng, w, h, self.cfg.crop_scale, self.cfg.crop_ratio)
-            flip = self.cfg.hflip and rng.random() < 0.5
+            crops = {g: self._random_crop(rng, w, h, epoch, used) for g in self.groups}  # group 0 draws first
         else:
-            box, flip = center_box(w, h), False
+            whole = (0, 0, w, h) if self.eval_crop == "full" else center_box(w, h)
+            crops = {g: (whole, False) for g in self.groups}
         item = {}
         for view in self.views:
+            box, flip = crops[view.crop_group]
             out = img.resize((view.size, view.size), RESAMPLE[view.interpolation], box=box)
             if flip:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -11,9 +11,13 @@ class View:
     so patch i means the same place in all of them; views differ only in size, resampling and pixel scale.
 
     normalize: 'mean_std' for the encoder (data.mean / data.std), 'unit' for raw [0, 1] pixels (tokenizers).
+    crop_group: views with the same group share one crop and flip; a view in another group gets its own,
+    independent crop and flip of the same image (e.g. the two crops of a contrastive pair). Group 0 is drawn first,
+    so a method with one group sees exactly the crops it would see without groups.
     """
 
     name: str
     size: int
     interpolation: str = "bicubic"  # bicubic | bilinear | lanczos | nearest
     normalize: str = "mean_std"
+    crop_group: int = 0

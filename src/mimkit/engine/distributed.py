@@ -45,6 +45,13 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
 def all_reduce_sum_int(value: int, device) -> int:
     if not is_distributed():
         return value

@@ -33,6 +33,13 @@ def pretrain_and_report(cfg: Config) -> dict:
 def report(cfg: Config, result: dict) -> dict:
     out, method, splits, device = result["out"], result["method"], result["splits"], result["device"]
     method.eval()
+    if cfg.method == "tokenizer":  # a tokenizer folder, not a timm encoder; held-out PSNR instead of k-NN
+        metrics = method.final_report(splits, cfg, device)  # prints the psnr line
+        tok_dir = method.export(out / "tokenizer", cfg)
+        summary = {"method": cfg.method, "steps": result["steps"], "tokenizer": str(tok_dir), **metrics}
+        say(f"tokenizer exported to '{tok_dir}' (mimkit.models.tokenizer.load_tokenizer('{tok_dir}'))")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
     enc_dir = method.export(out / "encoder", cfg)
     summary = {"method": cfg.method, "steps": result["steps"], "encoder": str(enc_dir)}
     say(f"encoder exported to '{enc_dir}' (timm.create_model('local-dir:{enc_dir}', pretrained=True))")

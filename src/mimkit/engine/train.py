@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import __version__
 from ..config import Config, ConfigError, config_from_dict, dump_yaml, to_dict
 from ..data import DataError, Splits, describe, load_splits
+from ..data.ccrop import check_boxes, estimate_boxes, update_due
 from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
 from ..eval import extract, knn_accuracy
 from ..methods import Method, build_method
@@ -124,6 +125,8 @@ def pretrain(cfg: Config) -> dict:
     views = method.views
     dataset = ViewDataset(splits.train, views, cfg.data, seed=cfg.train.seed)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world)
+    if resume is not None and dataset.boxes is not None and "ccrop_boxes" in resume:  # ContrastiveCrop state
+        dataset.boxes.copy_(check_boxes(resume["ccrop_boxes"], len(dataset), ckpt_path))
 
     accum = cfg.optim.accum_steps
     steps_per_epoch = sampler.batches_per_epoch() // accum
@@ -186,6 +189,8 @@ def pretrain(cfg: Config) -> dict:
             "rng": capture_rng(device),
             "finished": finished,
         }
+        if dataset.boxes is not None:
+            state["ccrop_boxes"] = dataset.boxes.clone()
         save_atomic(state, ckpt_path)
 
     bar = progress(total_steps, st.step, main)
@@ -252,6 +257,9 @@ def pretrain(cfg: Config) -> dict:
         if bad_total:
             say(f"epoch {st.epoch + 1}: skipped {bad_total} unreadable image(s) of {len(dataset)}", main)
         st.epoch, st.batch = st.epoch + 1, 0
+        if update_due(cfg.data, st.epoch, cfg.train.epochs):
+            area = update_ccrop_boxes(method, dataset, cfg, device, amp_dtype, rank, world)
+            log.write({"step": st.step, "epoch": st.epoch, "ccrop_box_area": area})
         extra = method.on_epoch_end(EpochContext(st.epoch, st.step, splits, cfg, device, main))
         if extra and main:
             log.write({"step": st.step, "epoch": st.epoch, **extra})
@@ -265,6 +273,19 @@ def pretrain(cfg: Config) -> dict:
     bar.close()
     log.close()
     return {"method": method, "splits": splits, "device": device, "steps": st.step, "out": out, "main": main}
+
+
+def update_ccrop_boxes(method, dataset, cfg: Config, device, amp_dtype, rank: int, world: int) -> float:
+    """Re-estimate every training image's ContrastiveCrop box with the current encoder (each rank a shard, then
+    summed), in place in the dataset's shared tensor so that (persistent) loader workers see them.
+    -> mean box area (fraction of the image)."""
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        boxes, rate = estimate_boxes(method.encoder, dataset.source, cfg.data, device, rank=rank, world=world)
+    boxes = D.all_reduce_sum(boxes.to(device)).cpu()
+    dataset.boxes.copy_(boxes)
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean().item()
+    say(f"ContrastiveCrop: {len(boxes)} boxes re-estimated ({rate * world:.0f} img/s), mean area {area:.3f}", rank == 0)
+    return area
 
 
 def flush_window(window: dict) -> dict:

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from .base import Method
+from .beit import BEiT
+from .cim import CIMResPix, CIMRevDet
+from .cmae import CMAE
+from .conmim import ConMIM
 from .mae import MAE
+from .simmim import SimMIM
+from .tokenizer import TokenizerTraining
 
 METHODS: dict[str, type[Method]] = {
     "mae": MAE,
+    "cmae": CMAE,
+    "conmim": ConMIM,
+    "simmim": SimMIM,
+    "beit": BEiT,
+    "cim-respix": CIMResPix,
+    "cim-revdet": CIMRevDet,
+    "tokenizer": TokenizerTraining,
 }
 
 

@@ -27,13 +27,16 @@ def init_mae_weights(module: nn.Module) -> None:
 
 
 class MAE(Method):
+    """MAE: the encoder sees a random 25% of patches; a light decoder regresses the pixels of the rest."""
+
     name = "mae"
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, options=None):
+        """`options`: the section with MAE's keys (default `cfg.mae`; CMAE passes `cfg.cmae`)."""
         super().__init__()
-        o = cfg.mae
+        o = cfg.mae if options is None else options
         if not 0.0 < o.mask_ratio < 1.0:
-            raise ConfigError(f"mae.mask_ratio must be in (0, 1), got {o.mask_ratio}")
+            raise ConfigError(f"{self.name}.mask_ratio must be in (0, 1), got {o.mask_ratio}")
         self.cfg = o
         self.views = (View("image", cfg.data.image_size),)
         self.encoder = V.create_encoder(cfg.model, cfg.data.image_size)
@@ -41,7 +44,7 @@ class MAE(Method):
         self.grid = V.grid_size(self.encoder)
         self.num_patches = self.grid[0] * self.grid[1]
         if int(self.num_patches * (1 - o.mask_ratio)) < 1:
-            raise ConfigError(f"mae.mask_ratio {o.mask_ratio} leaves no visible patch of {self.num_patches}")
+            raise ConfigError(f"{self.name}.mask_ratio {o.mask_ratio} leaves no visible patch of {self.num_patches}")
         self.decoder = MaskedDecoder(
             self.encoder.embed_dim,
             o.decoder_dim,

@@ -1,14 +1,16 @@
 """timm Vision Transformers driven by mimkit's masked forward.
 
-The encoder *is* a `timm.models.vision_transformer.VisionTransformer`; the functions here run its parts in the
-order masked image modeling needs (embed all patches, keep some, run the blocks). Nothing is added to the timm
-module, so its state dict is a plain timm checkpoint.
+The encoder *is* a timm `VisionTransformer` (vit_*, deit_*) or, for BEiT-style encoders with relative position
+bias and LayerScale, a timm `Beit` (beit_*); the functions here run its parts in the order masked image modeling
+needs (embed all patches, keep some or swap in a mask token, run the blocks). Nothing is added to the timm module,
+so its state dict is a plain timm checkpoint.
 """
 
 from __future__ import annotations
 
 import timm
 import torch
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
@@ -40,17 +42,44 @@ def create_vit(
     return vit
 
 
-def create_encoder(model_cfg, img_size: int, sincos_pos: bool = True) -> VisionTransformer:
-    """`create_vit` from a ModelConfig."""
-    return create_vit(
+def create_encoder(model_cfg, img_size: int, sincos_pos: bool = True, allow_beit: bool = False):
+    """A headless encoder from a ModelConfig: `create_vit` for vit_*/deit_* names; with `allow_beit`, a timm
+    Beit for beit_* names (methods whose encoder sees every patch: BEiT, SimMIM, ConMIM, CIM)."""
+    sizes = {"depth": model_cfg.depth, "embed_dim": model_cfg.embed_dim, "num_heads": model_cfg.num_heads}
+    if model_cfg.name.startswith("beit_"):
+        if not allow_beit:
+            raise ConfigError(
+                f"model.name '{model_cfg.name}': this method drops masked tokens, which relative position bias "
+                "does not allow; use a vit_* encoder"
+            )
+        return create_beit(model_cfg, img_size, **sizes)
+    if model_cfg.layer_scale is not None:
+        sizes["init_values"] = model_cfg.layer_scale
+    return create_vit(model_cfg.name, img_size, model_cfg.patch_size, model_cfg.drop_path, sincos_pos, **sizes)
+
+
+def create_beit(model_cfg, img_size: int, **sizes) -> Beit:
+    """A headless timm Beit with BEiT's pre-training choices: shared relative position bias, no absolute
+    position embedding, LayerScale (all in `model.*`)."""
+    if model_cfg.rel_pos_bias not in ("shared", "per_layer", "none"):
+        raise ConfigError(f"model.rel_pos_bias must be shared, per_layer or none, got '{model_cfg.rel_pos_bias}'")
+    if not timm.is_model(model_cfg.name):
+        raise ConfigError(f"model.name '{model_cfg.name}' is not a timm model")
+    if img_size % model_cfg.patch_size:
+        raise ConfigError(f"data.image_size {img_size} is not divisible by model.patch_size {model_cfg.patch_size}")
+    return timm.create_model(
         model_cfg.name,
-        img_size,
-        model_cfg.patch_size,
-        model_cfg.drop_path,
-        sincos_pos,
-        depth=model_cfg.depth,
-        embed_dim=model_cfg.embed_dim,
-        num_heads=model_cfg.num_heads,
+        pretrained=False,
+        num_classes=0,
+        global_pool="token",  # keeps the final LayerNorm on every token (timm moves it after pooling for 'avg')
+        img_size=img_size,
+        patch_size=model_cfg.patch_size,
+        drop_path_rate=model_cfg.drop_path,
+        init_values=model_cfg.layer_scale,
+        use_abs_pos_emb=model_cfg.abs_pos_embed,
+        use_rel_pos_bias=model_cfg.rel_pos_bias == "per_layer",
+        use_shared_rel_pos_bias=model_cfg.rel_pos_bias == "shared",
+        **{k: v for k, v in sizes.items() if v is not None},
     )
 
 
@@ -111,9 +140,24 @@ def encode_with_mask_token(
     x = vit.patch_embed(imgs)
     w = mask.unsqueeze(-1).to(x.dtype)
     x = x * (1 - w) + mask_token.to(x.dtype) * w
+    if isinstance(vit, Beit):
+        return _beit_blocks(vit, x)
     pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
     x = torch.cat([prefix_tokens(vit, x.shape[0]), x + pos], dim=1)
     return run_blocks(vit, x)
+
+
+def _beit_blocks(model: Beit, patches: torch.Tensor) -> torch.Tensor:
+    """Beit's forward_features from the patch embeddings on: class token, optional absolute position,
+    (shared) relative position bias, blocks, norm."""
+    x = torch.cat([model.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+    if model.pos_embed is not None:
+        x = x + model.pos_embed
+    x = model.pos_drop(x)
+    rel_pos_bias = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    for blk in model.blocks:
+        x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+    return model.norm(x)
 
 
 def pool_features(vit: VisionTransformer, tokens: torch.Tensor, pool: str) -> torch.Tensor:

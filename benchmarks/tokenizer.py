@@ -1,0 +1,115 @@
+"""Image-tokenizer throughput: encode (image -> token ids) and decode (ids -> image), images per second.
+
+    python benchmarks/tokenizer.py                      # CPU or the GPU, every configuration below
+    python benchmarks/tokenizer.py --only dalle --json docs/bench/cpu.jsonl
+
+Configurations: mimkit's VQ-VAE at 32 px (8x8 tokens; the cifar10-tokenizer recipe, and the wider default of
+`TokenizerConfig`), with its training step (forward, backward, AdamW) for reference, and DALL-E's dVAE
+architecture at full size (8192 tokens, n_hid 256, random weights: same cost as the official ones) at 112 px
+(14x14 tokens, BEiT/CIM's use). Tokenizers compute in float32 by design (token ids must not depend on the
+caller's precision), so there is no precision flag. Synthetic images; results go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from mimkit.models.tokenizer import DalleTokenizer, VQTokenizer
+
+CONFIGS = {
+    "vq-recipe": ("VQ-VAE w32 r1 c16, 512 codes @32", lambda: VQTokenizer(512, 4, 32, 16, 1, 32), 32, 256, 1024),
+    "vq-default": ("VQ-VAE w64 r2 c16, 512 codes @32", lambda: VQTokenizer(512, 4, 64, 16, 2, 32), 32, 256, 1024),
+    "dalle": ("DALL-E dVAE n_hid 256, 8192 codes @112", lambda: DalleTokenizer(image_size=112), 112, 16, 128),
+}
+
+
+def timed(fn, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def measure(name: str, device, steps: int, warmup: int, train: bool) -> dict:
+    label, build, size, batch_cpu, batch_gpu = CONFIGS[name]
+    batch = batch_gpu if device.type == "cuda" else batch_cpu
+    torch.manual_seed(0)
+    tok = build().to(device).eval()
+    x = torch.rand(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        ids = tok.encode(x)
+        enc = timed(lambda: tok.encode(x), steps, warmup, device)
+        dec = timed(lambda: tok.decode(ids), steps, warmup, device)
+    res = {"config": name, "label": label, "batch": batch, "grid": ids.shape[-1], "vocab": tok.vocab_size}
+    res.update(encode_img_per_s=batch / enc, decode_img_per_s=batch / dec)
+    if train and isinstance(tok, VQTokenizer):
+        tok.train()
+        opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
+
+        def step():
+            out = tok.forward_train(x)
+            loss = (out["recon"] - x).pow(2).mean() + 0.25 * out["commit"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        res["train_fp32_img_per_s"] = batch / timed(step, steps, warmup, device)
+        if device.type == "cpu":  # the CPU run of docs/results.md used bf16 autocast for the convolutions
+
+            def step_bf16():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = tok.forward_train(x)
+                    loss = (out["recon"] - x).pow(2).mean() + 0.25 * out["commit"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            res["train_bf16_img_per_s"] = batch / timed(step_bf16, steps, warmup, device)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=0, help="timed calls (default 5 on CPU, 30 on GPU)")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed calls (default 1 on CPU, 5 on GPU)")
+    ap.add_argument("--no-train", action="store_true", help="skip the VQ-VAE training step")
+    ap.add_argument("--json", help="append results as JSON lines to this file")
+    args = ap.parse_args()
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    gpu = device.type == "cuda"
+    steps, warmup = args.steps or (30 if gpu else 5), args.warmup or (5 if gpu else 1)
+    name = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# device {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; load {load:.1f}; "
+          f"float32; steps {steps} (+{warmup} warm-up)")  # fmt: skip
+    print("| tokenizer | batch | tokens | encode img/s | decode img/s | train img/s (fp32 / bf16) |")
+    print("|---|---|---|---|---|---|")
+    for cfg in args.only.split(","):
+        r = measure(cfg, device, steps, warmup, not args.no_train)
+        tr = "/".join(f"{r[k]:.0f}" for k in ("train_fp32_img_per_s", "train_bf16_img_per_s") if k in r) or "-"
+        grid = f"{r['grid']}x{r['grid']} of {r['vocab']}"
+        rates = f"{r['encode_img_per_s']:.1f} | {r['decode_img_per_s']:.1f}"
+        print(f"| {r['label']} | {r['batch']} | {grid} | {rates} | {tr} |")
+        if args.json:
+            with open(args.json, "a") as f:
+                rec = {"bench": "tokenizer", "device": name, "threads": torch.get_num_threads(), "load": load, **r}
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

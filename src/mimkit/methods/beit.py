@@ -1,0 +1,124 @@
+"""BEiT (Bao et al., 2022): blockwise-masked patches replaced by a mask token; predict their visual tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..data.views import View
+from ..masking import blockwise_masking
+from ..models import vit as V
+from ..models.tokenizer import check_grid, load_tokenizer
+from .base import Method
+
+
+def check_mask_ratio(key: str, ratio: float, num_patches: int) -> None:
+    if not 0.0 < ratio < 1.0 or round(ratio * num_patches) in (0, num_patches):
+        raise ConfigError(f"{key} {ratio} leaves no masked or no visible patch of {num_patches}")
+
+
+def require_tokenizer(cfg: Config, method: str):
+    """The frozen tokenizer named by tokenizer.path, or an error saying how to get one."""
+    if not cfg.tokenizer.path:
+        raise ConfigError(
+            f"method {method} needs a tokenizer: set tokenizer.path=DIR (made by `mimkit tokenizer train` "
+            "or `mimkit tokenizer import-dalle`)"
+        )
+    return load_tokenizer(cfg.tokenizer.path)
+
+
+class BEiT(Method):
+    """BEiT: blockwise masks, a mask token in the encoder, cross-entropy on a frozen tokenizer's visual tokens."""
+
+    name = "beit"
+
+    def __init__(self, cfg: Config, tokenizer=None):
+        super().__init__()
+        o = cfg.beit
+        self.cfg = o
+        self._mean, self._std = cfg.data.mean, cfg.data.std
+        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True)
+        self.grid = V.grid_size(self.encoder)
+        self.num_patches = self.grid[0] * self.grid[1]
+        check_mask_ratio("beit.mask_ratio", o.mask_ratio, self.num_patches)
+        if tokenizer is None:
+            tokenizer = require_tokenizer(cfg, self.name)
+        self.tokenizer = tokenizer  # frozen; its weights travel in the checkpoint
+        check_grid(self.tokenizer, cfg.data.image_size, V.patch_size(self.encoder))
+        tok_size = self.grid[0] * self.tokenizer.downsample
+        # one crop, two resizes: the encoder's view and the tokenizer's (112 px for 224 / DALL-E)
+        self.views = (View("image", cfg.data.image_size), View("tokens", tok_size, "lanczos", normalize="unit"))
+        dim = self.encoder.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.lm_head = nn.Linear(dim, self.tokenizer.vocab_size)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
+        nn.init.zeros_(self.lm_head.bias)
+
+    # ---- steps -------------------------------------------------------------------------------------------
+    def mask(self, batch_size: int, device) -> torch.Tensor:
+        """-> (B, N) bool, 1 = masked: BEiT's blockwise masking (at most round(ratio * N) patches)."""
+        o = self.cfg
+        return blockwise_masking(
+            batch_size, self.grid, o.mask_ratio, o.min_block_patches, o.min_aspect, o.max_block_patches, device=device
+        )
+
+    @torch.no_grad()
+    def targets(self, tok_images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h*d, w*d) in [0, 1] -> (B, N) visual-token ids from the frozen tokenizer."""
+        return self.tokenizer.encode(tok_images.float()).flatten(1)
+
+    def encode(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), (B, N) -> (B, N, D) patch tokens with masked patches seen as the mask token."""
+        return V.encode_with_mask_token(self.encoder, imgs, mask, self.mask_token)[:, self.encoder.num_prefix_tokens :]
+
+    def predict(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N, D), (B, N) -> (M, V) logits for the M masked patches of the batch."""
+        return self.lm_head(tokens[mask])
+
+    def loss(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the masked positions: (M, V), (B, N), (B, N) -> scalar."""
+        return F.cross_entropy(logits.float(), ids[mask])
+
+    # ---- contract ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict, mask: torch.Tensor | None = None):
+        imgs = batch["image"]
+        ids = self.targets(batch["tokens"])
+        mask = self.mask(imgs.shape[0], imgs.device) if mask is None else mask
+        logits = self.predict(self.encode(imgs, mask), mask)
+        loss = self.loss(logits, ids, mask)
+        acc = (logits.detach().argmax(-1) == ids[mask]).float().mean()
+        return loss, {"loss": loss.detach(), "token_acc": acc}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.tokenizer.eval()  # frozen: never in training mode
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"encoder.cls_token", "encoder.pos_embed", "mask_token"}
+        return names | {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> torch.Tensor:
+        """Rows of original | masked | image decoded from the tokens (original ids, predictions where masked)."""
+        imgs = batch["image"]
+        ids = self.targets(batch["tokens"])
+        mask = self.mask(imgs.shape[0], imgs.device)
+        pred = self.lm_head(self.encode(imgs, mask)).argmax(-1)
+        mixed = torch.where(mask, pred, ids).view(-1, *self.grid)
+        decoded = self.tokenizer.decode(mixed).float()
+        decoded = F.interpolate(decoded, size=imgs.shape[-2:], mode="bilinear", align_corners=False)
+        mean, std = self.image_stats
+        decoded = (decoded - mean) / std  # into the encoder's normalised space, like the other panels
+        pix = mask.view(-1, 1, *self.grid).float()
+        pix = F.interpolate(pix, size=imgs.shape[-2:], mode="nearest")
+        return torch.cat([imgs, imgs * (1 - pix), decoded], dim=3)
+
+    @property
+    def image_stats(self):
+        m = torch.tensor(self._mean, device=self.lm_head.weight.device).view(1, 3, 1, 1)
+        s = torch.tensor(self._std, device=self.lm_head.weight.device).view(1, 3, 1, 1)
+        return m, s

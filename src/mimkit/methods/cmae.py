@@ -1,0 +1,181 @@
+"""CMAE, seed variant (Mao, Yin, Chang, Zhou; arXiv 2205.10546): MAE with a slimmer decoder, plus two tasks for
+the encoder alone, contrastive learning between two crops and token position prediction, on ContrastiveCrop inputs.
+
+Only the paper's abstract is public, so everything below the three ideas is mimkit's reconstruction, with each
+choice a config key (`cmae.*`, docs/design.md "CMAE"):
+- reconstruction: MAE's own steps (mask, encode, decode, targets, loss: this class extends `MAE`);
+- contrastive: the MAE pass's visible tokens of crop 1, pooled, projected and predicted (online) against the whole
+  crop 2 through the target encoder (EMA copy, or the online encoder) and a projector; symmetric InfoNCE over the
+  batch, stop-gradient on the target;
+- position: a second pass of the encoder over crop 1's visible patch embeddings with their positions hidden (no
+  position embedding, or those of random positions; the tokens come in random order), then a linear head
+  classifies each token's patch index (cross-entropy over the N positions).
+ContrastiveCrop is a data option for every method (`data.crop_mode=ccrop`, `mimkit.data.ccrop`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..data.ccrop import outline_boxes
+from ..data.views import View
+from ..ema import cosine_momentum, ema_update, make_teacher
+from ..masking import gather_tokens
+from ..models import vit as V
+from .mae import MAE, init_mae_weights
+
+TASKS = ("rec", "contrast", "pos")
+
+
+def check_options(o) -> None:
+    """Reject settings that cannot train or that would make a task trivial; errors name the key."""
+    weights = {t: getattr(o, f"{t}_weight") for t in TASKS}
+    for t, w in weights.items():
+        if w < 0:
+            raise ConfigError(f"cmae.{t}_weight must be >= 0, got {w}")
+    if not any(weights.values()):
+        raise ConfigError("cmae.rec_weight, cmae.contrast_weight and cmae.pos_weight are all 0: no task to train")
+    if o.target_encoder not in ("ema", "shared"):
+        raise ConfigError(f"cmae.target_encoder must be 'ema' or 'shared', got '{o.target_encoder}'")
+    for key in ("momentum", "momentum_final"):
+        if not 0.0 <= getattr(o, key) <= 1.0:
+            raise ConfigError(f"cmae.{key} must be in [0, 1], got {getattr(o, key)}")
+    if o.temperature <= 0:
+        raise ConfigError(f"cmae.temperature must be > 0, got {o.temperature}")
+    if o.pool not in ("avg", "cls"):
+        raise ConfigError(f"cmae.pool must be 'avg' or 'cls', got '{o.pool}'")
+    if o.pos_weight > 0 and o.pos_hiding == "none":
+        raise ConfigError(
+            "cmae.pos_hiding=none keeps the position embeddings on the tokens the position head classifies, which "
+            "makes token position prediction trivial; use drop or permute (or cmae.pos_weight=0 to switch it off)"
+        )
+    if o.pos_hiding not in ("drop", "permute", "none"):
+        raise ConfigError(f"cmae.pos_hiding must be 'drop' or 'permute', got '{o.pos_hiding}'")
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Linear -> LayerNorm -> GELU -> Linear (LayerNorm, not BatchNorm: no batch statistics to sync or EMA)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+class CMAE(MAE):
+    """CMAE: MAE with a slimmer decoder + contrastive and token-position tasks on the encoder (ContrastiveCrop)."""
+
+    name = "cmae"
+
+    def __init__(self, cfg: Config):
+        o = cfg.cmae
+        check_options(o)
+        super().__init__(cfg, o)
+        self.weights = {t: getattr(o, f"{t}_weight") for t in TASKS}
+        self.pixel_mean, self.pixel_std = tuple(cfg.data.mean), tuple(cfg.data.std)
+        dim = self.encoder.embed_dim
+        if not self.weights["rec"]:
+            del self.decoder
+            self.decoder = None
+        self.target_projector = self.target_vit = None
+        if self.weights["contrast"]:
+            size = cfg.data.image_size
+            self.views = (View("image", size), View("target", size, crop_group=1))  # two independent crops
+            self.projector = mlp(dim, o.proj_hidden, o.proj_dim)
+            self.predictor = mlp(o.proj_dim, o.proj_hidden, o.proj_dim) if o.predictor else nn.Identity()
+            init_mae_weights(self.projector)
+            init_mae_weights(self.predictor)
+            if o.target_encoder == "ema":
+                self.target_vit = make_teacher(self.encoder)
+                self.target_projector = make_teacher(self.projector)
+        if self.weights["pos"]:
+            self.pos_head = nn.Linear(dim, self.num_patches)
+            init_mae_weights(self.pos_head)
+
+    def train(self, mode: bool = True):
+        """The EMA target stays in eval mode (no drop-path on the targets)."""
+        super().train(mode)
+        if self.target_vit is not None:
+            self.target_vit.eval()
+        return self
+
+    # ---- contrastive steps -------------------------------------------------------------------------------
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, P + K, D) encoded tokens -> (B, D): mean of the patch tokens ('avg') or the class token ('cls')."""
+        return V.pool_features(self.encoder, tokens, self.cfg.pool)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, d) L2-normalised online embedding (projector, then predictor)."""
+        return F.normalize(self.predictor(self.projector(pooled)).float(), dim=-1)
+
+    @torch.no_grad()
+    def target_embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) the whole second crop -> (B, d) L2-normalised target embedding, no gradient."""
+        vit = self.target_vit if self.target_vit is not None else self.encoder
+        proj = self.target_projector if self.target_projector is not None else self.projector
+        tokens = V.encode_visible(vit, V.embed_patches(vit, imgs))
+        return F.normalize(proj(V.pool_features(vit, tokens, self.cfg.pool)).float(), dim=-1)
+
+    def contrast_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch: (B, d), (B, d) -> scalar; the positive of q_b is k_b."""
+        logits = q @ k.t() / self.cfg.temperature
+        labels = torch.arange(q.shape[0], device=q.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+    # ---- position steps ----------------------------------------------------------------------------------
+    def hide_positions(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), (B, K) -> (B, K, D) visible patch embeddings, in ids_keep's random order, without their
+        position: no position embedding ('drop') or the embeddings of K random distinct positions ('permute')."""
+        x = gather_tokens(self.encoder.patch_embed(imgs), ids_keep)
+        if self.cfg.pos_hiding == "permute":
+            vit = self.encoder
+            table = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
+            fake = torch.rand(ids_keep.shape[0], self.num_patches, device=imgs.device).argsort(dim=1)
+            x = x + gather_tokens(table.expand(ids_keep.shape[0], -1, -1), fake[:, : ids_keep.shape[1]])
+        return x
+
+    def predict_positions(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), (B, K) -> (B, K, N) logits over the patch index of each visible token."""
+        tokens = V.encode_visible(self.encoder, self.hide_positions(imgs, ids_keep))
+        return self.pos_head(tokens[:, self.encoder.num_prefix_tokens :])
+
+    def position_loss(self, logits: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of (B, K, N) logits against the true indices ids_keep (B, K) -> (loss, accuracy)."""
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids_keep.flatten())
+        acc = (logits.argmax(dim=-1) == ids_keep).float().mean()
+        return loss, acc.detach()
+
+    # ---- contract ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict, noise: torch.Tensor | None = None):
+        imgs = batch["image"]
+        ids_keep, mask, ids_restore = self.mask(imgs.shape[0], imgs.device, noise)
+        losses, metrics = {}, {}
+        if self.weights["rec"] or self.weights["contrast"]:
+            tokens = self.encode(imgs, ids_keep)
+        if self.weights["rec"]:
+            losses["rec"] = self.loss(self.decode(tokens, ids_restore), self.targets(imgs), mask)
+        if self.weights["contrast"]:
+            losses["contrast"] = self.contrast_loss(self.project(self.pool(tokens)), self.target_embed(batch["target"]))
+        if self.weights["pos"]:
+            losses["pos"], metrics["pos_acc"] = self.position_loss(self.predict_positions(imgs, ids_keep), ids_keep)
+        loss = sum(self.weights[t] * v for t, v in losses.items())
+        metrics.update({f"loss_{t}": v.detach() for t, v in losses.items()})
+        return loss, {"loss": loss.detach(), **metrics}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        if self.target_vit is not None:
+            m = cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
+            ema_update(self.target_vit, self.encoder, m)
+            ema_update(self.target_projector, self.projector, m)
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> torch.Tensor:
+        """Rows of original (its ContrastiveCrop box in red, when known) | masked | reconstruction."""
+        imgs = batch["image"]
+        shown = imgs
+        if "ccrop_box" in batch:
+            red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(self.pixel_mean)) / torch.tensor(self.pixel_std)
+            shown = outline_boxes(imgs, batch["ccrop_box"], red)
+        if self.decoder is None:
+            return shown
+        masked, recon = self.reconstruct(imgs)
+        return torch.cat([shown, masked, recon], dim=3)

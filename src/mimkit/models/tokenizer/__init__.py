@@ -1,0 +1,139 @@
+"""Image tokenizers: images <-> grids of discrete tokens (targets for BEiT, the corruptor of CIM).
+
+A tokenizer folder holds `tokenizer.json` (kind, constructor arguments, vocabulary, grid) and `model.safetensors`;
+`mimkit tokenizer train` and `mimkit tokenizer import-dalle` write one, `load_tokenizer` reads it back frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ... import __version__
+from ...config import ConfigError
+from .base import ImageTokenizer, codebook_stats, psnr
+from .dalle import DalleTokenizer, map_pixels, unmap_pixels
+from .vqvae import VQTokenizer
+
+__all__ = [
+    "DalleTokenizer",
+    "ImageTokenizer",
+    "KINDS",
+    "VQTokenizer",
+    "aligned_input_size",
+    "check_grid",
+    "codebook_stats",
+    "load_tokenizer",
+    "map_pixels",
+    "psnr",
+    "save_tokenizer",
+    "unmap_pixels",
+]
+
+KINDS: dict[str, type[ImageTokenizer]] = {"vqvae": VQTokenizer, "dalle": DalleTokenizer}
+CONFIG_NAME, WEIGHTS_NAME = "tokenizer.json", "model.safetensors"
+
+
+def save_tokenizer(tok: ImageTokenizer, out_dir: str | Path, meta: dict | None = None) -> Path:
+    """Write `tok` as a tokenizer folder (replaced atomically); `meta` (JSON values) is kept under 'mimkit'."""
+    out_dir = Path(out_dir)
+    config = {
+        "kind": tok.kind,
+        "args": tok.config(),
+        "vocab_size": tok.vocab_size,
+        "downsample": tok.downsample,
+        "image_size": tok.image_size,
+        "grid": tok.grid(),
+        "mimkit": {"version": __version__, **(meta or {})},
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mimkit": __version__})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_tokenizer_config(path: str | Path) -> dict:
+    """tokenizer.json of a tokenizer folder; ConfigError naming the path when it is not one."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"tokenizer path '{p}' does not exist")
+    if not p.is_dir() or not (p / CONFIG_NAME).is_file():
+        raise ConfigError(
+            f"tokenizer path '{p}' is not a tokenizer folder (no {CONFIG_NAME}); make one with "
+            "`mimkit tokenizer train` or `mimkit tokenizer import-dalle`"
+        )
+    try:
+        config = json.loads((p / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"'{p / CONFIG_NAME}' is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("kind") not in KINDS or not isinstance(config.get("args"), dict):
+        kind = config.get("kind") if isinstance(config, dict) else None
+        raise ConfigError(f"'{p / CONFIG_NAME}' names tokenizer kind {kind!r} (known: {', '.join(sorted(KINDS))})")
+    return config
+
+
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> ImageTokenizer:
+    """A tokenizer folder -> the tokenizer on `device`, frozen (eval mode for good, no gradients)."""
+    p = Path(path)
+    config = read_tokenizer_config(p)
+    try:
+        tok = KINDS[config["kind"]](**config["args"])
+    except TypeError as e:
+        kind = config["kind"]
+        raise ConfigError(f"'{p / CONFIG_NAME}' has arguments that do not fit a {kind} tokenizer: {e}") from None
+    weights = p / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ConfigError(f"tokenizer folder '{p}' has no {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(weights))
+        tok.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 — truncated file, wrong shapes, missing keys
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"'{weights}' does not fit the tokenizer described in {CONFIG_NAME}: {first}") from None
+    return tok.to(device).freeze()
+
+
+def check_grid(tok: ImageTokenizer, image_size: int, patch_size: int, tokenizer_size: int | None = None) -> int:
+    """The token grid must be the ViT's patch grid (one token per patch). The tokenizer's grid is
+    `tokenizer_size` (default: its own input size, `tok.image_size`) / `tok.downsample`; the encoder's is
+    `image_size` / `patch_size`. -> the grid side; ConfigError naming both grids when they differ."""
+    size = tok.image_size if tokenizer_size is None else tokenizer_size
+    if image_size % patch_size:
+        raise ConfigError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+    enc = image_size // patch_size
+    aligned = enc * tok.downsample
+    if size % tok.downsample:
+        raise ConfigError(
+            f"tokenizer input {size} px is not a multiple of its downsampling {tok.downsample}; "
+            f"feed it {aligned} px images to match the encoder grid {enc}x{enc}"
+        )
+    grid = size // tok.downsample
+    if grid != enc:
+        raise ConfigError(
+            f"tokenizer grid {grid}x{grid} != encoder grid {enc}x{enc}: the {tok.kind} tokenizer turns {size} px "
+            f"images into {grid}x{grid} tokens (downsampling {tok.downsample}), the encoder cuts {image_size} px "
+            f"images into {patch_size} px patches; feed the tokenizer {aligned} px images or use another tokenizer"
+        )
+    return grid
+
+
+def aligned_input_size(tok: ImageTokenizer, image_size: int, patch_size: int) -> int:
+    """The tokenizer input size that gives one token per patch of the encoder (DALL-E, 224 px / 16: 112)."""
+    return image_size // patch_size * tok.downsample

@@ -1,0 +1,64 @@
+"""SimMIM: whole-cell masks, L1 on masked pixels, parity with transformers' ViTForMaskedImageModeling."""
+
+import pytest
+import torch
+from helpers import TINY
+from hf_maps import hf_vit_weights
+
+from mimkit.config import ConfigError, build_config
+from mimkit.methods.simmim import SimMIM
+
+
+def tiny(*extra):
+    return build_config(dotted=[*TINY, "method=simmim", "simmim.mask_patch_size=8", *extra])
+
+
+def test_loss_ignores_visible_pixels_and_matches_direct_l1():
+    torch.manual_seed(0)
+    m = SimMIM(tiny()).eval()
+    imgs = torch.randn(2, 3, 16, 16)
+    mask = m.mask(2, "cpu")
+    assert mask.shape == (2, 16) and (mask.sum(1) == 12).all()  # ceil(0.6 * 4 cells of 2x2 patches) = 3 cells
+    with torch.no_grad():
+        pred = m.decode(m.encode(imgs, mask))
+        loss = m.loss(pred, imgs, mask)
+        direct = torch.stack(
+            [(pred[b, i] - m_patch).abs().mean() for b in range(2) for i, m_patch in enumerate(
+                imgs[b].unfold(1, 4, 4).unfold(2, 4, 4).permute(1, 2, 3, 4, 0).reshape(16, 48)) if mask[b, i]]
+        ).mean()
+    torch.testing.assert_close(loss, direct, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_mask_settings_name_the_key():
+    with pytest.raises(ConfigError, match="simmim.mask_patch_size 6 is not a multiple"):
+        SimMIM(tiny("simmim.mask_patch_size=6"))
+    with pytest.raises(ConfigError, match="simmim.mask_ratio"):
+        SimMIM(tiny("simmim.mask_ratio=0.99"))
+
+
+def test_simmim_loss_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tiny("simmim.mask_patch_size=4")  # transformers masks at patch granularity
+    ours = SimMIM(cfg).eval()
+    hf_cfg = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, encoder_stride=4, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
+    )  # fmt: skip
+    hf = transformers.ViTForMaskedImageModeling(hf_cfg).eval()
+    sd = ours.state_dict()
+    mapped = hf_vit_weights(sd, "encoder", set(hf.state_dict()), depth=2)
+    mapped["vit.embeddings.mask_token"] = sd["mask_token"]
+    # our head predicts each patch in (row, col, channel) order; the conv + PixelShuffle in (channel, row, col)
+    p = 4
+    order = torch.tensor([(i * p + j) * 3 + c for c in range(3) for i in range(p) for j in range(p)])
+    mapped["decoder.0.weight"] = sd["head.weight"][order][:, :, None, None]
+    mapped["decoder.0.bias"] = sd["head.bias"][order]
+    missing, unexpected = hf.load_state_dict(mapped, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    imgs = torch.randn(3, 3, 16, 16)
+    mask = ours.mask(3, "cpu")
+    with torch.no_grad():
+        our_loss, _ = ours({"image": imgs}, mask=mask)
+        hf_loss = hf(pixel_values=imgs, bool_masked_pos=mask).loss
+    torch.testing.assert_close(our_loss, hf_loss, rtol=1e-5, atol=1e-6)
