@@ -101,7 +101,7 @@ class CIMConfig:
 @dataclass
 class SimMIMConfig:
     mask_ratio: float = 0.6
-    mask_patch_size: int = 32  # pixels per mask cell (SimMIM: 32 px cells over 16 px patches); a multiple of the patch
+    mask_patch_size: int | None = None  # pixels per mask cell, a multiple of the patch; None = 2 patches (32 over 16)
 
 
 @dataclass

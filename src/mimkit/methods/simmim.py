@@ -28,13 +28,12 @@ class SimMIM(Method):
         self.encoder = V.create_encoder(cfg.model, cfg.data.image_size)
         self.patch = V.patch_size(self.encoder)
         self.grid = V.grid_size(self.encoder)
-        if o.mask_patch_size % self.patch:
-            raise ConfigError(f"simmim.mask_patch_size {o.mask_patch_size} is not a multiple of the patch {self.patch}")
-        self.cell = o.mask_patch_size // self.patch
+        cell_px = o.mask_patch_size or 2 * self.patch
+        if cell_px % self.patch:
+            raise ConfigError(f"simmim.mask_patch_size {cell_px} is not a multiple of the patch {self.patch}")
+        self.cell = cell_px // self.patch
         if self.grid[0] % self.cell or self.grid[1] % self.cell:
-            raise ConfigError(
-                f"simmim.mask_patch_size {o.mask_patch_size} does not tile the {cfg.data.image_size} px image"
-            )
+            raise ConfigError(f"simmim.mask_patch_size {cell_px} does not tile the {cfg.data.image_size} px image")
         cells = (self.grid[0] // self.cell) * (self.grid[1] // self.cell)
         if not 0.0 < o.mask_ratio < 1.0 or math.ceil(o.mask_ratio * cells) >= cells:
             raise ConfigError(f"simmim.mask_ratio {o.mask_ratio} leaves no masked or no visible cell of {cells}")
