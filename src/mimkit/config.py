@@ -114,7 +114,7 @@ class ConMIMConfig:
     temperature: float = 0.1  # InfoNCE temperature on L2-normalised projections
     momentum: float = 0.996  # teacher EMA momentum at the first step, raised by a cosine to momentum_final
     momentum_final: float = 1.0
-    proj_hidden: int = 2048  # per-token MLP projector width (the paper: 4096)
+    proj_hidden: int = 1024  # per-token MLP projector width (the paper: 4096 for ViT-B/L; costly on small ViTs)
     proj_dim: int = 256  # projection size (the paper: 256)
     export_encoder: str = "teacher"  # which ViT goes downstream: teacher (EMA, the reference) | student
     center_teacher: bool = False  # subtract the teacher's per-position batch mean (not in the reference; see docs)

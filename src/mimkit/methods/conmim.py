@@ -13,7 +13,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..config import Config, ConfigError
@@ -101,7 +100,7 @@ class ConMIM(Method):
         self.register_buffer("mask_bank", None, persistent=False)  # built on first use (conmim.mask_bank > 0)
 
     @property
-    def encoder(self) -> VisionTransformer:
+    def encoder(self) -> nn.Module:
         """The timm ViT (or Beit) that is evaluated and exported: the EMA teacher's (default) or the student's."""
         return self.teacher["vit"] if self.cfg.export_encoder == "teacher" else self.student["vit"]
 
