@@ -23,8 +23,14 @@ def test_loss_ignores_visible_pixels_and_matches_direct_l1():
         pred = m.decode(m.encode(imgs, mask))
         loss = m.loss(pred, imgs, mask)
         direct = torch.stack(
-            [(pred[b, i] - m_patch).abs().mean() for b in range(2) for i, m_patch in enumerate(
-                imgs[b].unfold(1, 4, 4).unfold(2, 4, 4).permute(1, 2, 3, 4, 0).reshape(16, 48)) if mask[b, i]]
+            [
+                (pred[b, i] - m_patch).abs().mean()
+                for b in range(2)
+                for i, m_patch in enumerate(
+                    imgs[b].unfold(1, 4, 4).unfold(2, 4, 4).permute(1, 2, 3, 4, 0).reshape(16, 48)
+                )
+                if mask[b, i]
+            ]
         ).mean()
     torch.testing.assert_close(loss, direct, rtol=1e-4, atol=1e-6)
 
