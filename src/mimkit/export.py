@@ -6,16 +6,13 @@ uploaded to the Hub and loaded with `hf-hub:user/name`.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .atomic import write_weights_folder
 
 
 def timm_model_args(encoder: nn.Module) -> dict:
@@ -69,22 +66,7 @@ def export_encoder(
         },
         "mimkit": {"version": __version__, **(mimkit_meta or {})},
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "mimkit": __version__})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_weights_folder(encoder, out_dir, config, config_name="config.json")
 
 
 def load_exported(path: str | Path) -> nn.Module:

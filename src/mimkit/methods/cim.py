@@ -218,15 +218,21 @@ class CIM(Method):
         return names | {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
 
     @torch.no_grad()
-    def evaluate(self, batch: dict) -> dict:
-        """Enhancer quality against trivial baselines on one batch: RevDet accuracy vs predicting 'original'
-        everywhere, ResPix MSE vs predicting each pixel's window mean (which is 0 in target space)."""
+    def infer(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """One pass without training: -> mask (B, N), replaced (B, N), corrupted image, enhancer output (float)."""
         imgs = batch["image"]
         ids = self.generator.targets(batch["tokens"])
         mask = self.mask(imgs.shape[0], imgs.device)
         logits = self.generator.predict(self.generator.encode(imgs, mask), mask)
         _, replaced, corrupted_imgs = self.corrupt(ids, mask, logits)
-        out = self.enhance(corrupted_imgs).float()
+        return mask, replaced, corrupted_imgs, self.enhance(corrupted_imgs).float()
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> dict:
+        """Enhancer quality against trivial baselines on one batch: RevDet accuracy vs predicting 'original'
+        everywhere, ResPix MSE vs predicting each pixel's window mean (which is 0 in target space)."""
+        imgs = batch["image"]
+        mask, replaced, corrupted_imgs, out = self.infer(batch)
         if self.objective == "revdet":
             return {"revdet_acc": ((out > 0) == replaced).float().mean().item(),
                     "all_original_acc": 1.0 - replaced.float().mean().item()}  # fmt: skip
@@ -253,11 +259,7 @@ class CIM(Method):
         """Rows of original | masked | corrupted | enhancer output (ResPix reconstruction, or RevDet's
         replaced-probability map with the true replaced tokens outlined in the corrupted panel's frame)."""
         imgs = batch["image"]
-        ids = self.generator.targets(batch["tokens"])
-        mask = self.mask(imgs.shape[0], imgs.device)
-        logits = self.generator.predict(self.generator.encode(imgs, mask), mask)
-        _, replaced, corrupted_imgs = self.corrupt(ids, mask, logits)
-        out = self.enhance(corrupted_imgs).float()
+        mask, replaced, corrupted_imgs, out = self.infer(batch)
         size = imgs.shape[-2:]
         cells = F.interpolate(mask.view(-1, 1, *self.grid).float(), size=size, mode="nearest")
         if self.objective == "revdet":

@@ -7,14 +7,13 @@ A tokenizer folder holds `tokenizer.json` (kind, constructor arguments, vocabula
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ... import __version__
+from ...atomic import write_weights_folder
 from ...config import ConfigError
 from .base import ImageTokenizer, codebook_stats, psnr
 from .dalle import DalleTokenizer, map_pixels, unmap_pixels
@@ -51,22 +50,7 @@ def save_tokenizer(tok: ImageTokenizer, out_dir: str | Path, meta: dict | None =
         "grid": tok.grid(),
         "mimkit": {"version": __version__, **(meta or {})},
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tok.state_dict().items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mimkit": __version__})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_weights_folder(tok, out_dir, config, config_name=CONFIG_NAME)
 
 
 def read_tokenizer_config(path: str | Path) -> dict:
