@@ -189,13 +189,19 @@ class ViewDataset(Dataset):
             box = random_resized_crop_box(rng, w, h, c.crop_scale, c.crop_ratio)
         return box, c.hflip and rng.random() < 0.5
 
+    def random_crops(self, epoch: int, index: int, used: int, w: int, h: int) -> dict:
+        """{crop group: ((left, top, right, bottom), flip)} of key (epoch, index) on a w x h image (`used`: the
+        image actually read, which differs from `index` when that file was unreadable). Shared with
+        `device_cache.DeviceCache`, so both paths draw the same crops."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return {g: self._random_crop(rng, w, h, epoch, used) for g in self.groups}  # group 0 draws first
+
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         img, used, bad = self._load(index)
         w, h = img.size
         if self.train:
-            rng = np.random.default_rng([self.seed, epoch, index])
-            crops = {g: self._random_crop(rng, w, h, epoch, used) for g in self.groups}  # group 0 draws first
+            crops = self.random_crops(epoch, index, used, w, h)
         else:
             whole = (0, 0, w, h) if self.eval_crop == "full" else center_box(w, h)
             crops = {g: (whole, False) for g in self.groups}
@@ -281,10 +287,11 @@ def eval_loader(dataset: ViewDataset, batch_size: int, num_workers: int) -> Data
 
 
 def prepare_batch(batch: dict, views: Sequence[View], device, mean, std) -> dict:
-    """uint8 views -> float on `device` ([0, 1] for 'unit' views, mean/std-normalised otherwise)."""
+    """uint8 views -> float on `device` ([0, 1] for 'unit' views, mean/std-normalised otherwise). `mean` / `std`:
+    sequences, or tensors already on `device` (no host-to-device copy, whose blocking wait would sync the host)."""
     out = {}
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    m = torch.as_tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=device).view(1, -1, 1, 1)
     for view in views:
         x = batch[view.name].to(device, non_blocking=True).float().div_(255.0)
         out[view.name] = (x - m) / s if view.normalize == "mean_std" else x

@@ -19,6 +19,7 @@ from .. import __version__
 from ..config import Config, ConfigError, config_from_dict, dump_yaml, to_dict
 from ..data import DataError, Splits, describe, load_splits
 from ..data.ccrop import check_boxes, estimate_boxes, update_due
+from ..data.device_cache import DeviceCache
 from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
 from ..eval import extract, knn_accuracy
 from ..methods import Method, build_method
@@ -127,6 +128,7 @@ def pretrain(cfg: Config) -> dict:
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world)
     if resume is not None and dataset.boxes is not None and "ccrop_boxes" in resume:  # ContrastiveCrop state
         dataset.boxes.copy_(check_boxes(resume["ccrop_boxes"], len(dataset), ckpt_path))
+    cache = DeviceCache(dataset, device) if cfg.data.device_cache else None  # may refuse the size: before `out`
 
     accum = cfg.optim.accum_steps
     steps_per_epoch = sampler.batches_per_epoch() // accum
@@ -167,11 +169,18 @@ def pretrain(cfg: Config) -> dict:
         main,
     )
 
+    if device.type == "cuda" and cfg.train.channels_last:
+        method.to(memory_format=torch.channels_last)  # NHWC convolutions (CNN enhancers, tokenizers, patch embeds)
     model = method
     if world > 1:
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = torch.compile(model) if cfg.train.compile else model
-    loader = train_loader(dataset, sampler, cfg.data.num_workers, pin=device.type == "cuda")
+    # made once on the device: a per-batch host->device copy of two small tensors would block the host each step
+    mean_std = (torch.tensor(cfg.data.mean, device=device), torch.tensor(cfg.data.std, device=device))
+    if cache is not None:  # batches cropped on the device from the decoded images, same keys from `sampler`
+        loader = cache.loader(sampler, cfg.data.mean, cfg.data.std)
+    else:
+        loader = train_loader(dataset, sampler, cfg.data.num_workers, pin=device.type == "cuda")
 
     def checkpoint(finished: bool = False) -> None:
         check_finite(window, st.step, ckpt_path)
@@ -211,7 +220,7 @@ def pretrain(cfg: Config) -> dict:
                         f"data.bad_file_limit={cfg.data.bad_file_limit} of {len(dataset)}; e.g. "
                         f"{[splits.train.paths[i] for i in sorted(bad_seen)[:3]] if splits.train.paths else ''}"
                     )
-            b = prepare_batch(batch, views, device, cfg.data.mean, cfg.data.std)
+            b = batch if cache is not None else prepare_batch(batch, views, device, mean_std[0], mean_std[1])
             update = (st.batch + 1) % accum == 0
             sync = contextlib.nullcontext() if update or world == 1 else model.no_sync()
             with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -1,0 +1,333 @@
+"""A device-resident training data path for datasets that fit in memory (CIFAR-10 at 32 px, the demo digits,
+Imagenette at low resolution): every training image is decoded ONCE into a uint8 tensor (N, 3, H, W) on the
+training device, and each batch is cropped, resized and flipped there in a few batched matrix products, with no
+loader workers and no per-step host decoding.
+
+Same batches as the worker loader. For a batch of (epoch, index) keys from the same `EpochBatchSampler`, the
+crop boxes and flips come from `ViewDataset.random_crops` (the same per-key numpy generator, RandomResizedCrop or
+ContrastiveCrop inside `dataset.boxes`, which the cache reads live), labels and unreadable-file replacements
+follow `ViewDataset._load`, and `prepare_batch` normalises. The resize replays Pillow's `Image.resize(size,
+filter, box=box)`: its kernels (bicubic a = -0.5, not torch's -0.75; bilinear; lanczos; nearest), antialiased
+when shrinking, taps in 22-bit fixed point, two separable passes each rounded and clipped to uint8, in Pillow's
+order (horizontal first; Pillow >= 13 goes vertical first when the height shrinks much more than the width). Each
+pass is one weight matrix per image, applied with batched float64 products, which hold Pillow's fixed-point sums
+exactly. Measured against Pillow 13 on random crops of random images, every filter and flip: identical uint8
+pixels (tests/test_device_data.py; Pillow 10-12 by their source, same code without the reordering). float64
+costs little at 32-128 px; on GPUs with slow float64 (consumer cards) large views cost more. The boxes are still
+drawn on the host, one numpy generator per key (~25 us each), one asynchronous copy per batch.
+
+Images of different sizes are squashed once to `data.device_cache_size` squared (0 = the largest view size),
+as the downsampled-ImageNet datasets are, with Pillow and the largest view's filter; crops are then drawn on the
+squashed image, so for non-square or large images they differ from the worker loader's (other aspect ratios,
+less detail). When every image has one size and `device_cache_size` is 0 they are cached as they are and the
+two paths match. The cache is for small datasets: building it refuses more than `data.device_cache_max_gb`.
+Every process of a distributed run holds the whole cache.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+
+from ..config import ConfigError, DataConfig
+from .folder import DataError, ImageSource
+from .pipeline import MAX_BAD_RETRIES, RESAMPLE, EpochBatchSampler, ViewDataset, prepare_batch
+
+PRECISION_BITS = 22  # Pillow's fixed-point taps for 8-bit images: 32 - 8 - 2
+PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
+
+
+# ------------------------------------------------------------------------------------------ Pillow's resampling
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    x = x.abs()  # Pillow's a = -0.5 (torch's bicubic uses -0.75)
+    near = (1.5 * x - 2.5) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _bilinear(x: torch.Tensor) -> torch.Tensor:
+    return (1 - x.abs()).clamp(min=0)
+
+
+def _sinc(x: torch.Tensor) -> torch.Tensor:
+    px = x * math.pi
+    return torch.where(x == 0, torch.ones_like(x), torch.sin(px) / torch.where(x == 0, torch.ones_like(px), px))
+
+
+def _lanczos(x: torch.Tensor) -> torch.Tensor:
+    inside = (x >= -3) & (x < 3)
+    return torch.where(inside, _sinc(x) * _sinc(x / 3), torch.zeros_like(x))
+
+
+FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0), "lanczos": (_lanczos, 3.0)}
+
+
+def filter_weights(lo: torch.Tensor, hi: torch.Tensor, in_size: int, out_size: int, interpolation: str):
+    """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for crops [lo, hi) of an axis of `in_size` pixels,
+    lo and hi (B,) float64 -> (B, out_size, in_size) float64 taps, multiples of 2^-22 (zero outside each window).
+    Taps are evaluated on a band of the most a box inside the axis can need, then scattered."""
+    fn, support0 = FILTERS[interpolation]
+    scale = (hi - lo) / out_size
+    filterscale = scale.clamp(min=1.0)[:, None, None]
+    support = support0 * filterscale
+    width = 2 * math.ceil(support0 * max(1.0, in_size / out_size)) + 1
+    center = lo[:, None] + (torch.arange(out_size, dtype=lo.dtype, device=lo.device) + 0.5) * scale[:, None]
+    center = center[..., None]  # (B, out, 1)
+    first = torch.floor(center - support + 0.5).clamp(min=0)  # (int)(v + 0.5) in C; negatives clamp to 0 anyway
+    last = torch.floor(center + support + 0.5).clamp(max=in_size)
+    j = first + torch.arange(width, dtype=lo.dtype, device=lo.device)  # (B, out, width) input pixels
+    w = fn((j - center + 0.5) * (1.0 / filterscale)) * (j < last)
+    total = w.sum(-1, keepdim=True)
+    w = torch.where(total != 0, w / torch.where(total != 0, total, torch.ones_like(total)), w)
+    one = float(1 << PRECISION_BITS)
+    w = torch.sign(w) * torch.floor(w.abs() * one + 0.5) / one  # (int)(0.5 + v), rounding away from zero
+    dense = torch.zeros(*w.shape[:2], in_size, dtype=w.dtype, device=w.device)
+    return dense.scatter_add_(2, j.clamp(max=in_size - 1).long(), w)  # clamped taps past the edge are zeros
+
+
+def nearest_weights(lo: torch.Tensor, hi: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """Pillow's NEAREST resize (ImagingScaleAffine: the source coordinate is accumulated step by step, then
+    truncated) as one-hot rows: (B,) float64 -> (B, out_size, in_size). On CUDA the scan may sum in another
+    order, which can move a coordinate lying exactly on a pixel edge."""
+    step = (hi - lo) / out_size
+    seq = step[:, None].expand(-1, out_size).clone()
+    seq[:, 0] = lo + step * 0.5
+    src = torch.cumsum(seq, dim=1).floor().clamp(0, in_size - 1)  # (B, out)
+    return (src[..., None] == torch.arange(in_size, dtype=lo.dtype, device=lo.device)).to(lo.dtype)
+
+
+def axis_weights(lo, hi, in_size: int, out_size: int, interpolation: str) -> torch.Tensor:
+    if interpolation == "nearest":
+        return nearest_weights(lo, hi, in_size, out_size)
+    if interpolation not in FILTERS:
+        raise ConfigError(f"view interpolation must be one of {sorted(RESAMPLE)}, got '{interpolation}'")
+    return filter_weights(lo, hi, in_size, out_size, interpolation)
+
+
+def _round_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's clip8 after the +0.5 rounding bias: floor(x + 0.5) clipped to [0, 255] (still float)."""
+    return torch.floor(x + 0.5).clamp_(0, 255)
+
+
+def _horizontal(x: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) float64 levels, (B, S, W) taps -> (B, C, H, S) levels, rounded and clipped as Pillow's pass."""
+    b, c, h, w = x.shape
+    return _round_uint8(torch.bmm(x.reshape(b, c * h, w), wx.transpose(1, 2))).view(b, c, h, -1)
+
+
+def _vertical(x: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) float64 levels, (B, S, H) taps -> (B, C, S, W) levels, rounded and clipped."""
+    b, c, h, w = x.shape
+    y = torch.bmm(wy, x.transpose(1, 2).reshape(b, h, c * w))  # (B, S, C*W)
+    return _round_uint8(y).view(b, -1, c, w).transpose(1, 2)
+
+
+def vertical_first(height: int, width: int, size: int) -> bool:
+    """Pillow >= 13 runs the vertical pass first when an image's height shrinks more than twice as much as its
+    width (ImagingResampleInner); the order shows through the uint8 rounding between the passes."""
+    return PILLOW_MAJOR >= 13 and height - size > 0 and height - size > (width - size) * 2
+
+
+def resize_crops(
+    images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int, interpolation: str
+) -> torch.Tensor:
+    """`Image.resize((size, size), filter, box=box)` (+ a left-right flip where `flips`) of every image, batched.
+    images (B, C, H, W) uint8, boxes (B, 4) (left, top, right, bottom) pixels, flips (B,) bool
+    -> (B, C, size, size) uint8. float64 sums hold Pillow's 30-bit fixed-point ones exactly."""
+    _, _, h, w = images.shape
+    boxes = boxes.to(torch.float64)
+    wx = axis_weights(boxes[:, 0], boxes[:, 2], w, size, interpolation)  # (B, size, W)
+    wx = torch.where(flips[:, None, None], wx.flip(1), wx)  # flipping after the resize = reversed output columns
+    wy = axis_weights(boxes[:, 1], boxes[:, 3], h, size, interpolation)  # (B, size, H)
+    x = images.to(torch.float64)
+    out = _horizontal(_vertical(x, wy), wx) if vertical_first(h, w, size) else _vertical(_horizontal(x, wx), wy)
+    return out.to(torch.uint8).contiguous()
+
+
+# ------------------------------------------------------------------------------------------ the cache
+def check_cache_config(cfg: DataConfig) -> None:
+    if cfg.device_cache_size < 0:
+        raise ConfigError(
+            f"data.device_cache_size must be >= 0 (0 = the largest view size), got {cfg.device_cache_size}"
+        )
+    if not cfg.device_cache_max_gb > 0:
+        raise ConfigError(f"data.device_cache_max_gb must be > 0, got {cfg.device_cache_max_gb}")
+
+
+def _header_size(source: ImageSource, index: int) -> tuple[int, int] | None:
+    """(width, height) from the file header alone (no decoding); None when unreadable."""
+    try:
+        with Image.open(source.paths[index]) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 — as ViewDataset._load: whatever Pillow raises marks the file unreadable
+        return None
+
+
+def _check_size(source: ImageSource, width: int, height: int, max_gb: float) -> None:
+    need = len(source) * 3 * width * height / 1e9
+    if need > max_gb:
+        raise DataError(
+            f"data.device_cache: the {len(source)} images of '{source.name}' at {width}x{height} need {need:.2f} GB, "
+            f"more than data.device_cache_max_gb={max_gb}; lower data.device_cache_size or data.max_images, raise "
+            "the limit, or train without data.device_cache"
+        )
+
+
+def _check_free_memory(source: ImageSource, width: int, height: int, device: torch.device) -> None:
+    need, free = len(source) * 3 * width * height, torch.cuda.mem_get_info(device)[0]
+    if need > 0.8 * free:  # leave room for the model
+        raise DataError(
+            f"data.device_cache: the {len(source)} images of '{source.name}' at {width}x{height} need "
+            f"{need / 1e9:.2f} GB, more than 80% of the {free / 1e9:.2f} GB free on {device}"
+        )
+
+
+def cache_shape(source: ImageSource, cfg: DataConfig, view_size: int, threads: int) -> tuple[int, int]:
+    """(width, height) of the cached images: their own when they all share one and `data.device_cache_size` is 0,
+    else device_cache_size (0: `view_size`) squared. Raises DataError past `data.device_cache_max_gb`."""
+    if cfg.device_cache_size > 0:
+        shape = (cfg.device_cache_size, cfg.device_cache_size)
+    elif source.arrays is not None:
+        shape = (source.arrays.shape[2], source.arrays.shape[1])
+    else:
+        first = next(filter(None, (_header_size(source, i) for i in range(min(16, len(source))))), None)
+        if first is not None:  # a lower bound: fail before reading every header of a dataset far too large
+            smallest = min(first, (view_size, view_size), key=lambda s: s[0] * s[1])
+            _check_size(source, *smallest, cfg.device_cache_max_gb)
+        with ThreadPoolExecutor(threads) as pool:
+            sizes = {s for s in pool.map(lambda i: _header_size(source, i), range(len(source))) if s is not None}
+        shape = sizes.pop() if len(sizes) == 1 else (view_size, view_size)
+    _check_size(source, *shape, cfg.device_cache_max_gb)
+    return shape
+
+
+def decode_all(source: ImageSource, width: int, height: int, resample, threads: int):
+    """Every image as uint8 (N, 3, height, width) on the host, squashed to that size where it differs;
+    -> (images, readable (N,) list of bool)."""
+    n = len(source)
+    arrays = source.arrays
+    if arrays is not None and arrays.ndim == 4 and arrays.shape[1:] == (height, width, 3):
+        return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).contiguous(), [True] * n
+    images = torch.zeros(n, 3, height, width, dtype=torch.uint8)
+
+    def one(i: int) -> bool:
+        try:
+            img = source.load(i)
+        except Exception:  # noqa: BLE001 — truncated JPEG, not an image, permission...
+            return False
+        if img.size != (width, height):
+            img = img.resize((width, height), resample)
+        images[i] = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return True
+
+    with ThreadPoolExecutor(threads) as pool:  # Pillow releases the GIL while decoding
+        readable = list(pool.map(one, range(n)))
+    return images, readable
+
+
+def replacements(readable: Sequence[bool], name: str) -> tuple[list[int], dict[int, list[int]]]:
+    """ViewDataset._load's rule for unreadable files: each index reads the next readable image (at most
+    MAX_BAD_RETRIES tries). -> (used index per index, {index: unreadable indices tried first})."""
+    n = len(readable)
+    used, bad = list(range(n)), {}
+    for index in (i for i in range(n) if not readable[i]):
+        tried = []
+        for k in range(min(MAX_BAD_RETRIES, n)):
+            i = (index + k) % n
+            if readable[i]:
+                used[index] = i
+                break
+            tried.append(i)
+        else:
+            raise RuntimeError(f"{len(tried)} consecutive unreadable images from index {index} in '{name}'")
+        bad[index] = tried
+    return used, bad
+
+
+class DeviceCache:
+    """The training images of `dataset` decoded once into `images` (N, 3, H, W) uint8 on `device`; `batch(keys)`
+    renders the views of a list of (epoch, index) keys there as the worker loader would (module docstring).
+    Reads `dataset.random_crops`, hence `dataset.boxes` (ContrastiveCrop), at every batch."""
+
+    def __init__(self, dataset: ViewDataset, device, threads: int | None = None):
+        if not dataset.train:
+            raise ValueError("DeviceCache renders training crops; evaluation keeps the worker loader")
+        cfg, source = dataset.cfg, dataset.source
+        check_cache_config(cfg)
+        self.dataset, self.device = dataset, torch.device(device)
+        threads = threads or min(16, os.cpu_count() or 1)
+        largest = max(dataset.views, key=lambda v: v.size)
+        self.width, self.height = cache_shape(source, cfg, largest.size, threads)
+        if self.device.type == "cuda":
+            _check_free_memory(source, self.width, self.height, self.device)
+        images, readable = decode_all(source, self.width, self.height, RESAMPLE[largest.interpolation], threads)
+        self.used, self.bad = replacements(readable, source.name)
+        self.images = images.to(self.device)
+        labels = source.labels if source.labels is not None else [-1] * len(source)
+        self.labels = torch.tensor(labels, dtype=torch.long, device=self.device)
+        self.groups = dataset.groups
+
+    def __len__(self) -> int:
+        return len(self.used)
+
+    def _crop_table(self, keys: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """(B, 1 + 5 G) float64 on the device: the image read, then (left, top, right, bottom, flip) per crop
+        group, drawn on the host with the dataset's per-key generators; one (pinned, asynchronous) copy."""
+        rows = []
+        for epoch, index in keys:
+            used = self.used[index]
+            crops = self.dataset.random_crops(epoch, index, used, self.width, self.height)
+            rows.append([used] + [v for g in self.groups for v in (*crops[g][0], float(crops[g][1]))])
+        table = torch.tensor(rows, dtype=torch.float64)
+        if self.device.type == "cuda":
+            return table.pin_memory().to(self.device, non_blocking=True)
+        return table.to(self.device)
+
+    def collate(self, keys: Sequence[tuple[int, int]]) -> dict:
+        """What `collate([dataset[k] for k in keys])` gives (uint8 views, labels, unreadable files), on the device."""
+        table = self._crop_table(keys)
+        used = table[:, 0].long()
+        images = self.images.index_select(0, used)
+        out = {}
+        for view in self.dataset.views:
+            c = 1 + 5 * self.groups.index(view.crop_group)
+            out[view.name] = resize_crops(
+                images, table[:, c : c + 4], table[:, c + 4] > 0, view.size, view.interpolation
+            )
+        out["label"] = self.labels.index_select(0, used)
+        out["bad"] = [b for _, index in keys for b in self.bad.get(index, ())]
+        return out
+
+    def batch(self, keys: Sequence[tuple[int, int]], mean, std) -> dict:
+        """`prepare_batch(collate(...))` plus "bad": float views on the device, normalised as each view says."""
+        raw = self.collate(keys)
+        out = prepare_batch(raw, self.dataset.views, self.device, mean, std)
+        out["bad"] = raw["bad"]
+        return out
+
+    def loader(self, sampler: EpochBatchSampler, mean, std) -> DeviceLoader:
+        return DeviceLoader(self, sampler, mean, std)
+
+
+class DeviceLoader:
+    """Iterates the batches of `sampler` (re-iterable: `sampler.start(epoch, batch)` positions it, as for the
+    worker loader) from a DeviceCache. No host sync: crops travel in one asynchronous copy per batch."""
+
+    def __init__(self, cache: DeviceCache, sampler: EpochBatchSampler, mean, std):
+        self.cache, self.sampler = cache, sampler
+        self.mean = torch.tensor(mean, device=cache.device)  # once: a per-batch copy would wait on the device
+        self.std = torch.tensor(std, device=cache.device)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for keys in self.sampler:
+            yield self.cache.batch(keys, self.mean, self.std)
