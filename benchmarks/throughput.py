@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --sizes tiny,base     # also ViT-Base/16 at 224 px
     python benchmarks/throughput.py --precision bf16 --compile
     python benchmarks/throughput.py --methods conmim --sizes tiny,base   # ConMIM (own implementation), MAE for scale
+    python benchmarks/throughput.py --methods all,downstream   # every method; fine-tuning and segmentation steps
 
 Each configuration is run side by side in one process: mimkit's MAE, transformers' ViTMAEForPreTraining and
 lightly's MAE blocks (MaskedVisionTransformerTIMM + MAEDecoderTIMM) at the same encoder, decoder, batch and mask
@@ -315,7 +316,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="append results as JSON lines to this file")
-    ap.add_argument("--methods", default="mae", help="sections to run: mae (the peer comparison), conmim")
+    ap.add_argument("--methods", default="mae",
+                    help="sections: mae (the peer comparison), conmim, all (every method), downstream")  # fmt: skip
     ap.add_argument("--cmae", action="store_true", help="also time CMAE, its task ablations and the box pass")
     args = ap.parse_args()
 
@@ -360,6 +362,14 @@ def main() -> None:
         cmae_section(args, device, dtype, steps, warmup, name)
     if "conmim" in args.methods.split(","):
         conmim_section(args, device, dtype, steps, warmup, name)
+    if "all" in args.methods.split(","):
+        from sections import every_method_section
+
+        every_method_section(args, measure, device, dtype, steps, warmup, name)
+    if "downstream" in args.methods.split(","):
+        from sections import downstream_section
+
+        downstream_section(args, measure, device, dtype, steps, warmup, name)
 
 
 if __name__ == "__main__":

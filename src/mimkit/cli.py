@@ -95,6 +95,17 @@ def _visualize_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _downstream_parser(sub, name: str, help: str, description: str, example: str) -> None:
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="an exported encoder folder, a training checkpoint (.pt), or none (random init: the scratch baseline)",
+    )
+    p.add_argument("--model", help="timm name; with none: the architecture (else checked against the checkpoint)")
+    _run_flags(p, example=example)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimkit", description="Masked and corrupted image modeling on timm backbones."
@@ -105,8 +116,88 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _visualize_parser(sub)
     _tokenizer_parser(sub)
+    _downstream_parser(
+        sub,
+        "finetune",
+        help="end-to-end fine-tuning of an encoder on labeled images (top-1 on the val/test split)",
+        description="Fine-tune an encoder end to end with the recipe of MAE/BEiT/CIM (layer-wise lr decay, drop "
+        "path, mixup/cutmix, RandAugment, label smoothing, random erasing, warm-up + cosine, optional EMA), built "
+        "from timm. --checkpoint none trains the same architecture from scratch with the identical recipe. Writes "
+        "<out>/finetune.json with the last (headline) and best top-1.",
+        example="finetune.layer_decay=0.65 optim.blr=1e-3",
+    )
+    _downstream_parser(
+        sub,
+        "segment",
+        help="semantic segmentation fine-tuning on images/ + masks/ folders (mIoU, per-class IoU)",
+        description="Fine-tune an encoder for semantic segmentation with a light head (default) or UperNet on "
+        "the encoder's multi-level features. Data: a folder with train/ and val|test/, each holding images/ and "
+        "masks/ of the same file stems. Writes <out>/segment.json with mIoU and per-class IoU.",
+        example="segment.head=upernet segment.ignore_index=11",
+    )
+    _compare_parser(sub)
     sub.add_parser("methods", help="list the registered methods")
     return parser
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="pre-train several methods under one budget, then evaluate each (k-NN, linear, fine-tune)",
+        description="Pre-train each method with the same encoder, data and budget, evaluate every encoder with "
+        "k-NN, a linear probe and fine-tuning (plus the from-scratch fine-tuning baseline), and write report.md, "
+        "report.json and report.png into --out. Re-running the same command skips what is finished.",
+    )
+    p.add_argument("--methods", default="all", help="comma-separated method names, or all (see `mimkit methods`)")
+    p.add_argument("--data", required=True, help="a labeled folder (train/ + val|test/) or demo")
+    p.add_argument("--out", required=True, help="report folder (one run folder per method inside)")
+    p.add_argument("--budget", default="2ep", help="per method: epochs (e.g. 2ep) or wall-clock (e.g. 10min, 1h)")
+    p.add_argument("--config", help="pre-training recipe shared by every method (YAML file or packaged name)")
+    p.add_argument("--finetune-config", help="fine-tuning recipe (default: the packaged one for the data)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default: the recipe's)")
+    p.add_argument("--evals", default="knn,linear,finetune", help="which evaluations to run")
+    p.add_argument("--max-images", type=int, help="a fixed, seeded subset of the training images")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="pre-training overrides for every method")
+
+
+def _nested(flags: dict) -> dict:
+    """{'a.b': 1, 'c': None} -> {'a': {'b': 1}}: flags the user did not give are left out."""
+    overrides: dict = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return overrides
+
+
+def downstream_config(args, recipe: str):
+    """Config of `finetune` / `segment`: the packaged `recipe` (<recipe>-demo on the demo data) <- --config
+    <- flags <- dotted overrides."""
+    flags = {
+        "data.path": args.data,
+        "out": args.out,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "data.image_size": args.image_size,
+        "model.name": args.model,
+        "data.max_images": args.max_images,
+        "train.device": args.device,
+    }
+    files = [f"{recipe}-demo" if args.data in (None, "demo") else recipe]
+    if args.config:
+        files.append(args.config)
+    cfg = build_config(files, _nested(flags), args.overrides)
+    if not args.out and not any(o.startswith("out=") for o in args.overrides) and not _recipe_sets_out(files[1:]):
+        data = "demo" if cfg.data.path == "demo" else Path(cfg.data.path).resolve().name
+        source = "scratch" if args.checkpoint == "none" else Path(args.checkpoint).resolve().parent.name
+        cfg.out = f"runs/{recipe}-{source}-{data}"
+    return cfg
 
 
 def pretrain_config(args):
@@ -121,19 +212,10 @@ def pretrain_config(args):
         "data.max_images": args.max_images,
         "train.device": args.device,
     }
-    overrides: dict = {}
-    for key, value in flags.items():
-        if value is None:
-            continue
-        node = overrides
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
     files = [args.config] if args.config else []
     if not files and (args.data in (None, "demo")):
         files = ["demo"]  # the packaged demo recipe
-    cfg = build_config(files, overrides, args.overrides)
+    cfg = build_config(files, _nested(flags), args.overrides)
     if not args.out and not any(o.startswith("out=") for o in args.overrides) and not _recipe_sets_out(files):
         name = "demo" if cfg.data.path == "demo" else Path(cfg.data.path).resolve().name
         cfg.out = f"runs/{cfg.method}-{name}"
@@ -220,6 +302,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .engine.finetune import finetune
+
+    cfg = downstream_config(args, "finetune")
+    finetune(cfg, args.checkpoint, model_flag=args.model, image_size=args.image_size)
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from .engine.segment import segment
+
+    cfg = downstream_config(args, "segment")
+    segment(cfg, args.checkpoint, model_flag=args.model, image_size=args.image_size)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .engine.compare import compare_from_args
+
+    compare_from_args(args)
+    return 0
+
+
 def cmd_export(args) -> int:
     from .engine.train import method_from_checkpoint
 
@@ -281,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
             return 0
         commands = {"pretrain": cmd_pretrain, "eval": cmd_eval, "export": cmd_export, "visualize": cmd_visualize}
-        return {**commands, "tokenizer": cmd_tokenizer}[args.command](args)
+        commands.update(tokenizer=cmd_tokenizer, finetune=cmd_finetune, segment=cmd_segment, compare=cmd_compare)
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

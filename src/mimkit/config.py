@@ -42,6 +42,9 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = 2
     bad_file_limit: float = 0.01  # fraction of undecodable files past which a run stops
+    device_cache: bool = False  # decode the training set once into the device's memory, crop there (small datasets)
+    device_cache_size: int = 0  # side images of different sizes are squashed to (> 0: every image); 0 = largest view
+    device_cache_max_gb: float = 4.0  # refuse to build a device cache larger than this (N x 3 x H x W bytes)
 
 
 @dataclass
@@ -197,6 +200,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric lines (and the only host syncs of the loss)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
     compile: bool = False
+    channels_last: bool = True  # CUDA: convolution weights in NHWC (faster cuDNN kernels for CNNs); ignored on CPU
 
 
 @dataclass
@@ -207,6 +211,57 @@ class EvalConfig:
     pool: str = "avg"  # feature for k-NN / linear: avg of patch tokens, or the class token ("cls")
     final_knn: bool = True  # after pre-training on labeled data: k-NN of the encoder vs random init
     max_eval_images: int | None = 2000  # queries for the k-NN monitor / final k-NN (eval knn: the full split)
+
+
+@dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning (`mimkit finetune`): the recipe of MAE/BEiT/CIM, built from timm's parts. The
+    optimizer's lr, schedule and weight decay come from `optim`, the budget from `train`."""
+
+    global_pool: str = "avg"  # avg (mean of patch tokens + fc_norm, MAE/BEiT) | token (class token)
+    layer_decay: float = 0.75  # layer-wise lr decay (timm param groups); 1.0 = off. ViT-B: 0.65, ViT-L: 0.75
+    drop_path: float = 0.1
+    mixup: float = 0.8  # Beta(alpha) of mixup; 0 = off
+    cutmix: float = 1.0  # Beta(alpha) of cutmix; 0 = off
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5  # chance of cutmix instead of mixup when both are on
+    smoothing: float = 0.1  # label smoothing
+    randaug: str = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; "" = off
+    reprob: float = 0.25  # random erasing probability
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: float = 0.5  # horizontal flip probability (0 for digits and text)
+    ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3) and evaluate it too
+    ema_decay: float = 0.9999
+    eval_every: int = 1  # epochs between evaluations on the val/test split (the last epoch is always evaluated)
+    max_eval_images: int | None = None  # subset of the val/test split (None = all)
+
+
+@dataclass
+class SegmentConfig:
+    """Semantic segmentation fine-tuning (`mimkit segment`) on `images/` + `masks/` folders. The training crop
+    is `data.image_size` (--image-size); the optimizer's lr and schedule length come from `optim`, the budget
+    from `train` (mimkit.engine.segment)."""
+
+    num_classes: int = 11  # class ids 0..num_classes-1 in the masks
+    ignore_index: int = 255  # mask value excluded from loss and IoU (CamVid: 11)
+    class_names: str = ""  # comma-separated names of ids 0..num_classes-1 ("" = class_0, class_1, ...)
+    reduce_zero_label: bool = False  # raw ADE20K masks: id 0 ("other") becomes ignore_index, the rest shift by -1
+    head: str = "light"  # light (documented default for small data) | upernet (BEiT/MAE)
+    head_width: int = 128  # head channels (SegFormer's small decoders: 256; BEiT/MAE's UperNet on ViT-B: 768)
+    feature_indices: tuple[int, int, int, int] | None = None  # ViT blocks (0-based) for strides 4/8/16/32
+    aux_weight: float = 0.0  # FCN auxiliary head on the stride-16 level (BEiT/MAE's UperNet: 0.4); 0 = none
+    dropout: float = 0.1  # before the classifier (mmsegmentation's decode heads)
+    base_size: int = 512  # short side images are resized to: times the jitter when training, exactly for eval
+    scale_range: tuple[float, float] = (0.5, 2.0)  # training scale jitter of base_size (mmseg's ratio_range)
+    hflip: bool = True
+    photometric: bool = False  # colour jitter approximating mmseg's PhotoMetricDistortion (its ADE20K pipeline)
+    eval_mode: str = "whole"  # whole (resized image in one pass) | slide (crop-size windows, BEiT/MAE's ADE20K test)
+    eval_stride: int | None = None  # slide: window step in px; None = 2/3 of the crop (341 over 512)
+    layer_decay: float = 1.0  # layer-wise lr decay of the encoder (BEiT/MAE on ADE20K: 0.65); 1.0 = off
+    head_lr_mult: float = 1.0  # lr of the head (and the ViT's multi-level adapter) relative to the encoder's top
+    lr_schedule: str = "poly"  # poly (power 1 after the warm-up, mmseg/BEiT) | cosine
+    eval_every: int = 0  # epochs between evaluations; 0 = only after the last epoch (which is always evaluated)
+    max_eval_images: int | None = None  # a fixed, seeded subset of the evaluation split (None = all)
 
 
 @dataclass
@@ -225,6 +280,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
 
 # ----------------------------------------------------------------------------------------------- typing

@@ -1,0 +1,285 @@
+"""`mimkit compare`: every method pre-trained under one encoder, data and budget, then evaluated the same way.
+
+Layout of `--out`: `<method>/` is each method's pre-training run (the engine resumes it), `<method>/evals.json`
+its evaluations (each one stored as soon as it is done), `<method>/finetune/` its fine-tuning run, `scratch/`
+the random-init baseline (k-NN, linear probe, the identical fine-tuning recipe), `tokenizer/` the VQ tokenizer
+that BEiT and CIM need when none is given. A re-run skips everything already finished.
+
+Budgets: `Nep` gives every method N epochs. A wall-clock budget (`30s`, `10min`, `1h`) is turned into epochs per
+method by timing a few of its training steps first, so every run completes its learning-rate schedule rather
+than being cut off mid-way; the time each method actually took is reported next to its accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, build_config
+from ..data import labeled_splits
+from ..eval import extract, knn_accuracy, linear_probe
+from ..methods import METHODS
+from .downstream import build_model, encoder_spec
+from .finetune import finetune
+from .logging import say
+from .run import load_encoder, pretrain_and_report
+from .train import resolve_device
+
+EVALS = ("knn", "linear", "finetune")
+NEEDS_TOKENIZER = ("beit", "cim-respix", "cim-revdet")
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """'3ep' -> ('epochs', 3); '90s' / '10min' / '1.5h' -> ('seconds', ...)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ep|epochs?|s|sec|min|m|h)\s*", text)
+    if not m:
+        raise ConfigError(f"--budget '{text}' is not a number of epochs (e.g. 2ep) or a duration (90s, 10min, 1h)")
+    value, unit = float(m.group(1)), m.group(2)
+    if value <= 0:
+        raise ConfigError(f"--budget '{text}' must be positive")
+    if unit.startswith("ep"):
+        if value != int(value):
+            raise ConfigError(f"--budget '{text}': epochs must be a whole number")
+        return "epochs", int(value)
+    return "seconds", value * {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}[unit]
+
+
+def method_list(text: str) -> list[str]:
+    names = [m for m in METHODS if m != "tokenizer"] if text == "all" else [s.strip() for s in text.split(",") if s]
+    unknown = [m for m in names if m not in METHODS or m == "tokenizer"]
+    if unknown or not names:
+        known = ", ".join(m for m in METHODS if m != "tokenizer")
+        raise ConfigError(f"--methods: unknown method(s) {unknown or [text]} (known: {known}, or all)")
+    return names
+
+
+def compare_from_args(args) -> dict:
+    budget = parse_budget(args.budget)
+    methods = method_list(args.methods)
+    evals = [e.strip() for e in args.evals.split(",") if e.strip()]
+    if any(e not in EVALS for e in evals):
+        raise ConfigError(f"--evals '{args.evals}': choose from {', '.join(EVALS)}")
+    out = Path(args.out)
+    base = base_config(args)
+    labeled_splits(base.data.path, base.data, base.train.seed, base.eval.max_eval_images)  # fails early: labels?
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"budget": args.budget, "data": base.data.path, "model": model_name(base), "methods": {}}
+    if any(m in NEEDS_TOKENIZER for m in methods) and not base.tokenizer.path:
+        base.tokenizer.path = str(ensure_tokenizer(base, out / "tokenizer", budget))
+    for name in methods:
+        cfg = method_config(base, name, out / name, budget)
+        results["methods"][name] = run_one(cfg, args, evals, out / name)
+    results["scratch"] = run_scratch(base, args, evals, out / "scratch")
+    write_report(out, results, evals)
+    return results
+
+
+def base_config(args) -> Config:
+    """The shared pre-training config: recipe (the demo recipe on demo data) <- flags <- overrides."""
+    files = [args.config] if args.config else (["demo"] if args.data == "demo" else [])
+    flags = {"data": {"path": args.data}, "eval": {"final_knn": False}}
+    if args.max_images:
+        flags["data"]["max_images"] = args.max_images
+    if args.batch_size:
+        flags["train"] = {"batch_size": args.batch_size}
+    if args.device:
+        flags.setdefault("train", {})["device"] = args.device
+    return build_config(files, flags, args.overrides)
+
+
+def model_name(cfg: Config) -> str:
+    m = cfg.model
+    sizes = ", ".join(f"{k}={getattr(m, k)}" for k in ("depth", "embed_dim", "num_heads") if getattr(m, k))
+    return f"{m.name}/{m.patch_size} at {cfg.data.image_size}px" + (f" ({sizes})" if sizes else "")
+
+
+def method_config(base: Config, method: str, out: Path, budget: tuple[str, float]) -> Config:
+    cfg = copy.deepcopy(base)
+    cfg.method, cfg.out = method, str(out)
+    kind, amount = budget
+    cfg.train.epochs = int(amount) if kind == "epochs" else calibrate_epochs(cfg, amount)
+    return cfg
+
+
+def calibrate_epochs(cfg: Config, seconds: float, steps: int = 4) -> int:
+    """Epochs of `cfg.method` that fit in `seconds`: a few training steps (data included) are timed."""
+    from ..data import load_splits
+    from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
+    from ..methods import build_method
+
+    device = resolve_device(cfg.train.device)
+    splits = load_splits(cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
+    method = build_method(cfg).to(device).train()
+    dataset = ViewDataset(splits.train, method.views, cfg.data, seed=cfg.train.seed)
+    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed)
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.0)  # lr 0: timing only, the weights stay as built
+    t0, done = None, 0
+    for batch in train_loader(dataset, sampler, 0, pin=False):
+        if done == 1:
+            t0 = time.perf_counter()  # the first step pays one-off costs
+        loss, _ = method(prepare_batch(batch, method.views, device, cfg.data.mean, cfg.data.std))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done += 1
+        if done > steps:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_step = (time.perf_counter() - t0) / max(done - 1, 1)
+    epochs = max(1, int(seconds / (per_step * sampler.batches_per_epoch())))
+    say(f"{cfg.method}: {per_step * 1000:.0f} ms per step -> {epochs} epoch(s) fit the budget")
+    return epochs
+
+
+def ensure_tokenizer(base: Config, out: Path, budget: tuple[str, float]) -> Path:
+    """A VQ tokenizer for BEiT/CIM with tokens the size of the encoder's patches, trained on the same data."""
+    folder = out / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    cfg = method_config(base, "tokenizer", out, budget)
+    cfg.tokenizer.downsample = cfg.model.patch_size
+    say(f"training the VQ tokenizer BEiT/CIM read their targets from ({cfg.train.epochs} epoch(s)) in '{out}'")
+    pretrain_and_report(cfg)
+    return folder
+
+
+def run_one(cfg: Config, args, evals: list[str], run_dir: Path) -> dict:
+    """Pre-train (unless finished), then each missing evaluation; -> the method's results."""
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        say(f"== {cfg.method}: pre-training {cfg.train.epochs} epoch(s) into '{run_dir}'")
+        t0 = time.perf_counter()
+        summary = pretrain_and_report(cfg)
+        summary["pretrain_seconds"] = round(time.perf_counter() - t0, 1)
+        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    summary = json.loads(summary_file.read_text())
+    done = load_evals(run_dir)
+    encoder_dir = run_dir / "encoder"
+    for name in evals:
+        if name in done:
+            continue
+        if name == "finetune":
+            done[name] = run_finetune(cfg, args, str(encoder_dir), run_dir / "finetune")
+        else:
+            encoder, _ = load_encoder(encoder_dir, resolve_device(cfg.train.device))
+            done[name] = probe(encoder, cfg, name)
+        save_evals(run_dir, done)
+    return {"epochs": cfg.train.epochs, "steps": summary.get("steps"),
+            "pretrain_seconds": summary.get("pretrain_seconds"), **done}  # fmt: skip
+
+
+def run_scratch(base: Config, args, evals: list[str], run_dir: Path) -> dict:
+    """The random-init encoder under the same evaluations: the floor every method must clear."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = load_evals(run_dir)
+    for name in evals:
+        if name in done:
+            continue
+        if name == "finetune":
+            done[name] = run_finetune(base, args, "none", run_dir / "finetune")
+        else:
+            torch.manual_seed(base.train.seed)
+            encoder = build_model(encoder_spec("none", base), num_classes=0).to(resolve_device(base.train.device))
+            done[name] = probe(encoder.eval(), base, name)
+        save_evals(run_dir, done)
+    return done
+
+
+def probe(encoder, cfg: Config, protocol: str) -> float:
+    device = next(encoder.parameters()).device
+    memory, query = labeled_splits(cfg.data.path, cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
+    size = cfg.data.image_size
+    tr, ytr = extract(encoder, memory, cfg.data, size, device, cfg.eval.pool)
+    te, yte = extract(encoder, query, cfg.data, size, device, cfg.eval.pool)
+    if protocol == "knn":
+        return knn_accuracy(tr, ytr, te, yte, len(memory.classes), cfg.eval.knn_k, cfg.eval.knn_temperature)["top1"]
+    return linear_probe(tr, ytr, te, yte, len(memory.classes), seed=cfg.train.seed)["top1"]
+
+
+def run_finetune(base: Config, args, checkpoint: str, out: Path) -> float:
+    """The same fine-tuning recipe for every encoder (and the scratch baseline)."""
+    recipe = ["finetune", "finetune-demo" if base.data.path == "demo" else None, args.finetune_config]
+    cfg = build_config([r for r in recipe if r])
+    cfg.data, cfg.model, cfg.out = copy.deepcopy(base.data), copy.deepcopy(base.model), str(out)
+    cfg.train.device, cfg.train.seed = base.train.device, base.train.seed
+    if args.finetune_epochs:
+        cfg.train.epochs = args.finetune_epochs
+    result = finetune(cfg, checkpoint)
+    return result["top1"]
+
+
+def load_evals(run_dir: Path) -> dict:
+    f = run_dir / "evals.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def save_evals(run_dir: Path, done: dict) -> None:
+    tmp = run_dir / ".evals.json.tmp"
+    tmp.write_text(json.dumps(done, indent=2) + "\n")
+    tmp.replace(run_dir / "evals.json")
+
+
+def write_report(out: Path, results: dict, evals: list[str]) -> None:
+    """report.json (everything), report.md (the table), report.png (accuracies; pre-training loss curves)."""
+    (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+    head = "| method | epochs | pre-train s | " + " | ".join(evals) + " |"
+    lines = [f"# mimkit compare: {results['data']}, {results['model']}, budget {results['budget']}", "", head,
+             "|" + "---|" * (3 + len(evals))]  # fmt: skip
+    rows = dict(results["methods"])
+    for name, r in rows.items():
+        cells = [f"{r[e]:.4f}" if e in r else "-" for e in evals]
+        lines.append(f"| {name} | {r['epochs']} | {r.get('pretrain_seconds') or '-'} | " + " | ".join(cells) + " |")
+    s = results["scratch"]
+    lines.append(
+        "| random init (scratch) | - | - | " + " | ".join(f"{s[e]:.4f}" if e in s else "-" for e in evals) + " |"
+    )
+    lines += [
+        "",
+        "k-NN and linear: top-1 of frozen features; finetune: top-1 after the last fine-tuning epoch, the",
+        "identical recipe for every row (the scratch row fine-tunes a randomly initialised encoder).",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_report(out, results, evals)
+    say(f"report written to '{out / 'report.md'}', '{out / 'report.json'}' and '{out / 'report.png'}'")
+
+
+def plot_report(out: Path, results: dict, evals: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*results["methods"], "scratch"]
+    rows = [*results["methods"].values(), results["scratch"]]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(len(evals), 1)
+    for j, e in enumerate(evals):
+        xs = [i + (j - (len(evals) - 1) / 2) * width for i in range(len(names))]
+        ax_acc.bar(xs, [r.get(e, 0.0) for r in rows], width, label=e)
+    ax_acc.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax_acc.set_ylabel("top-1")
+    ax_acc.set_title(f"{results['data']} - budget {results['budget']}")
+    ax_acc.legend()
+    for name in results["methods"]:
+        metrics = out / name / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        pts = [json.loads(x) for x in metrics.read_text().splitlines() if x]
+        pts = [(p["step"], p["loss"]) for p in pts if "loss" in p]
+        if pts:
+            first, last_step = pts[0][1] or 1.0, pts[-1][0]
+            ax_loss.plot([s / last_step for s, _ in pts], [v / first for _, v in pts], "o-", ms=3, label=name)
+    ax_loss.set_xlabel("fraction of pre-training")
+    ax_loss.set_ylabel("loss / first logged loss")
+    ax_loss.set_title("pre-training loss (each method's own objective)")
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+    plt.close(fig)

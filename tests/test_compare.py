@@ -1,0 +1,78 @@
+"""mimkit compare: every method under one budget, one report, and a re-run that redoes nothing."""
+
+import json
+
+import pytest
+from helpers import TINY
+
+from mimkit.cli import main
+from mimkit.config import ConfigError
+from mimkit.engine import compare
+from mimkit.engine.compare import method_list, parse_budget
+
+
+def test_budget_and_method_parsing():
+    assert parse_budget("3ep") == ("epochs", 3)
+    assert parse_budget("90s") == ("seconds", 90)
+    assert parse_budget("1.5h") == ("seconds", 5400)
+    assert parse_budget("10min") == ("seconds", 600)
+    for bad in ("ten", "0ep", "1.5ep", "5 parsecs"):
+        with pytest.raises(ConfigError, match="--budget"):
+            parse_budget(bad)
+    assert "tokenizer" not in method_list("all") and {"mae", "cim-respix", "conmim", "cmae"} <= set(method_list("all"))
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
+        method_list("mae,nope")
+
+
+def test_compare_runs_methods_writes_report_and_resumes(tmp_path, capsys, labeled_folder, monkeypatch):
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text("train: {batch_size: 8, log_every: 1}\nfinetune: {randaug: rand-m9-n1}\n")
+    out = tmp_path / "cmp"
+    tok = ["tokenizer.vocab_size=32", "tokenizer.width=8", "tokenizer.code_dim=4", "tokenizer.res_blocks=1"]
+    gen = ["cim.generator_dim=32", "cim.generator_heads=2", "cim.generator_depth=1"]
+    argv = [
+        "compare",
+        "--methods",
+        "mae,cim-revdet",
+        "--data",
+        str(labeled_folder),
+        "--out",
+        str(out),
+        "--budget",
+        "1ep",
+        "--finetune-config",
+        str(recipe),
+        "--finetune-epochs",
+        "1",
+        *TINY,
+        *tok,
+        *gen,
+    ]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"mae", "cim-revdet"}
+    for r in [*report["methods"].values(), report["scratch"]]:
+        assert all(0.0 <= r[e] <= 1.0 for e in ("knn", "linear", "finetune"))
+    assert report["methods"]["mae"]["epochs"] == 1 and report["methods"]["mae"]["steps"] == 3
+    assert (out / "tokenizer" / "tokenizer" / "tokenizer.json").is_file()  # trained for cim-revdet
+    table = (out / "report.md").read_text()
+    assert "| mae | 1 |" in table and "| cim-revdet | 1 |" in table and "random init (scratch)" in table
+    assert (out / "report.png").stat().st_size > 10_000
+
+    def must_not_run(*_, **__):
+        raise AssertionError("a finished step ran again")
+
+    for name in ("pretrain_and_report", "finetune", "probe"):
+        monkeypatch.setattr(compare, name, must_not_run)
+    assert main(argv) == 0
+    assert json.loads((out / "report.json").read_text()) == report
+    capsys.readouterr()
+
+
+def test_wall_clock_budget_is_turned_into_epochs(labeled_folder):
+    from mimkit.config import build_config
+
+    base = build_config(dotted=[*TINY, f"data.path={labeled_folder}"])
+    few = compare.method_config(base, "mae", labeled_folder / "unused", ("seconds", 0.01))
+    many = compare.method_config(base, "mae", labeled_folder / "unused", ("seconds", 3600))
+    assert few.train.epochs == 1 and many.train.epochs > 10
