@@ -126,7 +126,8 @@ IMPLS = {"mimkit": mimkit_mae, "transformers": transformers_mae, "lightly": ligh
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def measure(build, s: Size, batch: int, device, dtype, steps: int, warmup: int, compile_: bool) -> dict:
+def make_step(build, s: Size, batch: int, device, dtype, compile_: bool):
+    """-> one() running a full training step (forward, backward, AdamW) of the built model."""
     torch.manual_seed(0)
     model, loss_fn = build(s)
     model.to(device).train()
@@ -141,21 +142,47 @@ def measure(build, s: Size, batch: int, device, dtype, steps: int, warmup: int, 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    res = {"img_per_s": batch * steps / dt, "step_ms": 1000 * dt / steps}
-    if device.type == "cuda":
-        res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return res
+    return one
+
+
+def measure_many(builds: dict, s, batch: int, device, dtype, steps: int, warmup: int, compile_: bool,
+                 rounds: int = 3) -> dict:  # fmt: skip
+    """Time every build in turn, `rounds` times over (A B C A B C ...), `steps` steps per turn; -> per name the
+    median turn. Interleaving matters: on the 2-core VM whichever model ran first measured 10-15% slower than
+    when it ran second (clock and allocator warm-up), which is larger than the differences being measured."""
+    cuda = device.type == "cuda"
+    steppers, results, times, peaks = {}, {}, {}, {}
+    for name, build in builds.items():
+        try:
+            steppers[name] = make_step(build, s, batch, device, dtype, compile_)
+        except ImportError as e:
+            results[name] = {"skipped": f"{e.name} not installed"}
+    for one in steppers.values():
+        for _ in range(warmup):
+            one()
+    for _ in range(rounds):
+        for name, one in steppers.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            for _ in range(steps):
+                one()
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 1e9)
+            times.setdefault(name, []).append(time.perf_counter() - t)
+    for name, ts in times.items():
+        dt = sorted(ts)[len(ts) // 2]
+        results[name] = {"img_per_s": batch * steps / dt, "step_ms": 1000 * dt / steps, "rounds": len(ts)}
+        if cuda:
+            results[name]["peak_mem_gb"] = peaks[name]
+    return results
+
+
+def measure(build, s: Size, batch: int, device, dtype, steps: int, warmup: int, compile_: bool) -> dict:
+    """One build on its own (sections whose rows are read on their own, not as ratios)."""
+    return measure_many({"one": build}, s, batch, device, dtype, steps, warmup, compile_, rounds=1)["one"]
 
 
 # ------------------------------------------------------------------------------------------------ CMAE
@@ -311,6 +338,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="default: per size, smaller on CPU")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default 10 on CPU, 30 on GPU)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps (default 2 on CPU, 10 on GPU)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median is reported")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--compile", action="store_true")
@@ -318,6 +346,7 @@ def main() -> None:
     ap.add_argument("--json", help="append results as JSON lines to this file")
     ap.add_argument("--methods", default="mae",
                     help="sections: mae (the peer comparison), conmim, all (every method), downstream")  # fmt: skip
+    ap.add_argument("--only", help="rows of the 'all' section to time (mae is always timed, as the reference)")
     ap.add_argument("--cmae", action="store_true", help="also time CMAE, its task ablations and the box pass")
     args = ap.parse_args()
 
@@ -339,12 +368,10 @@ def main() -> None:
         flops = train_flops_mae(s)
         print(f"\n## MAE {s.name}, batch {batch}, mask 0.75; {flops / 1e9:.2f} train GFLOP/img")
         print("| impl | img/s | ms/step | ratio vs transformers |" + (" MFU | peak GB |" if gpu else ""))
-        results = {}
-        for impl in args.impls.split(","):
-            try:
-                results[impl] = measure(IMPLS[impl], s, batch, device, dtype, steps, warmup, args.compile)
-            except ImportError as e:
-                print(f"| {impl} | skipped ({e.name} not installed) |")
+        builds = {impl: IMPLS[impl] for impl in args.impls.split(",")}
+        results = measure_many(builds, s, batch, device, dtype, steps, warmup, args.compile, args.rounds)
+        for impl in [k for k, r in results.items() if "skipped" in r]:
+            print(f"| {impl} | skipped ({results.pop(impl)['skipped']}) |")
         ref = results.get("transformers", {}).get("img_per_s")
         for impl, r in results.items():
             ratio = f"{r['img_per_s'] / ref:.2f}x" if ref else "-"
@@ -365,7 +392,7 @@ def main() -> None:
     if "all" in args.methods.split(","):
         from sections import every_method_section
 
-        every_method_section(args, measure, device, dtype, steps, warmup, name)
+        every_method_section(args, measure_many, device, dtype, steps, warmup, name)
     if "downstream" in args.methods.split(","):
         from sections import downstream_section
 

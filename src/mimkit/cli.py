@@ -176,9 +176,8 @@ def _nested(flags: dict) -> dict:
     return overrides
 
 
-def downstream_config(args, recipe: str):
-    """Config of `finetune` / `segment`: the packaged `recipe` (<recipe>-demo on the demo data) <- --config
-    <- flags <- dotted overrides."""
+def _run_flag_overrides(args, **extra) -> dict:
+    """The run flags the user gave (data, budget, model, device) as a nested override dict."""
     flags = {
         "data.path": args.data,
         "out": args.out,
@@ -188,37 +187,40 @@ def downstream_config(args, recipe: str):
         "model.name": args.model,
         "data.max_images": args.max_images,
         "train.device": args.device,
+        **extra,
     }
+    return _nested(flags)
+
+
+def _default_out(args, files) -> bool:
+    """True when neither --out, an `out=` override nor a recipe names the run folder."""
+    return not args.out and not any(o.startswith("out=") for o in args.overrides) and not _recipe_sets_out(files)
+
+
+def _data_name(cfg) -> str:
+    return "demo" if cfg.data.path == "demo" else Path(cfg.data.path).resolve().name
+
+
+def downstream_config(args, recipe: str):
+    """Config of `finetune` / `segment`: the packaged `recipe` (<recipe>-demo on the demo data) <- --config
+    <- flags <- dotted overrides."""
     files = [f"{recipe}-demo" if args.data in (None, "demo") else recipe]
     if args.config:
         files.append(args.config)
-    cfg = build_config(files, _nested(flags), args.overrides)
-    if not args.out and not any(o.startswith("out=") for o in args.overrides) and not _recipe_sets_out(files[1:]):
-        data = "demo" if cfg.data.path == "demo" else Path(cfg.data.path).resolve().name
+    cfg = build_config(files, _run_flag_overrides(args), args.overrides)
+    if _default_out(args, files[1:]):
         source = "scratch" if args.checkpoint == "none" else Path(args.checkpoint).resolve().parent.name
-        cfg.out = f"runs/{recipe}-{source}-{data}"
+        cfg.out = f"runs/{recipe}-{source}-{_data_name(cfg)}"
     return cfg
 
 
 def pretrain_config(args):
-    flags = {
-        "method": args.method,
-        "data.path": args.data,
-        "out": args.out,
-        "train.epochs": args.epochs,
-        "train.batch_size": args.batch_size,
-        "data.image_size": args.image_size,
-        "model.name": args.model,
-        "data.max_images": args.max_images,
-        "train.device": args.device,
-    }
     files = [args.config] if args.config else []
     if not files and (args.data in (None, "demo")):
         files = ["demo"]  # the packaged demo recipe
-    cfg = build_config(files, _nested(flags), args.overrides)
-    if not args.out and not any(o.startswith("out=") for o in args.overrides) and not _recipe_sets_out(files):
-        name = "demo" if cfg.data.path == "demo" else Path(cfg.data.path).resolve().name
-        cfg.out = f"runs/{cfg.method}-{name}"
+    cfg = build_config(files, _run_flag_overrides(args, method=args.method), args.overrides)
+    if _default_out(args, files):
+        cfg.out = f"runs/{cfg.method}-{_data_name(cfg)}"
     return cfg
 
 

@@ -163,7 +163,7 @@ def pretrain(cfg: Config) -> dict:
         restore_rng(resume["rng"], device)
 
     say(
-        f"{describe(cfg, splits)}; method {cfg.method}, model {cfg.model.name}/{cfg.model.patch_size} at "
+        f"{describe(cfg, splits)}; method {cfg.method}, {trained_model(cfg)} at "
         f"{cfg.data.image_size}px; {world} process(es) on {device}; {cfg.train.epochs} epochs x {steps_per_epoch} "
         f"steps; effective batch {effective_batch}, lr {lr_peak:.3g}",
         main,
@@ -282,6 +282,14 @@ def pretrain(cfg: Config) -> dict:
     bar.close()
     log.close()
     return {"method": method, "splits": splits, "device": device, "steps": st.step, "out": out, "main": main}
+
+
+def trained_model(cfg: Config) -> str:
+    """What the run trains, for the start-up line (the tokenizer trainer has no ViT)."""
+    if cfg.method == "tokenizer":
+        t = cfg.tokenizer
+        return f"VQ tokenizer ({t.vocab_size} codes, {t.downsample}x downsampling)"
+    return f"model {cfg.model.name}/{cfg.model.patch_size}"
 
 
 def update_ccrop_boxes(method, dataset, cfg: Config, device, amp_dtype, rank: int, world: int) -> float:
