@@ -52,3 +52,28 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(ckpt, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_epoch_end_work_is_logged_once(tmp_path, monkeypatch, capsys):
+    """A step checkpoint that falls on an epoch's last step, then a kill during the epoch-end work: the resumed
+    run must not write that epoch's k-NN line a second time."""
+    from mimkit.cli import main
+    from mimkit.engine import distributed
+
+    out = tmp_path / "run"
+    argv = ["pretrain", "--data", "demo", "--max-images", "64", "--epochs", "2", "--out", str(out), *TINY,
+            "train.checkpoint_every=4", "eval.knn_every=1", "eval.final_knn=false"]  # fmt: skip
+    calls = {"n": 0}
+
+    def stop_after_second_knn_line():
+        calls["n"] += 1
+        if calls["n"] == 2:  # after epoch 2's k-NN line, before its checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "barrier", stop_after_second_knn_line)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    assert main(argv) == 0
+    knn_epochs = [r["epoch"] for r in metrics(out) if "knn_top1" in r]
+    assert knn_epochs == [1, 2]
+    capsys.readouterr()

@@ -260,7 +260,9 @@ def pretrain(cfg: Config) -> dict:
                 t_last, imgs_since = now, 0
                 log.write(record)
                 bar.set_postfix_str(f"loss {record['loss']:.4f}")
-            if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
+            # not on an epoch's last step: that state is saved after the epoch-end work (k-NN, held-out checks),
+            # so a resume never sits between that work's log lines and the checkpoint and logs them twice
+            if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0 and st.batch < micro_per_epoch:
                 checkpoint()
         bad_total = D.all_reduce_sum_int(len(bad_seen), device)
         if bad_total:
