@@ -46,3 +46,13 @@ def test_parse_override_keeps_text():
     assert parse_override("data.path=/a/b:c") == ("data.path", "/a/b:c")
     with pytest.raises(ConfigError):
         parse_override("no_equals_sign")
+
+
+def test_every_packaged_recipe_loads_with_its_keys_checked():
+    from importlib import resources
+
+    names = sorted(p.name[:-5] for p in (resources.files("mimkit") / "configs").iterdir() if p.name.endswith(".yaml"))
+    assert {"demo", "cifar10-mae", "finetune", "finetune-demo", "camvid-segment", "ade20k-upernet"} <= set(names)
+    for name in names:
+        base = ["finetune"] if "finetune" in name else ["segment"] if "segment" in name or "upernet" in name else []
+        build_config([*base, name])  # an unknown key or a wrong type raises, naming the key
