@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import mean_seconds
 
 from mimkit.config import build_config
 from mimkit.methods import build_method
@@ -31,19 +31,6 @@ SIZES = {
             lambda: DalleTokenizer(image_size=112), 4, 128),
 }  # fmt: skip
 GENERATOR = ["cim.generator_depth=4", "cim.generator_dim=384", "cim.generator_heads=6"]
-
-
-def timed(fn, device, steps: int) -> float:
-    """Mean seconds per call after one warm-up call."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
 
 
 def run(size: str, method: str, device, steps: int, dtype, tmp: Path) -> dict:
@@ -87,11 +74,11 @@ def run(size: str, method: str, device, steps: int, dtype, tmp: Path) -> dict:
         opt.zero_grad(set_to_none=True)
 
     parts = {
-        "tokenize": timed(lambda: m.generator.targets(batch["tokens"]), device, steps),
-        "generator": timed(generator, device, steps),
-        "corrupt+decode": timed(lambda: m.corrupt(ids, mask, logits), device, steps),
-        "enhancer": timed(enhancer, device, steps),
-        "step": timed(step, device, steps),
+        "tokenize": mean_seconds(lambda: m.generator.targets(batch["tokens"]), device, steps),
+        "generator": mean_seconds(generator, device, steps),
+        "corrupt+decode": mean_seconds(lambda: m.corrupt(ids, mask, logits), device, steps),
+        "enhancer": mean_seconds(enhancer, device, steps),
+        "step": mean_seconds(step, device, steps),
     }
     return {"size": size, "method": method, "batch": batch_size,
             **{k: round(1000 * v, 1) for k, v in parts.items()},

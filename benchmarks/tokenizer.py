@@ -16,9 +16,9 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import torch
+from timing import mean_seconds
 
 from mimkit.models.tokenizer import DalleTokenizer, VQTokenizer
 
@@ -29,19 +29,6 @@ CONFIGS = {
 }
 
 
-def timed(fn, steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
-
-
 def measure(name: str, device, steps: int, warmup: int, train: bool) -> dict:
     label, build, size, batch_cpu, batch_gpu = CONFIGS[name]
     batch = batch_gpu if device.type == "cuda" else batch_cpu
@@ -50,8 +37,8 @@ def measure(name: str, device, steps: int, warmup: int, train: bool) -> dict:
     x = torch.rand(batch, 3, size, size, device=device)
     with torch.no_grad():
         ids = tok.encode(x)
-        enc = timed(lambda: tok.encode(x), steps, warmup, device)
-        dec = timed(lambda: tok.decode(ids), steps, warmup, device)
+        enc = mean_seconds(lambda: tok.encode(x), device, steps, warmup)
+        dec = mean_seconds(lambda: tok.decode(ids), device, steps, warmup)
     res = {"config": name, "label": label, "batch": batch, "grid": ids.shape[-1], "vocab": tok.vocab_size}
     res.update(encode_img_per_s=batch / enc, decode_img_per_s=batch / dec)
     if train and isinstance(tok, VQTokenizer):
@@ -65,7 +52,7 @@ def measure(name: str, device, steps: int, warmup: int, train: bool) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        res["train_fp32_img_per_s"] = batch / timed(step, steps, warmup, device)
+        res["train_fp32_img_per_s"] = batch / mean_seconds(step, device, steps, warmup)
         if device.type == "cpu":  # the CPU run of docs/results.md used bf16 autocast for the convolutions
 
             def step_bf16():
@@ -76,7 +63,7 @@ def measure(name: str, device, steps: int, warmup: int, train: bool) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            res["train_bf16_img_per_s"] = batch / timed(step_bf16, steps, warmup, device)
+            res["train_bf16_img_per_s"] = batch / mean_seconds(step_bf16, device, steps, warmup)
     return res
 
 
