@@ -7,7 +7,8 @@
 Paths, each producing the float batches `prepare_batch` gives the training loop, on the training device:
   - Pillow worker loader (`data.device_cache=false`): decode + crop + resize per image in DataLoader workers.
   - device cache (`data.device_cache=true`, mimkit.data.device_cache): images decoded once (build time reported
-    apart), then crops and resizes batched on the device; on CPU, and on CUDA when available.
+    apart), then crops and resizes batched on the device; on CPU, and on CUDA when available. The `fast crops` rows
+    (`data.device_crops=fast`) draw the crop boxes on the device too, instead of one host generator per image.
   - GPU JPEG decoding (`torchvision.io.decode_jpeg(device='cuda')`), batched, decode only (no crop): the
     alternative for datasets too large to cache. PNG folders are re-encoded as JPEG (quality 90) in memory first.
 Steady state is timed: the first batch (worker start-up, first prefetch) is reported as start-up. Results are
@@ -17,6 +18,7 @@ for benchmarks/README.md and docs/benchmarks.md, never for assertions in the tes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import platform
@@ -78,7 +80,8 @@ def pillow_loader(dataset: ViewDataset, args, workers: int, device: torch.device
     return res
 
 
-def device_cache(dataset: ViewDataset, args, device: torch.device) -> dict:
+def device_cache(dataset: ViewDataset, args, device: torch.device, crops: str = "exact") -> dict:
+    dataset.cfg = dataclasses.replace(dataset.cfg, device_crops=crops)
     start = time.perf_counter()
     cache = DeviceCache(dataset, device)
     sync(device)
@@ -159,8 +162,10 @@ def main() -> None:
             (f"Pillow loader, {w} worker(s) -> cuda", "cuda", pillow_loader(dataset, args, w, torch.device("cuda")))
         )
     rows.append(("device cache", "cpu", device_cache(dataset, args, cpu_dev)))
+    rows.append(("device cache, fast crops", "cpu", device_cache(dataset, args, cpu_dev, "fast")))
     if gpu:
         rows.append(("device cache", "cuda", device_cache(dataset, args, torch.device("cuda"))))
+        rows.append(("device cache, fast crops", "cuda", device_cache(dataset, args, torch.device("cuda"), "fast")))
         rows.append(("GPU JPEG decode only (decode_jpeg)", "cuda", gpu_jpeg(source, args)))
     else:
         print("# no CUDA device: device cache on CUDA and GPU JPEG decoding skipped")

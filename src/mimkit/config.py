@@ -45,6 +45,7 @@ class DataConfig:
     device_cache: bool = False  # decode the training set once into the device's memory, crop there (small datasets)
     device_cache_size: int = 0  # side images of different sizes are squashed to (> 0: every image); 0 = largest view
     device_cache_max_gb: float = 4.0  # refuse to build a device cache larger than this (N x 3 x H x W bytes)
+    device_crops: str = "exact"  # exact (the worker loader's crops, host-drawn) | fast (batch-drawn on the device)
 
 
 @dataclass

@@ -13,8 +13,10 @@ order (horizontal first; Pillow >= 13 goes vertical first when the height shrink
 pass is one weight matrix per image, applied with batched float64 products, which hold Pillow's fixed-point sums
 exactly. Measured against Pillow 13 on random crops of random images, every filter and flip: identical uint8
 pixels (tests/test_device_data.py; Pillow 10-12 by their source, same code without the reordering). float64
-costs little at 32-128 px; on GPUs with slow float64 (consumer cards) large views cost more. The boxes are still
-drawn on the host, one numpy generator per key (~25 us each), one asynchronous copy per batch.
+costs little at 32-128 px; on GPUs with slow float64 (consumer cards) large views cost more. The boxes are
+drawn on the host, one numpy generator per key (~25 us each), one asynchronous copy per batch; with
+`data.device_crops=fast` they are drawn for the whole batch on the device instead (mimkit.data.device_crops: same
+distributions, its own seeded stream, so not the worker loader's crops), which lifts that cap.
 
 Images of different sizes are squashed once to `data.device_cache_size` squared (0 = the largest view size),
 as the downsampled-ImageNet datasets are, with Pillow and the largest view's filter; crops are then drawn on the
@@ -37,6 +39,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError, DataConfig
+from .device_crops import FastCrops
 from .folder import DataError, ImageSource
 from .pipeline import MAX_BAD_RETRIES, RESAMPLE, EpochBatchSampler, ViewDataset, prepare_batch
 
@@ -153,6 +156,8 @@ def resize_crops(
 
 # ------------------------------------------------------------------------------------------ the cache
 def check_cache_config(cfg: DataConfig) -> None:
+    if cfg.device_crops not in ("exact", "fast"):
+        raise ConfigError(f"data.device_crops must be 'exact' or 'fast', got '{cfg.device_crops}'")
     if cfg.device_cache_size < 0:
         raise ConfigError(
             f"data.device_cache_size must be >= 0 (0 = the largest view size), got {cfg.device_cache_size}"
@@ -273,6 +278,9 @@ class DeviceCache:
         labels = source.labels if source.labels is not None else [-1] * len(source)
         self.labels = torch.tensor(labels, dtype=torch.long, device=self.device)
         self.groups = dataset.groups
+        self.fast = None
+        if cfg.device_crops == "fast":
+            self.fast = FastCrops(cfg, dataset.seed, self.width, self.height, self.groups, self.device)
 
     def __len__(self) -> int:
         return len(self.used)
@@ -285,29 +293,51 @@ class DeviceCache:
             used = self.used[index]
             crops = self.dataset.random_crops(epoch, index, used, self.width, self.height)
             rows.append([used] + [v for g in self.groups for v in (*crops[g][0], float(crops[g][1]))])
-        table = torch.tensor(rows, dtype=torch.float64)
-        if self.device.type == "cuda":
-            return table.pin_memory().to(self.device, non_blocking=True)
-        return table.to(self.device)
+        return self._to_device(torch.tensor(rows, dtype=torch.float64))
 
-    def collate(self, keys: Sequence[tuple[int, int]]) -> dict:
-        """What `collate([dataset[k] for k in keys])` gives (uint8 views, labels, unreadable files), on the device."""
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned: the copy does not wait for the device
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _exact_crops(self, keys: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
+        """-> (used (B,) long, {group: (boxes (B, 4), flips (B,) bool)}) from the host-drawn table."""
         table = self._crop_table(keys)
-        used = table[:, 0].long()
+        crops = {}
+        for k, g in enumerate(self.groups):
+            c = 1 + 5 * k
+            crops[g] = (table[:, c : c + 4], table[:, c + 4] > 0)
+        return table[:, 0].long(), crops
+
+    def _fast_crops(self, keys: Sequence[tuple[int, int]], position: int | None) -> tuple[torch.Tensor, dict]:
+        """As `_exact_crops`, with the batch's crops drawn on the device (`data.device_crops=fast`); `position`:
+        the batch's first image's place in the epoch's order (None: that image's index)."""
+        epoch = keys[0][0]  # a sampler's batch never spans two epochs
+        used = torch.tensor([self.used[index] for _, index in keys])
+        boxes, c = self.dataset.boxes, self.dataset.cfg
+        if boxes is not None and epoch >= c.ccrop_warmup_epochs:  # read live: the training loop updates them
+            boxes = self._to_device(boxes.index_select(0, used))
+        else:
+            boxes = None
+        position = keys[0][1] if position is None else position
+        return self._to_device(used), self.fast.draw(len(keys), epoch, position, boxes)
+
+    def collate(self, keys: Sequence[tuple[int, int]], position: int | None = None) -> dict:
+        """What `collate([dataset[k] for k in keys])` gives (uint8 views, labels, unreadable files), on the device.
+        `position` seeds fast-mode crops (`_fast_crops`); exact mode draws them from the keys alone."""
+        used, crops = self._exact_crops(keys) if self.fast is None else self._fast_crops(keys, position)
         images = self.images.index_select(0, used)
         out = {}
         for view in self.dataset.views:
-            c = 1 + 5 * self.groups.index(view.crop_group)
-            out[view.name] = resize_crops(
-                images, table[:, c : c + 4], table[:, c + 4] > 0, view.size, view.interpolation
-            )
+            boxes, flips = crops[view.crop_group]
+            out[view.name] = resize_crops(images, boxes, flips, view.size, view.interpolation)
         out["label"] = self.labels.index_select(0, used)
         out["bad"] = [b for _, index in keys for b in self.bad.get(index, ())]
         return out
 
-    def batch(self, keys: Sequence[tuple[int, int]], mean, std) -> dict:
+    def batch(self, keys: Sequence[tuple[int, int]], mean, std, position: int | None = None) -> dict:
         """`prepare_batch(collate(...))` plus "bad": float views on the device, normalised as each view says."""
-        raw = self.collate(keys)
+        raw = self.collate(keys, position)
         out = prepare_batch(raw, self.dataset.views, self.device, mean, std)
         out["bad"] = raw["bad"]
         return out
@@ -329,5 +359,7 @@ class DeviceLoader:
         return len(self.sampler)
 
     def __iter__(self):
-        for keys in self.sampler:
-            yield self.cache.batch(keys, self.mean, self.std)
+        s = self.sampler
+        for b, keys in enumerate(s, start=s.first_batch):
+            position = b * s.batch_size * s.world + s.rank  # of keys[0] in the epoch's permutation: rank-distinct
+            yield self.cache.batch(keys, self.mean, self.std, position)
