@@ -229,3 +229,36 @@ def test_model_beats_the_constant_predictor(tmp_path, seg_folder):
     res = json.loads((out / "segment.json").read_text())
     assert res["miou"] > res["constant_baseline"]["miou"] + 0.2
     assert res["pixel_acc"] > res["constant_baseline"]["pixel_acc"]
+
+
+def test_interrupted_run_resumes_after_its_last_epoch(tmp_path, seg_folder, monkeypatch):
+    from mimkit.engine import segment as seg
+
+    def argv(out):
+        return ["segment", "--checkpoint", "none", "--data", str(seg_folder), "--out", str(out), "--epochs", "3",
+                "--batch-size", "8", "--image-size", "16", *SEG_TINY, "segment.base_size=16"]  # fmt: skip
+
+    def losses(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], round(r["loss"], 5)) for r in rows if "loss" in r]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    real_step, calls = seg.train_step, {"n": 0}
+
+    def stop_in_epoch_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # 3 steps per epoch: the second step of epoch 3
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(seg, "train_step", stop_in_epoch_three)
+    assert main(argv(tmp_path / "cut")) == 130
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.undo()
+    assert main(argv(tmp_path / "cut")) == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # same steps, same losses as uninterrupted
+    whole = json.loads((tmp_path / "whole" / "segment.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "segment.json").read_text())
+    assert cut["miou"] == whole["miou"] and cut["steps"] == 9
+    assert main(argv(tmp_path / "cut")) == 0  # finished: re-reported, nothing retrained
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")

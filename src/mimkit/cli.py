@@ -210,7 +210,8 @@ def downstream_config(args, recipe: str):
     cfg = build_config(files, _run_flag_overrides(args), args.overrides)
     if _default_out(args, files[1:]):
         source = "scratch" if args.checkpoint == "none" else Path(args.checkpoint).resolve().parent.name
-        cfg.out = f"runs/{recipe}-{source}-{_data_name(cfg)}"
+        data = _data_name(cfg)
+        cfg.out = f"runs/{recipe}-{source}" + ("" if source.endswith(f"-{data}") else f"-{data}")
     return cfg
 
 

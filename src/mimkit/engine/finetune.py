@@ -67,6 +67,8 @@ def _finetune(cfg: Config, checkpoint: str, model_flag: str | None, image_size: 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)  # timm's RandAugment and erasing draw from Python's RNG
     model = build_classifier(spec, cfg, num_classes).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
     effective_batch = cfg.train.batch_size * world
     lr_peak = peak_lr(cfg.optim, effective_batch)
     optimizer = build_finetune_optimizer(model, cfg, lr_peak, device)

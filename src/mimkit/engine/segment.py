@@ -14,7 +14,8 @@ labelled pixels. The constant predictor, the most frequent class of the training
 the same rule on the same pixels and reported next to the model.
 
 Writes <out>/segment.json, metrics.jsonl (per log interval and per evaluation), config.yaml, and
-checkpoints/last.pt (weights-only loadable) at the end. A run is not resumed: re-running starts again.
+checkpoints/last.pt (weights-only loadable) after every epoch: re-running the same command resumes after the last
+finished epoch (a finished run is only re-reported).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..data.segmentation import (
     synthetic_pairs,
 )
 from ..models.seg_heads import HEADS, SegmentationModel, is_vit, resize
-from .checkpoint import save_atomic
+from .checkpoint import load_checkpoint, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import MetricsLog, say
 from .optim import lr_at, peak_lr
@@ -233,13 +234,33 @@ def train_step(model, opt, scaler, img, target, cfg: Config, mean, std, amp) -> 
     return loss.detach()
 
 
-def save_segmenter(model, spec: EncoderSpec, cfg: Config, names: list[str], step: int, path: Path) -> None:
-    """Weights and plain values only (loads with weights_only=True), written atomically."""
+def save_segmenter(model, spec: EncoderSpec, cfg: Config, names: list[str], step: int, path: Path,
+                   epoch: int = 0, optimizer=None, result=None, finished: bool = True) -> None:  # fmt: skip
+    """Weights and plain values only (loads with weights_only=True), written atomically; with the optimizer,
+    epoch and last scores while the run is in progress, so that re-running the command resumes it."""
     encoder = {"source": spec.source, "architecture": spec.architecture, "model_args": spec.model_args,
                "mean": list(spec.mean), "std": list(spec.std)}  # fmt: skip
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomic({"kind": "segment", "model": state, "config": to_dict(cfg), "encoder": encoder, "class_names": names,
-                 "step": step, "finished": True}, path)  # fmt: skip
+                 "step": step, "epoch": epoch, "finished": finished, "result": result,
+                 "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                 "rng": torch.get_rng_state()}, path)  # fmt: skip
+
+
+def resume_state(path: Path, cfg: Config, checkpoint: str) -> dict | None:
+    """The state of an earlier run of the same command in this --out, or None; another run's is an error."""
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    if state.get("kind") != "segment" or state["encoder"]["source"] != (
+        str(Path(checkpoint)) if checkpoint != "none" else "none"
+    ):
+        raise ConfigError(f"'{path}' belongs to another segmentation run; use another --out")
+    old, new = state["config"], to_dict(cfg)
+    for key in ("data", "model", "optim", "train", "segment"):
+        if old[key] != new[key]:
+            raise ConfigError(f"'{path}' was written with other '{key}' settings; use another --out or the same ones")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -262,14 +283,17 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
     if train_counts.sum() == 0:
         raise ConfigError(f"the training masks of '{cfg.data.path}' hold no labelled pixel (all ignore_index)")
     model = build_segmenter(spec, cfg).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
     slide = s.eval_mode == "slide" or (is_vit(model.encoder) and not getattr(model.encoder, "dynamic_img_size", 0))
     if slide and s.eval_mode == "whole":
         say(f"{spec.architecture} takes {cfg.data.image_size} px inputs only: evaluating in sliding windows")
 
     out = Path(cfg.out)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    resume = resume_state(ckpt_path, cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, out / "config.yaml")
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # not resumable: a re-run rewrites the log
     log = MetricsLog(out, enabled=True)
 
     train_loader, eval_loader = make_loaders(cfg, train_pairs, eval_pairs, model.divisor, device)
@@ -291,9 +315,18 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
         f"constant predictor ({names[majority]}): mIoU {baseline['miou']:.4f}, pixel acc {baseline['pixel_acc']:.4f}"
     )
 
-    step, start, result = 0, time.time(), None
+    step, start, result, first_epoch = 0, time.time(), None, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        if resume["optimizer"]:
+            opt.load_state_dict(resume["optimizer"])
+        step, first_epoch, result = resume["step"], resume["epoch"], resume["result"]
+        torch.set_rng_state(resume["rng"])
+        say(f"resuming from '{ckpt_path}' after epoch {first_epoch}")
+    log.truncate_after(step)
     tick, seen = time.time(), 0
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(first_epoch, cfg.train.epochs):
+        train_loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)  # the same order when resumed
         for img, target in train_loader:
             lr = lr_for(step, total, warmup, peak, cfg.optim.min_lr, s.lr_schedule)
             for group in opt.param_groups:
@@ -314,11 +347,13 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
             log.write({"step": step, "epoch": epoch + 1, "miou": result["miou"], "pixel_acc": result["pixel_acc"],
                        "constant_miou": baseline["miou"], "per_class_iou": result["per_class_iou"]})  # fmt: skip
             say(f"epoch {epoch + 1} eval: mIoU {result['miou']:.4f} pixel acc {result['pixel_acc']:.4f}")
+        save_segmenter(model, spec, cfg, names, step, ckpt_path, epoch + 1, opt, result, finished=last)
     log.close()
     if result is None:  # zero epochs: score the untrained model
         result = scores(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide), names)
 
-    save_segmenter(model, spec, cfg, names, step, out / "checkpoints" / "last.pt")
+    if cfg.train.epochs == 0:
+        save_segmenter(model, spec, cfg, names, step, ckpt_path, result=result)
     summary = {
         **result,
         "constant_baseline": {"class": names[majority], "miou": baseline["miou"], "pixel_acc": baseline["pixel_acc"]},
