@@ -50,3 +50,26 @@ def test_torchrun_finetune_two_processes(tmp_path, labeled_folder):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # 48 images / (8 per process x 2 processes) = 3 steps per epoch
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_torchrun_segment_two_processes(tmp_path):
+    """Segmentation under torchrun: each process a share of the batch and of the evaluation images."""
+    out = tmp_path / "seg"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [
+        *launcher, "--standalone", "--nproc_per_node=2", "-m", "mimkit.cli", "segment", "--checkpoint", "none",
+        "--data", "demo", "--out", str(out), "--epochs", "1", "--device", "cpu", "--batch-size", "16",
+        "--image-size", "32", "--max-images", "64", *TINY[1:5], "data.num_workers=0", "train.log_every=1",
+        "segment.max_eval_images=9", "segment.base_size=32",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote") == 1  # the final line, by rank 0
+    summary = json.loads((out / "segment.json").read_text())
+    assert summary["steps"] == 2 and summary["eval_images"] == 9  # 64 images / (16 x 2 processes)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["finished"] and state["epoch"] == 1

@@ -14,8 +14,9 @@ labelled pixels. The constant predictor, the most frequent class of the training
 the same rule on the same pixels and reported next to the model.
 
 Writes <out>/segment.json, metrics.jsonl (per log interval and per evaluation), config.yaml, and
-checkpoints/last.pt (weights-only loadable) after every epoch: re-running the same command resumes after the last
-finished epoch (a finished run is only re-reported).
+checkpoints/last.pt (weights-only loadable) after every epoch: re-running the same command resumes after the
+last finished epoch (a finished run is only re-reported). Under torchrun each process trains on its share of
+every batch and scores every world-th evaluation image; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..config import Config, ConfigError, SegmentConfig, dump_yaml, to_dict
 from ..data.segmentation import (
@@ -39,6 +41,7 @@ from ..data.segmentation import (
     synthetic_pairs,
 )
 from ..models.seg_heads import HEADS, SegmentationModel, is_vit, resize
+from . import distributed as D
 from .checkpoint import load_checkpoint, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import MetricsLog, say
@@ -200,16 +203,21 @@ def evaluate(model, loader, cfg: Config, device, amp, mean, std, slide: bool) ->
     return conf
 
 
-def make_loaders(cfg: Config, train_pairs, eval_pairs, divisor: int, device) -> tuple[DataLoader, DataLoader]:
-    """Training: shuffled batches of crops (the last partial batch dropped: batch norm in the heads). Evaluation:
-    one image at a time, as images may differ in size."""
+def make_loaders(cfg: Config, train_pairs, eval_pairs, divisor: int, device, rank: int = 0, world: int = 1):
+    """Training: shuffled batches of crops per process (the last partial batch dropped: batch norm in the heads).
+    Evaluation: one image at a time, as images may differ in size; each process scores every world-th image
+    (the confusion matrices are summed), so no image is counted twice."""
     s, workers = cfg.segment, cfg.data.num_workers
-    crop, batch = cfg.data.image_size, min(cfg.train.batch_size, len(train_pairs))
+    crop, batch = cfg.data.image_size, min(cfg.train.batch_size, len(train_pairs) // world)
     train_ds = SegmentationDataset(train_pairs, True, crop, s.base_size, s.scale_range, s.hflip, s.photometric,
                                    s.ignore_index)  # fmt: skip
-    eval_ds = SegmentationDataset(eval_pairs, False, crop, s.base_size, ignore_index=s.ignore_index, divisor=divisor)
+    shard = eval_pairs.subset(list(range(rank, len(eval_pairs), world))) if world > 1 else eval_pairs
+    eval_ds = SegmentationDataset(shard, False, crop, s.base_size, ignore_index=s.ignore_index,
+                                  divisor=divisor)  # fmt: skip
     g = torch.Generator().manual_seed(cfg.train.seed)
-    train = DataLoader(train_ds, batch, shuffle=True, drop_last=True, num_workers=workers, generator=g,
+    sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True) \
+        if world > 1 else RandomSampler(train_ds, generator=g)  # fmt: skip
+    train = DataLoader(train_ds, batch, sampler=sampler, drop_last=True, num_workers=workers, generator=g,
                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
     return train, DataLoader(eval_ds, 1, num_workers=workers)
 
@@ -265,6 +273,14 @@ def resume_state(path: Path, cfg: Config, checkpoint: str) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- training
 def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None) -> dict:
+    """See `_segment`; under torchrun every process trains on its share of each batch, rank 0 writes."""
+    try:
+        return _segment(cfg, checkpoint, model_flag, image_size)
+    finally:
+        D.shutdown()
+
+
+def _segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None) -> dict:
     """Fine-tune `checkpoint` (an export folder, a training checkpoint or 'none') for segmentation on
     cfg.data.path; returns (and writes to <out>/segment.json) the final scores and the constant baseline."""
     s = cfg.segment
@@ -276,8 +292,10 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
     amp = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
     spec = encoder_spec(checkpoint, cfg, model_flag)
+    rank, world = D.init_distributed(device)
+    main = rank == 0
     train_pairs, eval_pairs = load_pairs(cfg)
-    say(f"checking {len(train_pairs)} training and {len(eval_pairs)} evaluation image/mask pairs")
+    say(f"checking {len(train_pairs)} training and {len(eval_pairs)} evaluation image/mask pairs", main)
     train_counts = check_pairs(train_pairs, s.num_classes, s.ignore_index, cfg.data.num_workers)
     eval_counts = check_pairs(eval_pairs, s.num_classes, s.ignore_index, cfg.data.num_workers)
     if train_counts.sum() == 0:
@@ -287,17 +305,18 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
         model.to(memory_format=torch.channels_last)
     slide = s.eval_mode == "slide" or (is_vit(model.encoder) and not getattr(model.encoder, "dynamic_img_size", 0))
     if slide and s.eval_mode == "whole":
-        say(f"{spec.architecture} takes {cfg.data.image_size} px inputs only: evaluating in sliding windows")
+        say(f"{spec.architecture} takes {cfg.data.image_size} px inputs only: evaluating in sliding windows", main)
 
     out = Path(cfg.out)
     ckpt_path = out / "checkpoints" / "last.pt"
     resume = resume_state(ckpt_path, cfg, checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, out / "config.yaml")
-    log = MetricsLog(out, enabled=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
+    log = MetricsLog(out, enabled=main)
 
-    train_loader, eval_loader = make_loaders(cfg, train_pairs, eval_pairs, model.divisor, device)
-    crop, batch = cfg.data.image_size, train_loader.batch_size
+    train_loader, eval_loader = make_loaders(cfg, train_pairs, eval_pairs, model.divisor, device, rank, world)
+    crop, batch = cfg.data.image_size, train_loader.batch_size * world
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
 
@@ -307,12 +326,16 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
     peak = peak_lr(cfg.optim, batch)
     opt = torch.optim.AdamW(param_groups(model, s, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    # a ViT's final norm and unused blocks get no gradient from the multi-level features: DDP must be told
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True) if world > 1 else model  # fmt: skip
     majority = int(train_counts.argmax())
     baseline = scores(constant_confusion(eval_counts, majority), names)
     say(
         f"segment: {spec.architecture} ({checkpoint}) + {s.head} head, {len(train_pairs)} train / {len(eval_pairs)} "
         f"eval pairs, crop {crop}, {cfg.train.epochs} epochs x {steps_per_epoch} steps of {batch}, lr {peak:.2e}; "
-        f"constant predictor ({names[majority]}): mIoU {baseline['miou']:.4f}, pixel acc {baseline['pixel_acc']:.4f}"
+        f"constant predictor ({names[majority]}): mIoU {baseline['miou']:.4f}, pixel acc {baseline['pixel_acc']:.4f}",
+        main,
     )
 
     step, start, result, first_epoch = 0, time.time(), None, 0
@@ -322,37 +345,42 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
             opt.load_state_dict(resume["optimizer"])
         step, first_epoch, result = resume["step"], resume["epoch"], resume["result"]
         torch.set_rng_state(resume["rng"])
-        say(f"resuming from '{ckpt_path}' after epoch {first_epoch}")
+        say(f"resuming from '{ckpt_path}' after epoch {first_epoch}", main)
     log.truncate_after(step)
     tick, seen = time.time(), 0
     for epoch in range(first_epoch, cfg.train.epochs):
         train_loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)  # the same order when resumed
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
         for img, target in train_loader:
             lr = lr_for(step, total, warmup, peak, cfg.optim.min_lr, s.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss = train_step(model, opt, scaler, img, target, cfg, mean, std, amp)
-            step, seen = step + 1, seen + len(img)
+            loss = train_step(train_model, opt, scaler, img, target, cfg, mean, std, amp)
+            step, seen = step + 1, seen + len(img) * world
             if step % cfg.train.log_every == 0 or step == total:
-                value = loss.item()
+                value = D.all_reduce_mean(loss).item()
                 if not math.isfinite(value):
                     raise TrainingError(f"non-finite loss {value} at step {step}; lower the lr (optim.blr/lr)")
                 ips, tick, seen = seen / (time.time() - tick), time.time(), 0
                 log.write({"step": step, "epoch": epoch + 1, "loss": value, "lr": lr, "img_per_s": ips})
-                say(f"epoch {epoch + 1} step {step}/{total} loss {value:.4f} lr {lr:.2e} {ips:.1f} img/s")
+                say(f"epoch {epoch + 1} step {step}/{total} loss {value:.4f} lr {lr:.2e} {ips:.1f} img/s", main)
         last = epoch + 1 == cfg.train.epochs
         if last or (s.eval_every and (epoch + 1) % s.eval_every == 0):
-            conf = evaluate(model, eval_loader, cfg, device, amp, mean, std, slide)
-            result = scores(conf, names)
+            conf = D.all_reduce_sum(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide).to(device))
+            result = scores(conf.cpu(), names)
             log.write({"step": step, "epoch": epoch + 1, "miou": result["miou"], "pixel_acc": result["pixel_acc"],
                        "constant_miou": baseline["miou"], "per_class_iou": result["per_class_iou"]})  # fmt: skip
-            say(f"epoch {epoch + 1} eval: mIoU {result['miou']:.4f} pixel acc {result['pixel_acc']:.4f}")
-        save_segmenter(model, spec, cfg, names, step, ckpt_path, epoch + 1, opt, result, finished=last)
+            say(f"epoch {epoch + 1} eval: mIoU {result['miou']:.4f} pixel acc {result['pixel_acc']:.4f}", main)
+        if main:
+            save_segmenter(model, spec, cfg, names, step, ckpt_path, epoch + 1, opt, result, finished=last)
+        D.barrier()
     log.close()
     if result is None:  # zero epochs: score the untrained model
-        result = scores(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide), names)
+        conf = D.all_reduce_sum(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide).to(device))
+        result = scores(conf.cpu(), names)
 
-    if cfg.train.epochs == 0:
+    if cfg.train.epochs == 0 and main:
         save_segmenter(model, spec, cfg, names, step, ckpt_path, result=result)
     summary = {
         **result,
@@ -367,10 +395,12 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
         "time_s": round(time.time() - start, 1),
         "config": {k: v for k, v in to_dict(cfg).items() if k in ("out", "data", "model", "optim", "train", "segment")},
     }
-    (out / "segment.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (out / "segment.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} -" for n, v in result["per_class_iou"].items())
     say(
         f"mIoU {result['miou']:.4f} (constant predictor {baseline['miou']:.4f}), pixel acc {result['pixel_acc']:.4f} "
-        f"({baseline['pixel_acc']:.4f}); per class: {table}; wrote {out / 'segment.json'}"
+        f"({baseline['pixel_acc']:.4f}); per class: {table}; wrote {out / 'segment.json'}",
+        main,
     )
     return summary
