@@ -45,25 +45,18 @@ def measure(name: str, device, steps: int, warmup: int, train: bool) -> dict:
         tok.train()
         opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
 
-        def step():
-            out = tok.forward_train(x)
-            loss = (out["recon"] - x).pow(2).mean() + 0.25 * out["commit"]
+        def step(dtype=None):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = tok.forward_train(x)
+                loss = (out["recon"] - x).pow(2).mean() + 0.25 * out["commit"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         res["train_fp32_img_per_s"] = batch / mean_seconds(step, device, steps, warmup)
         if device.type == "cpu":  # the CPU run of docs/results.md used bf16 autocast for the convolutions
-
-            def step_bf16():
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out = tok.forward_train(x)
-                    loss = (out["recon"] - x).pow(2).mean() + 0.25 * out["commit"]
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            res["train_bf16_img_per_s"] = batch / mean_seconds(step_bf16, device, steps, warmup)
+            bf16 = mean_seconds(lambda: step(torch.bfloat16), device, steps, warmup)
+            res["train_bf16_img_per_s"] = batch / bf16
     return res
 
 
