@@ -160,47 +160,52 @@ def run_one(cfg: Config, args, evals: list[str], run_dir: Path) -> dict:
         summary["pretrain_seconds"] = round(time.perf_counter() - t0, 1)
         summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     summary = json.loads(summary_file.read_text())
-    done = load_evals(run_dir)
-    encoder_dir = run_dir / "encoder"
-    for name in evals:
-        if name in done:
-            continue
-        if name == "finetune":
-            done[name] = run_finetune(cfg, args, str(encoder_dir), run_dir / "finetune")
-        else:
-            encoder, _ = load_encoder(encoder_dir, resolve_device(cfg.train.device))
-            done[name] = probe(encoder, cfg, name)
-        save_evals(run_dir, done)
+    device = resolve_device(cfg.train.device)
+    done = run_evals(
+        cfg, args, evals, run_dir, str(run_dir / "encoder"), lambda: load_encoder(run_dir / "encoder", device)[0]
+    )
     return {"epochs": cfg.train.epochs, "steps": summary.get("steps"),
             "pretrain_seconds": summary.get("pretrain_seconds"), **done}  # fmt: skip
 
 
 def run_scratch(base: Config, args, evals: list[str], run_dir: Path) -> dict:
     """The random-init encoder under the same evaluations: the floor every method must clear."""
+
+    def random_init():
+        torch.manual_seed(base.train.seed)
+        return build_model(encoder_spec("none", base), num_classes=0).to(resolve_device(base.train.device)).eval()
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    return run_evals(base, args, evals, run_dir, "none", random_init)
+
+
+def run_evals(cfg: Config, args, evals: list[str], run_dir: Path, checkpoint: str, encoder_fn) -> dict:
+    """The evaluations of `evals` not yet in run_dir/evals.json, each stored as soon as it is done. The probes
+    share one feature extraction; `encoder_fn` builds the frozen encoder only when a probe is missing."""
     done = load_evals(run_dir)
-    for name in evals:
-        if name in done:
-            continue
-        if name == "finetune":
-            done[name] = run_finetune(base, args, "none", run_dir / "finetune")
-        else:
-            torch.manual_seed(base.train.seed)
-            encoder = build_model(encoder_spec("none", base), num_classes=0).to(resolve_device(base.train.device))
-            done[name] = probe(encoder.eval(), base, name)
+    probes = [e for e in evals if e in ("knn", "linear") and e not in done]
+    if probes:
+        done.update(probe(encoder_fn(), cfg, probes))
+        save_evals(run_dir, done)
+    if "finetune" in evals and "finetune" not in done:
+        done["finetune"] = run_finetune(cfg, args, checkpoint, run_dir / "finetune")
         save_evals(run_dir, done)
     return done
 
 
-def probe(encoder, cfg: Config, protocol: str) -> float:
+def probe(encoder, cfg: Config, protocols: list[str]) -> dict:
+    """{protocol: top-1} for 'knn' and/or 'linear' on features extracted once."""
     device = next(encoder.parameters()).device
     memory, query = labeled_splits(cfg.data.path, cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
-    size = cfg.data.image_size
+    size, k = cfg.data.image_size, len(memory.classes)
     tr, ytr = extract(encoder, memory, cfg.data, size, device, cfg.eval.pool)
     te, yte = extract(encoder, query, cfg.data, size, device, cfg.eval.pool)
-    if protocol == "knn":
-        return knn_accuracy(tr, ytr, te, yte, len(memory.classes), cfg.eval.knn_k, cfg.eval.knn_temperature)["top1"]
-    return linear_probe(tr, ytr, te, yte, len(memory.classes), seed=cfg.train.seed)["top1"]
+    out = {}
+    if "knn" in protocols:
+        out["knn"] = knn_accuracy(tr, ytr, te, yte, k, cfg.eval.knn_k, cfg.eval.knn_temperature)["top1"]
+    if "linear" in protocols:
+        out["linear"] = linear_probe(tr, ytr, te, yte, k, seed=cfg.train.seed)["top1"]
+    return out
 
 
 def run_finetune(base: Config, args, checkpoint: str, out: Path) -> float:
