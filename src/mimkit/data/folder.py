@@ -63,10 +63,7 @@ def scan_folder(path: str | Path) -> ImageSource:
         raise DataError(f"data folder '{root}' does not exist")
     if not root.is_dir():
         raise DataError(f"data path '{root}' is not a folder")
-    paths: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+    paths = list_images(root)
     if not paths:
         raise DataError(f"data folder '{root}' holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     tops = [Path(p).relative_to(root).parts for p in paths]
@@ -75,6 +72,15 @@ def scan_folder(path: str | Path) -> ImageSource:
         index = {c: i for i, c in enumerate(classes)}
         return ImageSource(str(root), paths=paths, labels=[index[t[0]] for t in tops], classes=classes)
     return ImageSource(str(root), paths=paths)
+
+
+def list_images(root: str | Path) -> list[str]:
+    """Every image file under `root` (links followed), in sorted order: sub-folders by name, then files."""
+    paths: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+    return paths
 
 
 def split_folders(path: str | Path) -> tuple[Path, Path | None]:
@@ -89,12 +95,13 @@ def split_folders(path: str | Path) -> tuple[Path, Path | None]:
     return root, None
 
 
-def seeded_subset(source: ImageSource, max_images: int | None, seed: int) -> ImageSource:
-    """A fixed subset of `max_images` images, the same for a given seed (kept in the original order)."""
+def seeded_subset(source, max_images: int | None, seed: int, key: str = "data.max_images"):
+    """A fixed subset of `max_images` items of `source` (anything with `len` and `subset`: images, image/mask
+    pairs), the same for a given seed, kept in the original order. `key` names the setting in errors."""
     if max_images is None or max_images >= len(source):
         return source
     if max_images <= 0:
-        raise ConfigError(f"data.max_images must be positive, got {max_images}")
+        raise ConfigError(f"{key} must be positive, got {max_images}")
     g = torch.Generator().manual_seed(seed)
     keep = sorted(torch.randperm(len(source), generator=g)[:max_images].tolist())
     return source.subset(keep)

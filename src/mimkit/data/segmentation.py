@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .folder import IMAGE_EXTENSIONS, DataError, split_folders
+from .folder import IMAGE_EXTENSIONS, DataError, list_images, split_folders
+from .pipeline import to_uint8_chw
 
 MASK_MODES = ("L", "P", "I", "I;16")  # single-channel modes whose values are the class ids
 
@@ -94,11 +95,11 @@ def scan_pairs(folder: str | Path, reduce_zero_label: bool = False, ignore_index
     for d in (image_dir, mask_dir):
         if not d.is_dir():
             raise DataError(f"segmentation folder '{root}' has no {d.name}/ sub-folder (needs images/ and masks/)")
-    images = _files(image_dir)
+    images = list_images(image_dir)
     if not images:
         raise DataError(f"'{image_dir}' holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     by_stem: dict[str, str] = {}
-    for m in _files(mask_dir):  # a .png mask wins over another extension with the same stem
+    for m in list_images(mask_dir):  # a .png mask wins over another extension with the same stem
         key = os.path.splitext(os.path.relpath(m, mask_dir))[0]
         if key not in by_stem or m.endswith(".png"):
             by_stem[key] = m
@@ -110,16 +111,6 @@ def scan_pairs(folder: str | Path, reduce_zero_label: bool = False, ignore_index
             f"'{mask_dir}', e.g. '{missing[0]}'"
         )
     return PairSource(str(root), images, masks, None, reduce_zero_label, ignore_index)
-
-
-def _files(folder: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        out.extend(
-            os.path.join(dirpath, f) for f in sorted(filenames) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        )
-    return out
 
 
 def segmentation_splits(path: str | Path, reduce_zero_label: bool, ignore_index: int) -> tuple[PairSource, PairSource]:
@@ -168,16 +159,6 @@ def check_pairs(pairs: PairSource, num_classes: int, ignore_index: int, workers:
         return np.sum(list(pool.map(one, range(len(pairs)))), axis=0, dtype=np.int64)
 
 
-def seeded_pairs(pairs: PairSource, n: int | None, seed: int) -> PairSource:
-    """A fixed subset of `n` pairs for a given seed (original order kept)."""
-    if n is None or n >= len(pairs):
-        return pairs
-    if n <= 0:
-        raise DataError(f"a subset of {n} images was asked for; it must be positive")
-    keep = sorted(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:n].tolist())
-    return pairs.subset(keep)
-
-
 def resized_shape(width: int, height: int, short: float, divisor: int = 1) -> tuple[int, int]:
     """(w, h) with the short side ~`short`, aspect kept, each a multiple of `divisor` (at least one)."""
     s = short / min(width, height)
@@ -205,7 +186,7 @@ class SegmentationDataset(Dataset):
         image, mask = self.pairs.load(i)
         if not self.train:
             image = image.resize(resized_shape(*image.size, self.base_size, self.divisor), Image.BILINEAR)
-            return _to_tensor(image), torch.from_numpy(mask)
+            return to_uint8_chw(image), torch.from_numpy(mask)
         return self._augment(image, mask)
 
     def _augment(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +197,7 @@ class SegmentationDataset(Dataset):
         if self.jitter is not None:
             image = self.jitter(image)
         mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
-        img = _to_tensor(image)
+        img = to_uint8_chw(image)
         m = torch.from_numpy(mask)
         ph, pw = max(0, self.crop - img.shape[1]), max(0, self.crop - img.shape[2])
         if ph or pw:
@@ -228,10 +209,6 @@ class SegmentationDataset(Dataset):
         if self.hflip and torch.rand(()).item() < 0.5:
             img, m = img.flip(-1), m.flip(-1)
         return img.contiguous(), m.contiguous()
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------- synthetic demo

@@ -33,10 +33,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..config import Config, ConfigError, SegmentConfig, dump_yaml, to_dict
+from ..data.folder import seeded_subset
 from ..data.segmentation import (
     SegmentationDataset,
     check_pairs,
-    seeded_pairs,
     segmentation_splits,
     synthetic_pairs,
 )
@@ -111,7 +111,8 @@ def load_pairs(cfg: Config):
         train, val = synthetic_pairs(512, s.base_size, seed=0), synthetic_pairs(128, s.base_size, seed=1)
     else:
         train, val = segmentation_splits(cfg.data.path, s.reduce_zero_label, s.ignore_index)
-    return seeded_pairs(train, cfg.data.max_images, cfg.train.seed), seeded_pairs(val, s.max_eval_images, 0)
+    return (seeded_subset(train, cfg.data.max_images, cfg.train.seed),
+            seeded_subset(val, s.max_eval_images, 0, key="segment.max_eval_images"))  # fmt: skip
 
 
 def build_segmenter(spec: EncoderSpec, cfg: Config) -> SegmentationModel:
