@@ -70,7 +70,7 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) HSV in [0, 1] -> RGB in [0, 1]: channel n is v - v*s*clamp(min(k, 4 - k), 0, 1), with
     k = (n + 6h) mod 6 and n = 5, 3, 1 for R, G, B."""
     h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1: made on the device
     k = (n + 6.0 * h) % 6.0
     return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
@@ -84,7 +84,7 @@ def adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     c = chroma.clamp_min(1e-12)
     h6 = torch.where(r == maxc, (g - b) / c, torch.where(g == maxc, (b - r) / c + 2, (r - g) / c + 4))
     h6 = h6.add_(6.0 * _per_sample(shift, x))  # hue in sextants
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1: made on the device
     k = (n + h6).remainder_(6.0)
     return (maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)).clamp_(0.0, 1.0)
 

@@ -41,7 +41,7 @@ from PIL import Image
 from ..config import ConfigError, DataConfig
 from .device_crops import FastCrops
 from .folder import DataError, ImageSource
-from .pipeline import MAX_BAD_RETRIES, RESAMPLE, EpochBatchSampler, ViewDataset, prepare_batch
+from .pipeline import MAX_BAD_RETRIES, RESAMPLE, EpochBatchSampler, ViewDataset, prepare_batch, to_uint8_chw
 
 PRECISION_BITS = 22  # Pillow's fixed-point taps for 8-bit images: 32 - 8 - 2
 PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
@@ -149,7 +149,7 @@ def resize_crops(
     wx = axis_weights(boxes[:, 0], boxes[:, 2], w, size, interpolation)  # (B, size, W)
     wx = torch.where(flips[:, None, None], wx.flip(1), wx)  # flipping after the resize = reversed output columns
     wy = axis_weights(boxes[:, 1], boxes[:, 3], h, size, interpolation)  # (B, size, H)
-    x = images.to(torch.float64)
+    x = images.to(torch.float64)  # a no-op for callers that convert once for several views
     out = _horizontal(_vertical(x, wy), wx) if vertical_first(h, w, size) else _vertical(_horizontal(x, wx), wy)
     return out.to(torch.uint8).contiguous()
 
@@ -229,7 +229,7 @@ def decode_all(source: ImageSource, width: int, height: int, resample, threads: 
             return False
         if img.size != (width, height):
             img = img.resize((width, height), resample)
-        images[i] = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        images[i] = to_uint8_chw(img)
         return True
 
     with ThreadPoolExecutor(threads) as pool:  # Pillow releases the GIL while decoding
@@ -326,7 +326,7 @@ class DeviceCache:
         """What `collate([dataset[k] for k in keys])` gives (uint8 views, labels, unreadable files), on the device.
         `position` seeds fast-mode crops (`_fast_crops`); exact mode draws them from the keys alone."""
         used, crops = self._exact_crops(keys) if self.fast is None else self._fast_crops(keys, position)
-        images = self.images.index_select(0, used)
+        images = self.images.index_select(0, used).to(torch.float64)  # once for every view (resize_crops' dtype)
         out = {}
         for view in self.dataset.views:
             boxes, flips = crops[view.crop_group]
@@ -352,8 +352,8 @@ class DeviceLoader:
 
     def __init__(self, cache: DeviceCache, sampler: EpochBatchSampler, mean, std):
         self.cache, self.sampler = cache, sampler
-        self.mean = torch.tensor(mean, device=cache.device)  # once: a per-batch copy would wait on the device
-        self.std = torch.tensor(std, device=cache.device)
+        self.mean = torch.as_tensor(mean, device=cache.device)  # once: a per-batch copy would wait on the device
+        self.std = torch.as_tensor(std, device=cache.device)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -178,7 +178,7 @@ def pretrain(cfg: Config) -> dict:
     # made once on the device: a per-batch host->device copy of two small tensors would block the host each step
     mean_std = (torch.tensor(cfg.data.mean, device=device), torch.tensor(cfg.data.std, device=device))
     if cache is not None:  # batches cropped on the device from the decoded images, same keys from `sampler`
-        loader = cache.loader(sampler, cfg.data.mean, cfg.data.std)
+        loader = cache.loader(sampler, *mean_std)
     else:
         loader = train_loader(dataset, sampler, cfg.data.num_workers, pin=device.type == "cuda")
 

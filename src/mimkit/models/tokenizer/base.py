@@ -32,8 +32,8 @@ class ImageTokenizer(nn.Module):
 
     # ---- to implement ----------------------------------------------------------------------------------------
     def config(self) -> dict:
-        """The constructor arguments (JSON values) that rebuild this tokenizer."""
-        raise NotImplementedError
+        """The constructor arguments (JSON values) that rebuild this tokenizer (subclasses keep them in `_args`)."""
+        return dict(self._args)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

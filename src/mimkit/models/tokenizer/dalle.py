@@ -138,9 +138,6 @@ class DalleTokenizer(ImageTokenizer):
         self.encoder = DalleEncoder(n_hid, n_blk_per_group, vocab_size)
         self.decoder = DalleDecoder(n_init, n_hid, n_blk_per_group, 3, vocab_size)
 
-    def config(self) -> dict:
-        return dict(self._args)
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, V, H/8, W/8): the encoder's logits on map_pixels(x)."""
         with fp32(x.device):

@@ -169,9 +169,6 @@ class VQTokenizer(ImageTokenizer):
         dec += [nn.ReLU(), nn.Conv2d(chans[0], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
-    def config(self) -> dict:
-        return dict(self._args)
-
     # ---- steps -------------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D, H/d, W/d) continuous encoder outputs."""
