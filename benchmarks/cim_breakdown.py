@@ -58,7 +58,7 @@ def run(size: str, method: str, device, steps: int, dtype, tmp: Path) -> dict:
     def generator():
         with autocast():
             g = m.generator.predict(m.generator.encode(batch["image"], mask), mask)
-            loss = m.generator.loss(g, ids, mask)
+            loss = m.generator.loss(g, ids[mask])
         loss.backward()
 
     def enhancer():

@@ -78,9 +78,9 @@ class BEiT(Method):
         """(B, N, D), (B, N) -> (M, V) logits for the M masked patches of the batch."""
         return self.lm_head(tokens[mask])
 
-    def loss(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over the masked positions: (M, V), (B, N), (B, N) -> scalar."""
-        return F.cross_entropy(logits.float(), ids[mask])
+    def loss(self, logits: torch.Tensor, masked_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the masked positions: logits (M, V), their visual-token ids (M,) -> scalar."""
+        return F.cross_entropy(logits.float(), masked_ids)
 
     # ---- contract ----------------------------------------------------------------------------------------
     def forward(self, batch: dict, mask: torch.Tensor | None = None):
@@ -88,8 +88,9 @@ class BEiT(Method):
         ids = self.targets(batch["tokens"])
         mask = self.mask(imgs.shape[0], imgs.device) if mask is None else mask
         logits = self.predict(self.encode(imgs, mask), mask)
-        loss = self.loss(logits, ids, mask)
-        acc = (logits.detach().argmax(-1) == ids[mask]).float().mean()
+        masked_ids = ids[mask]  # once: boolean indexing waits on the device
+        loss = self.loss(logits, masked_ids)
+        acc = (logits.detach().argmax(-1) == masked_ids).float().mean()
         return loss, {"loss": loss.detach(), "token_acc": acc}
 
     def train(self, mode: bool = True):

@@ -70,6 +70,9 @@ class CIM(Method):
         super().__init__()
         o = cfg.cim
         self.cfg, self._mean, self._std = o, cfg.data.mean, cfg.data.std
+        # made once on the module's device (non-persistent: not in the state dict); used every step
+        self.register_buffer("pixel_mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
         if o.sample not in ("softmax", "argmax"):
             raise ConfigError(f"cim.sample must be softmax or argmax, got '{o.sample}'")
         if o.temperature <= 0:
@@ -159,9 +162,7 @@ class CIM(Method):
         size = self.grid[0] * self.patch
         if pixels.shape[-1] != size:
             pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-        mean = torch.tensor(self._mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self._std, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        return (pixels - self.pixel_mean) / self.pixel_std
 
     def enhance(self, corrupted_imgs: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> RevDet logits (B, N) or ResPix predictions (B, 3, H, W)."""
@@ -193,7 +194,8 @@ class CIM(Method):
         ids = self.generator.targets(batch["tokens"])
         mask = self.mask(imgs.shape[0], imgs.device)
         gen_logits = self.generator.predict(self.generator.encode(imgs, mask), mask)
-        gen_loss = self.generator.loss(gen_logits, ids, mask)
+        masked_ids = ids[mask]  # once: boolean indexing waits on the device
+        gen_loss = self.generator.loss(gen_logits, masked_ids)
         _, replaced, corrupted_imgs = self.corrupt(ids, mask, gen_logits.detach())
         out = self.enhance(corrupted_imgs)
         enh_loss = self.enhancer_loss(out, imgs, replaced)
@@ -202,7 +204,7 @@ class CIM(Method):
             "loss": loss.detach(),
             "gen_loss": gen_loss.detach(),
             "enh_loss": enh_loss.detach(),
-            "gen_acc": (gen_logits.detach().argmax(-1) == ids[mask]).float().mean(),
+            "gen_acc": (gen_logits.detach().argmax(-1) == masked_ids).float().mean(),
             "replaced_frac": replaced.float().mean(),
         }
         if self.objective == "revdet":
@@ -265,9 +267,7 @@ class CIM(Method):
         if self.objective == "revdet":
             prob = torch.sigmoid(out).view(-1, 1, *self.grid)
             prob = F.interpolate(prob, size=size, mode="nearest").expand(-1, 3, -1, -1)
-            mean = torch.tensor(self._mean, device=imgs.device).view(1, 3, 1, 1)
-            std = torch.tensor(self._std, device=imgs.device).view(1, 3, 1, 1)
-            panel = (prob - mean) / std  # white = "replaced" once the caller un-normalises
+            panel = (prob - self.pixel_mean) / self.pixel_std  # white = "replaced" once the caller un-normalises
         else:
             mean, var = window_stats(imgs, self.cfg.window) if self.cfg.target_norm == "window" else (0.0, 1.0)
             panel = out * (var + 1e-6) ** 0.5 + mean if self.cfg.target_norm == "window" else out
