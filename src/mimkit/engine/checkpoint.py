@@ -46,6 +46,21 @@ def load_checkpoint(path: str | Path, expect_method: str | None = None) -> dict:
     return state
 
 
+def check_same_run(state: dict, path: Path, kind: str, source: str, stored_source: str, cfg, sections) -> None:
+    """A downstream checkpoint (`kind` fine-tune / segment) continues this run only if it was written for the same
+    encoder `source` and with the same config `sections`; otherwise an error naming the file and the difference."""
+    from ..config import config_from_dict, to_dict
+
+    if state.get("kind") != kind:
+        raise ConfigError(f"'{path}' is not a {kind} checkpoint; use another --out")
+    if stored_source != source:
+        raise ConfigError(f"'{path}' was written for encoder '{stored_source}', not '{source}'; use another --out")
+    old, new = to_dict(config_from_dict(state["config"])), to_dict(cfg)  # keys added since: their defaults
+    for key in sections:
+        if old[key] != new[key]:
+            raise ConfigError(f"'{path}' was written with other '{key}' settings; use another --out or the same ones")
+
+
 def capture_rng(device: torch.device) -> dict:
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":

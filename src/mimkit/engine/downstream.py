@@ -8,7 +8,7 @@ An encoder comes from an export folder (`mimkit export`, or `<run>/encoder`), a 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -32,7 +32,6 @@ class EncoderSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     method: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_vit(self) -> bool:

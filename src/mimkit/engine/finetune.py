@@ -11,6 +11,7 @@ epoch's, written to `out/finetune.json`. `--checkpoint none` runs the identical 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -21,12 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .. import __version__
-from ..config import Config, ConfigError, config_from_dict, dump_yaml, to_dict
+from ..config import Config, ConfigError, dump_yaml, to_dict
 from ..data import DataError
 from ..data.classify import ClassificationDataset, collate_labeled, finetune_transforms
 from ..data.folder import ImageSource
 from . import distributed as D
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import check_same_run, load_checkpoint, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import MetricsLog, progress, say
 from .optim import lr_at, peak_lr
@@ -58,7 +59,7 @@ def _finetune(cfg: Config, checkpoint: str, model_flag: str | None, image_size: 
     ckpt_path = out / "checkpoints" / "last.pt"
     resume = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if resume is not None:
-        check_resume(cfg, checkpoint, resume, ckpt_path)
+        check_same_run(resume, ckpt_path, "finetune", checkpoint, resume.get("checkpoint"), cfg, RESUME_KEYS)
 
     train_src, eval_src = load_labeled(cfg)
     num_classes = len(train_src.classes)
@@ -166,7 +167,7 @@ def _finetune(cfg: Config, checkpoint: str, model_flag: str | None, image_size: 
             bar.update(1)
             if step % cfg.train.log_every == 0 or count == steps_per_epoch:
                 mean_loss = D.all_reduce_mean(sums / count).item()
-                if not torch.isfinite(torch.tensor(mean_loss)):
+                if not math.isfinite(mean_loss):
                     raise TrainingError(f"non-finite loss at step {step}; '{ckpt_path}' keeps epoch {epoch}")
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 log.write({"step": step, "epoch": epoch + 1, "lr": lr, "loss": mean_loss, "img_per_s": rate})
@@ -225,17 +226,6 @@ def check_recipe(cfg: Config) -> None:
         raise ConfigError(f"mixup/cutmix need an even train.batch_size, got {cfg.train.batch_size}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
-
-
-def check_resume(cfg: Config, checkpoint: str, state: dict, path: Path) -> None:
-    if state.get("kind") != "finetune":
-        raise ConfigError(f"'{path}' is not a fine-tuning checkpoint; use another --out")
-    if state["checkpoint"] != checkpoint:
-        raise ConfigError(f"'{path}' fine-tunes '{state['checkpoint']}', not '{checkpoint}'; use another --out")
-    old, new = config_from_dict(state["config"]), to_dict(cfg)
-    for key in RESUME_KEYS:
-        if to_dict(old)[key] != new[key]:
-            raise ConfigError(f"'{path}' was written with other '{key}' settings; use another --out or the same ones")
 
 
 def load_labeled(cfg: Config) -> tuple[ImageSource, ImageSource]:
@@ -339,7 +329,7 @@ def report(cfg: Config, spec: EncoderSpec, checkpoint: str, history: list, n_tra
         "eval_images": n_eval,
         "num_classes": k,
         "epochs": cfg.train.epochs,
-        "recipe": {"finetune": to_dict(cfg)["finetune"], "optim": to_dict(cfg)["optim"]},
+        "recipe": {k: v for k, v in to_dict(cfg).items() if k in ("finetune", "optim")},
         "history": history,
     }
     if "top1_ema" in history[-1]:

@@ -40,9 +40,10 @@ from ..data.segmentation import (
     segmentation_splits,
     synthetic_pairs,
 )
+from ..export import encoder_state
 from ..models.seg_heads import HEADS, SegmentationModel, is_vit, resize
 from . import distributed as D
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import check_same_run, load_checkpoint, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import MetricsLog, say
 from .optim import lr_at, peak_lr
@@ -51,10 +52,12 @@ from .train import TrainingError, resolve_device, resolve_precision
 
 # ------------------------------------------------------------------------------------------------- metrics
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """(K, K) int64 counts, rows = ground truth, columns = prediction; `ignore_index` pixels left out."""
-    valid = target != ignore_index
-    idx = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
+    """(K, K) int64 counts on the inputs' device, rows = ground truth, columns = prediction; `ignore_index`
+    pixels left out. index_add_ into a spare bin rather than boolean indexing / bincount: no wait on the device."""
+    k2 = num_classes**2
+    idx = torch.where(target != ignore_index, target.long() * num_classes + pred.long(), k2).flatten()
+    counts = torch.zeros(k2 + 1, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+    return counts[:k2].view(num_classes, num_classes)
 
 
 def scores(conf: torch.Tensor | np.ndarray, names: list[str]) -> dict:
@@ -188,11 +191,11 @@ def _window_starts(n: int, crop: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model, loader, cfg: Config, device, amp, mean, std, slide: bool) -> torch.Tensor:
-    """The confusion matrix of `model` over `loader` (batches of one image resized to base_size, with its mask
-    at the original size)."""
+    """The confusion matrix (on the CPU) of `model` over the evaluation split: `loader` holds this process's share
+    (batches of one image resized to base_size, with its mask at the original size); the shares are summed."""
     s, crop = cfg.segment, cfg.data.image_size
     stride = s.eval_stride or max(1, crop * 2 // 3)
-    conf = torch.zeros(s.num_classes, s.num_classes, dtype=torch.int64)
+    conf = torch.zeros(s.num_classes, s.num_classes, dtype=torch.int64, device=device)
     model.eval()
     for img, mask in loader:
         x = (img.to(device).float() / 255 - mean) / std
@@ -201,7 +204,7 @@ def evaluate(model, loader, cfg: Config, device, amp, mean, std, slide: bool) ->
         pred = resize(logits.float(), mask.shape[-2:]).argmax(1)
         conf += confusion_matrix(pred, mask.to(device), s.num_classes, s.ignore_index)
     model.train()
-    return conf
+    return D.all_reduce_sum(conf).cpu()
 
 
 def make_loaders(cfg: Config, train_pairs, eval_pairs, divisor: int, device, rank: int = 0, world: int = 1):
@@ -249,7 +252,7 @@ def save_segmenter(model, spec: EncoderSpec, cfg: Config, names: list[str], step
     epoch and last scores while the run is in progress, so that re-running the command resumes it."""
     encoder = {"source": spec.source, "architecture": spec.architecture, "model_args": spec.model_args,
                "mean": list(spec.mean), "std": list(spec.std)}  # fmt: skip
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = encoder_state(model)
     save_atomic({"kind": "segment", "model": state, "config": to_dict(cfg), "encoder": encoder, "class_names": names,
                  "step": step, "epoch": epoch, "finished": finished, "result": result,
                  "optimizer": optimizer.state_dict() if optimizer is not None else {},
@@ -261,14 +264,9 @@ def resume_state(path: Path, cfg: Config, checkpoint: str) -> dict | None:
     if not path.is_file():
         return None
     state = load_checkpoint(path)
-    if state.get("kind") != "segment" or state["encoder"]["source"] != (
-        str(Path(checkpoint)) if checkpoint != "none" else "none"
-    ):
-        raise ConfigError(f"'{path}' belongs to another segmentation run; use another --out")
-    old, new = state["config"], to_dict(cfg)
-    for key in ("data", "model", "optim", "train", "segment"):
-        if old[key] != new[key]:
-            raise ConfigError(f"'{path}' was written with other '{key}' settings; use another --out or the same ones")
+    source = str(Path(checkpoint)) if checkpoint != "none" else "none"
+    stored = state.get("encoder", {}).get("source")
+    check_same_run(state, path, "segment", source, stored, cfg, ("data", "model", "optim", "train", "segment"))
     return state
 
 
@@ -368,8 +366,7 @@ def _segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_
                 say(f"epoch {epoch + 1} step {step}/{total} loss {value:.4f} lr {lr:.2e} {ips:.1f} img/s", main)
         last = epoch + 1 == cfg.train.epochs
         if last or (s.eval_every and (epoch + 1) % s.eval_every == 0):
-            conf = D.all_reduce_sum(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide).to(device))
-            result = scores(conf.cpu(), names)
+            result = scores(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide), names)
             log.write({"step": step, "epoch": epoch + 1, "miou": result["miou"], "pixel_acc": result["pixel_acc"],
                        "constant_miou": baseline["miou"], "per_class_iou": result["per_class_iou"]})  # fmt: skip
             say(f"epoch {epoch + 1} eval: mIoU {result['miou']:.4f} pixel acc {result['pixel_acc']:.4f}", main)
@@ -378,8 +375,7 @@ def _segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_
         D.barrier()
     log.close()
     if result is None:  # zero epochs: score the untrained model
-        conf = D.all_reduce_sum(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide).to(device))
-        result = scores(conf.cpu(), names)
+        result = scores(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide), names)
 
     if cfg.train.epochs == 0 and main:
         save_segmenter(model, spec, cfg, names, step, ckpt_path, result=result)
