@@ -356,14 +356,15 @@ def cmd_visualize(args) -> int:
     else:
         method, cfg, state = method_from_checkpoint(args.checkpoint)
     data = DataConfig(**{**cfg.data.__dict__, "path": args.data})
-    splits = load_splits(data, args.seed)
-    source = splits.query if splits.query is not None else splits.train
     boxes = state.get("ccrop_boxes")  # ContrastiveCrop: whole training images, with their current boxes
     if boxes is not None:
         from .data.ccrop import check_boxes
 
         source = load_splits(data, cfg.train.seed).train  # the subset the boxes index
         check_boxes(boxes, len(source), args.checkpoint)
+    else:
+        splits = load_splits(data, args.seed)
+        source = splits.query if splits.query is not None else splits.train
     g = torch.Generator().manual_seed(args.seed)
     picks = torch.randperm(len(source), generator=g)[: args.num].tolist()
     crop = "center" if boxes is None else "full"

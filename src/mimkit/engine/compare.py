@@ -120,10 +120,11 @@ def calibrate_epochs(cfg: Config, seconds: float, steps: int = 4) -> int:
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.0)  # lr 0: timing only, the weights stay as built
     t0, done = None, 0
+    mean, std = torch.tensor(cfg.data.mean, device=device), torch.tensor(cfg.data.std, device=device)  # as train.py
     for batch in train_loader(dataset, sampler, 0, pin=False):
         if done == 1:
             t0 = time.perf_counter()  # the first step pays one-off costs
-        loss, _ = method(prepare_batch(batch, method.views, device, cfg.data.mean, cfg.data.std))
+        loss, _ = method(prepare_batch(batch, method.views, device, mean, std))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

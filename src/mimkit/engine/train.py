@@ -300,7 +300,8 @@ def update_ccrop_boxes(method, dataset, cfg: Config, device, amp_dtype, rank: in
     -> mean box area (fraction of the image)."""
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         boxes, rate = estimate_boxes(method.encoder, dataset.source, cfg.data, device, rank=rank, world=world)
-    boxes = D.all_reduce_sum(boxes.to(device)).cpu()
+    if world > 1:  # each rank estimated a shard
+        boxes = D.all_reduce_sum(boxes.to(device)).cpu()
     dataset.boxes.copy_(boxes)
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean().item()
     say(f"ContrastiveCrop: {len(boxes)} boxes re-estimated ({rate * world:.0f} img/s), mean area {area:.3f}", rank == 0)
