@@ -122,20 +122,20 @@ class CMAE(MAE):
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
     # ---- position steps ----------------------------------------------------------------------------------
-    def hide_positions(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def hide_positions(self, imgs: torch.Tensor, ids_keep: torch.Tensor, patches=None) -> torch.Tensor:
         """(B, 3, H, W), (B, K) -> (B, K, D) visible patch embeddings, in ids_keep's random order, without their
-        position: no position embedding ('drop') or the embeddings of K random distinct positions ('permute')."""
-        x = gather_tokens(self.encoder.patch_embed(imgs), ids_keep)
+        position: no position embedding ('drop') or the embeddings of K random distinct positions ('permute').
+        `patches`: the images' patch embeddings (B, N, D) when the step has them already."""
+        x = gather_tokens(self.encoder.patch_embed(imgs) if patches is None else patches, ids_keep)
         if self.cfg.pos_hiding == "permute":
-            vit = self.encoder
-            table = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
+            table = V.patch_pos_embed(self.encoder)
             fake = torch.rand(ids_keep.shape[0], self.num_patches, device=imgs.device).argsort(dim=1)
             x = x + gather_tokens(table.expand(ids_keep.shape[0], -1, -1), fake[:, : ids_keep.shape[1]])
         return x
 
-    def predict_positions(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def predict_positions(self, imgs: torch.Tensor, ids_keep: torch.Tensor, patches=None) -> torch.Tensor:
         """(B, 3, H, W), (B, K) -> (B, K, N) logits over the patch index of each visible token."""
-        tokens = V.encode_visible(self.encoder, self.hide_positions(imgs, ids_keep))
+        tokens = V.encode_visible(self.encoder, self.hide_positions(imgs, ids_keep, patches))
         return self.pos_head(tokens[:, self.encoder.num_prefix_tokens :])
 
     def position_loss(self, logits: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,14 +149,16 @@ class CMAE(MAE):
         imgs = batch["image"]
         ids_keep, mask, ids_restore = self.mask(imgs.shape[0], imgs.device, noise)
         losses, metrics = {}, {}
+        patches = self.encoder.patch_embed(imgs)  # once for the masked encoding and the position task
         if self.weights["rec"] or self.weights["contrast"]:
-            tokens = self.encode(imgs, ids_keep)
+            tokens = self.encode_patches(patches, ids_keep)
         if self.weights["rec"]:
             losses["rec"] = self.loss(self.decode(tokens, ids_restore), self.targets(imgs), mask)
         if self.weights["contrast"]:
             losses["contrast"] = self.contrast_loss(self.project(self.pool(tokens)), self.target_embed(batch["target"]))
         if self.weights["pos"]:
-            losses["pos"], metrics["pos_acc"] = self.position_loss(self.predict_positions(imgs, ids_keep), ids_keep)
+            logits = self.predict_positions(imgs, ids_keep, patches)
+            losses["pos"], metrics["pos_acc"] = self.position_loss(logits, ids_keep)
         loss = sum(self.weights[t] * v for t, v in losses.items())
         metrics.update({f"loss_{t}": v.detach() for t, v in losses.items()})
         return loss, {"loss": loss.detach(), **metrics}

@@ -66,7 +66,11 @@ class MAE(Method):
 
     def encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """imgs (B, 3, H, W), ids_keep (B, K) -> (B, 1 + K, D) encoded visible tokens."""
-        patches = V.embed_patches(self.encoder, imgs)
+        return self.encode_patches(self.encoder.patch_embed(imgs), ids_keep)
+
+    def encode_patches(self, patches: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings without positions (B, N, D), ids_keep (B, K) -> (B, 1 + K, D) encoded visible tokens."""
+        patches = patches + V.patch_pos_embed(self.encoder)
         return V.encode_visible(self.encoder, gather_tokens(patches, ids_keep))
 
     def decode(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:

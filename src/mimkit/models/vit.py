@@ -99,11 +99,14 @@ def patch_size(vit: VisionTransformer) -> int:
     return vit.patch_embed.patch_size[0]
 
 
+def patch_pos_embed(vit: VisionTransformer) -> torch.Tensor:
+    """(1, N, D): the position embeddings of the patches (timm keeps the prefix tokens' first, when it has them)."""
+    return vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
+
+
 def embed_patches(vit: VisionTransformer, imgs: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, D) patch embeddings with their position embedding added (before any masking)."""
-    x = vit.patch_embed(imgs)
-    pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
-    return x + pos
+    return vit.patch_embed(imgs) + patch_pos_embed(vit)
 
 
 def prefix_tokens(vit: VisionTransformer, batch_size: int) -> torch.Tensor:
@@ -142,8 +145,7 @@ def encode_with_mask_token(
     x = x * (1 - w) + mask_token.to(x.dtype) * w
     if isinstance(vit, Beit):
         return _beit_blocks(vit, x)
-    pos = vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, vit.num_prefix_tokens :]
-    x = torch.cat([prefix_tokens(vit, x.shape[0]), x + pos], dim=1)
+    x = torch.cat([prefix_tokens(vit, x.shape[0]), x + patch_pos_embed(vit)], dim=1)
     return run_blocks(vit, x)
 
 
