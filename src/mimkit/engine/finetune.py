@@ -27,7 +27,7 @@ from ..data import DataError
 from ..data.classify import ClassificationDataset, collate_labeled, finetune_transforms
 from ..data.folder import ImageSource
 from . import distributed as D
-from .checkpoint import check_same_run, load_checkpoint, save_atomic
+from .checkpoint import capture_rng, check_same_run, load_checkpoint, restore_rng, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import MetricsLog, progress, say
 from .optim import lr_at, peak_lr
@@ -97,7 +97,7 @@ def _finetune(cfg: Config, checkpoint: str, model_flag: str | None, image_size: 
         if ema is not None:
             ema.module.load_state_dict(resume["ema"])
         start_epoch, history = resume["epoch"], resume["history"]
-        torch.set_rng_state(resume["rng"])
+        restore_rng(resume["rng"], device)
         say(f"resuming fine-tuning from '{ckpt_path}' after epoch {start_epoch}", main)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def _finetune(cfg: Config, checkpoint: str, model_flag: str | None, image_size: 
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1,
                 "history": history,
-                "rng": torch.get_rng_state(),
+                "rng": capture_rng(device),
             }
             if ema is not None:
                 state["ema"] = ema.module.state_dict()

@@ -43,7 +43,7 @@ from ..data.segmentation import (
 from ..export import encoder_state
 from ..models.seg_heads import HEADS, SegmentationModel, is_vit, resize
 from . import distributed as D
-from .checkpoint import check_same_run, load_checkpoint, save_atomic
+from .checkpoint import capture_rng, check_same_run, load_checkpoint, restore_rng, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import MetricsLog, say
 from .optim import lr_at, peak_lr
@@ -256,7 +256,7 @@ def save_segmenter(model, spec: EncoderSpec, cfg: Config, names: list[str], step
     save_atomic({"kind": "segment", "model": state, "config": to_dict(cfg), "encoder": encoder, "class_names": names,
                  "step": step, "epoch": epoch, "finished": finished, "result": result,
                  "optimizer": optimizer.state_dict() if optimizer is not None else {},
-                 "rng": torch.get_rng_state()}, path)  # fmt: skip
+                 "rng": capture_rng(next(model.parameters()).device)}, path)  # fmt: skip
 
 
 def resume_state(path: Path, cfg: Config, checkpoint: str) -> dict | None:
@@ -343,7 +343,7 @@ def _segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_
         if resume["optimizer"]:
             opt.load_state_dict(resume["optimizer"])
         step, first_epoch, result = resume["step"], resume["epoch"], resume["result"]
-        torch.set_rng_state(resume["rng"])
+        restore_rng(resume["rng"], device)
         say(f"resuming from '{ckpt_path}' after epoch {first_epoch}", main)
     log.truncate_after(step)
     tick, seen = time.time(), 0
