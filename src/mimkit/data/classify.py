@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from .folder import ImageSource
-from .pipeline import MAX_BAD_RETRIES
+from .pipeline import load_first_readable
 
 
 class ClassificationDataset(Dataset):
@@ -27,16 +27,8 @@ class ClassificationDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int):
-        bad = []
-        for k in range(min(MAX_BAD_RETRIES, len(self.source))):
-            i = (index + k) % len(self.source)
-            try:
-                img = self.source.load(i)
-            except Exception:  # noqa: BLE001 — truncated JPEG, not an image, permission...
-                bad.append(i)
-                continue
-            return self.transform(img), self.source.labels[i], bad
-        raise RuntimeError(f"{len(bad)} consecutive unreadable images from index {index} in '{self.source.name}'")
+        img, used, bad = load_first_readable(self.source.load, index, len(self.source), self.source.name)
+        return self.transform(img), self.source.labels[used], bad
 
 
 def collate_labeled(items) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

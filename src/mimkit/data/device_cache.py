@@ -41,7 +41,7 @@ from PIL import Image
 from ..config import ConfigError, DataConfig
 from .device_crops import FastCrops
 from .folder import DataError, ImageSource
-from .pipeline import MAX_BAD_RETRIES, RESAMPLE, EpochBatchSampler, ViewDataset, prepare_batch, to_uint8_chw
+from .pipeline import RESAMPLE, EpochBatchSampler, ViewDataset, load_first_readable, prepare_batch, to_uint8_chw
 
 PRECISION_BITS = 22  # Pillow's fixed-point taps for 8-bit images: 32 - 8 - 2
 PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
@@ -240,19 +240,15 @@ def decode_all(source: ImageSource, width: int, height: int, resample, threads: 
 def replacements(readable: Sequence[bool], name: str) -> tuple[list[int], dict[int, list[int]]]:
     """ViewDataset._load's rule for unreadable files: each index reads the next readable image (at most
     MAX_BAD_RETRIES tries). -> (used index per index, {index: unreadable indices tried first})."""
+
+    def check(i: int) -> None:
+        if not readable[i]:
+            raise OSError(i)
+
     n = len(readable)
     used, bad = list(range(n)), {}
     for index in (i for i in range(n) if not readable[i]):
-        tried = []
-        for k in range(min(MAX_BAD_RETRIES, n)):
-            i = (index + k) % n
-            if readable[i]:
-                used[index] = i
-                break
-            tried.append(i)
-        else:
-            raise RuntimeError(f"{len(tried)} consecutive unreadable images from index {index} in '{name}'")
-        bad[index] = tried
+        _, used[index], bad[index] = load_first_readable(check, index, n, name)
     return used, bad
 
 

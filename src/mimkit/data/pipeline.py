@@ -29,6 +29,19 @@ RESAMPLE = {
 MAX_BAD_RETRIES = 50
 
 
+def load_first_readable(load, index: int, size: int, name: str):
+    """The rule for unreadable files, shared by every data path: `load(index)`, or else the next index that
+    loads (wrapping, at most MAX_BAD_RETRIES tries). -> (value, index used, unreadable indices tried first)."""
+    bad = []
+    for k in range(min(MAX_BAD_RETRIES, size)):
+        i = (index + k) % size
+        try:
+            return load(i), i, bad
+        except Exception:  # noqa: BLE001 — truncated JPEG, not an image, permission...
+            bad.append(i)
+    raise RuntimeError(f"{len(bad)} consecutive unreadable images from index {index} in '{name}'")
+
+
 def _rrc_size(
     rng: np.random.Generator, width: int, height: int, scale: Sequence[float], ratio: Sequence[float]
 ) -> tuple[int, int] | None:
@@ -171,14 +184,7 @@ class ViewDataset(Dataset):
         return len(self.source)
 
     def _load(self, index: int) -> tuple[Image.Image, int, list[int]]:
-        bad = []
-        for k in range(min(MAX_BAD_RETRIES, len(self.source))):
-            i = (index + k) % len(self.source)
-            try:
-                return self.source.load(i), i, bad
-            except Exception:  # noqa: BLE001 — truncated JPEG, not an image, permission...
-                bad.append(i)
-        raise RuntimeError(f"{len(bad)} consecutive unreadable images from index {index} in '{self.source.name}'")
+        return load_first_readable(self.source.load, index, len(self.source), self.source.name)
 
     def _random_crop(self, rng: np.random.Generator, w: int, h: int, epoch: int, index: int):
         """-> ((left, top, right, bottom), flip) for one crop group of image `index` at `epoch`."""
