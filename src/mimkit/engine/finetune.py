@@ -30,7 +30,7 @@ from . import distributed as D
 from .checkpoint import capture_rng, check_same_run, load_checkpoint, restore_rng, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import MetricsLog, progress, say
-from .optim import lr_at, peak_lr
+from .optim import lr_at, peak_lr, set_lr
 from .train import TrainingError, resolve_device, resolve_precision
 
 # settings a resumed fine-tuning run must share with the checkpoint it continues
@@ -149,8 +149,7 @@ def _finetune(cfg: Config, checkpoint: str, model_flag: str | None, image_size: 
             else:
                 targets = labels
             lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            set_lr(optimizer, lr)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = criterion(train_model(images), targets)
             scaler.scale(loss).backward()

@@ -34,6 +34,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, no_decay: set
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at `lr`, times its `lr_scale` where it has one (timm's layer-wise decay groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: float) -> float:
     """Linear warm-up from 0 to `peak` over `warmup_steps`, then half-cycle cosine down to `min_lr`."""
     if step < warmup_steps:

@@ -46,7 +46,7 @@ from . import distributed as D
 from .checkpoint import capture_rng, check_same_run, load_checkpoint, restore_rng, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import MetricsLog, say
-from .optim import lr_at, peak_lr
+from .optim import lr_at, peak_lr, set_lr
 from .train import TrainingError, resolve_device, resolve_precision
 
 
@@ -353,8 +353,7 @@ def _segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_
             train_loader.sampler.set_epoch(epoch)
         for img, target in train_loader:
             lr = lr_for(step, total, warmup, peak, cfg.optim.min_lr, s.lr_schedule)
-            for group in opt.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            set_lr(opt, lr)
             loss = train_step(train_model, opt, scaler, img, target, cfg, mean, std, amp)
             step, seen = step + 1, seen + len(img) * world
             if step % cfg.train.log_every == 0 or step == total:

@@ -26,7 +26,7 @@ from ..methods import Method, build_method
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_atomic
 from .logging import MetricsLog, progress, say
-from .optim import build_optimizer, lr_at, peak_lr
+from .optim import build_optimizer, lr_at, peak_lr, set_lr
 
 
 class TrainingError(RuntimeError):
@@ -240,8 +240,7 @@ def pretrain(cfg: Config) -> dict:
             if not update:
                 continue
             lr = lr_at(st.step, total_steps, warmup_steps, lr_peak, cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             if cfg.optim.clip_grad:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
