@@ -69,6 +69,32 @@ def export_encoder(
     return write_weights_folder(encoder, out_dir, config, config_name="config.json")
 
 
+def read_export(path: str | Path) -> dict:
+    """What an export folder says about its encoder: architecture, model_args, image_size, mean, std and the
+    mimkit method that trained it (errors name the folder or file)."""
+    import json
+
+    from .config import ConfigError
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file() or not (path / "model.safetensors").is_file():
+        raise ConfigError(f"'{path}' is not an exported encoder folder (needs config.json and model.safetensors)")
+    try:
+        config = json.loads(config_file.read_text())
+        pcfg = config["pretrained_cfg"]
+        return {
+            "architecture": config["architecture"],
+            "model_args": dict(config.get("model_args") or {}),
+            "image_size": int(pcfg["input_size"][-1]),
+            "mean": tuple(pcfg["mean"]),
+            "std": tuple(pcfg["std"]),
+            "method": config.get("mimkit", {}).get("method"),
+        }
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"'{config_file}' is not a timm export config: {e!r}") from None
+
+
 def load_exported(path: str | Path) -> nn.Module:
     """Build the timm model from an export folder (strict load), for evaluation and fine-tuning."""
     import timm

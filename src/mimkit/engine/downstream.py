@@ -7,7 +7,6 @@ An encoder comes from an export folder (`mimkit export`, or `<run>/encoder`), a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..export import encoder_state, timm_model_args
+from ..export import encoder_state, read_export, timm_model_args
 
 
 @dataclass
@@ -75,24 +74,8 @@ def scratch_spec(cfg: Config) -> EncoderSpec:
 def _spec_from_export(path: Path) -> EncoderSpec:
     from safetensors.torch import load_file
 
-    config_file, weights = path / "config.json", path / "model.safetensors"
-    if not config_file.is_file() or not weights.is_file():
-        raise ConfigError(f"'{path}' is not an exported encoder folder (needs config.json and model.safetensors)")
-    try:
-        config = json.loads(config_file.read_text())
-        pcfg = config["pretrained_cfg"]
-        return EncoderSpec(
-            source=str(path),
-            architecture=config["architecture"],
-            model_args=dict(config.get("model_args") or {}),
-            state=load_file(str(weights)),
-            image_size=int(pcfg["input_size"][-1]),
-            mean=tuple(pcfg["mean"]),
-            std=tuple(pcfg["std"]),
-            method=config.get("mimkit", {}).get("method"),
-        )
-    except (KeyError, ValueError, TypeError) as e:
-        raise ConfigError(f"'{config_file}' is not a timm export config: {e!r}") from None
+    info = read_export(path)
+    return EncoderSpec(source=str(path), state=load_file(str(path / "model.safetensors")), **info)
 
 
 def _spec_from_training_checkpoint(path: Path) -> EncoderSpec:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
-from ..export import load_exported
+from ..config import Config
+from ..export import load_exported, read_export
 from ..methods import build_method
 from . import distributed as D
 from .logging import say
@@ -63,17 +63,8 @@ def load_encoder(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
     image_size, mean, std, method)."""
     p = Path(path)
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ConfigError(f"'{p}' is not an exported encoder folder (no config.json)")
-        encoder = load_exported(p)
-        pcfg = encoder.pretrained_cfg
-        info = {
-            "image_size": int(pcfg["input_size"][-1]),
-            "mean": tuple(pcfg["mean"]),
-            "std": tuple(pcfg["std"]),
-            "method": json.loads((p / "config.json").read_text()).get("mimkit", {}).get("method"),
-        }
-        return encoder.to(device).eval(), info
+        info = {k: v for k, v in read_export(p).items() if k in ("image_size", "mean", "std", "method")}
+        return load_exported(p).to(device).eval(), info
     method, cfg, _ = method_from_checkpoint(p, device)
     info = {
         "image_size": cfg.data.image_size,
