@@ -51,9 +51,8 @@ class BEiT(Method):
         # one crop, two resizes: the encoder's view and the tokenizer's (112 px for 224 / DALL-E)
         self.views = (View("image", cfg.data.image_size), View("tokens", tok_size, "lanczos", normalize="unit"))
         dim = self.encoder.embed_dim
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.lm_head = nn.Linear(dim, self.tokenizer.vocab_size)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.mask_token = V.new_mask_token(dim)  # after lm_head: the seeded initial weights stay as they were
         nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
         nn.init.zeros_(self.lm_head.bias)
 

@@ -92,8 +92,7 @@ class ConMIM(Method):
         self.num_patches = self.grid[0] * self.grid[1]
         check_config(o, self.num_patches, self.grid)
         self.student = nn.ModuleDict({"vit": vit, "proj": projector(vit.embed_dim, o.proj_hidden, o.proj_dim)})
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, vit.embed_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.mask_token = V.new_mask_token(vit.embed_dim)
         self.teacher = make_teacher(self.student)  # same names, so the EMA matches parameters by name
         self.augment = ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p, o.blur_sigma, o.solarize_p)
         self.bank_seed = cfg.train.seed

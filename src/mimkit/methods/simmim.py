@@ -38,8 +38,7 @@ class SimMIM(Method):
         if not 0.0 < o.mask_ratio < 1.0 or math.ceil(o.mask_ratio * cells) >= cells:
             raise ConfigError(f"simmim.mask_ratio {o.mask_ratio} leaves no masked or no visible cell of {cells}")
         dim = self.encoder.embed_dim
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.mask_token = V.new_mask_token(dim)
         # SimMIM's decoder is a 1x1 conv to p*p*3 channels + PixelShuffle: a per-token Linear is the same map
         self.head = nn.Linear(dim, self.patch**2 * 3)
 

@@ -134,6 +134,13 @@ def encode_visible(vit: VisionTransformer, patches: torch.Tensor) -> torch.Tenso
     return run_blocks(vit, x)
 
 
+def new_mask_token(dim: int) -> torch.nn.Parameter:
+    """(1, 1, dim) learned [MASK] embedding, trunc-normal std 0.02 (BEiT, SimMIM, ConMIM)."""
+    token = torch.nn.Parameter(torch.zeros(1, 1, dim))
+    torch.nn.init.trunc_normal_(token, std=0.02)
+    return token
+
+
 def encode_with_mask_token(
     vit: VisionTransformer, imgs: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor
 ) -> torch.Tensor:
