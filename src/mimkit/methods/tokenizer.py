@@ -18,6 +18,7 @@ from ..data.folder import seeded_subset
 from ..data.pipeline import ViewDataset, eval_loader, prepare_batch
 from ..data.views import View
 from ..models.tokenizer import ImageTokenizer, VQTokenizer, codebook_stats, load_tokenizer, psnr, save_tokenizer
+from ..models.tokenizer.vqvae import code_counts
 from .base import Method
 
 
@@ -62,7 +63,7 @@ class TokenizerTraining(Method):
 
     def usage(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, h, w) ids -> perplexity of the batch's code distribution and the fraction of codes it uses."""
-        counts = torch.bincount(ids.flatten(), minlength=self.encoder.vocab_size).float()
+        counts = code_counts(ids, self.encoder.vocab_size)
         p = counts / counts.sum()
         return {
             "perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()),
@@ -116,7 +117,7 @@ class TokenizerTraining(Method):
             x = prepare_batch(batch, self.views, device, self.mean, self.std)["image"]
             ids = self.encoder.encode(x)
             total += psnr(self.encoder.decode(ids), x).sum()
-            counts += torch.bincount(ids.flatten(), minlength=self.encoder.vocab_size)
+            counts += code_counts(ids, self.encoder.vocab_size)
             n += x.shape[0]
         self.train(was_training)
         stats = codebook_stats(counts.cpu())

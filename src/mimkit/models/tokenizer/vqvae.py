@@ -31,6 +31,12 @@ def _broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def code_counts(ids: torch.Tensor, vocab_size: int, dtype=torch.float32) -> torch.Tensor:
+    """ids (any shape) -> (vocab_size,) occurrences of each code. index_add_, not bincount: no wait on the device."""
+    ids = ids.flatten()
+    return torch.zeros(vocab_size, dtype=dtype, device=ids.device).index_add_(0, ids, torch.ones_like(ids, dtype=dtype))
+
+
 class ResBlock(nn.Module):
     """x + 1x1(ReLU(3x3(ReLU(x)))), channels unchanged (VQ-VAE's residual block)."""
 
@@ -89,7 +95,7 @@ class EMACodebook(nn.Module):
     @torch.no_grad()
     def update(self, z: torch.Tensor, ids: torch.Tensor) -> None:
         """EMA step from z (N, D) assigned to ids (N,), summed over all ranks; with Laplace smoothing of counts."""
-        counts = torch.bincount(ids, minlength=self.vocab_size).to(z.dtype)
+        counts = code_counts(ids, self.vocab_size, z.dtype)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, ids, z)
         counts, sums = _all_reduce(counts), _all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
