@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from timing import mean_seconds
 from torch import nn
 
 from mimkit.config import Config
@@ -226,11 +227,7 @@ def measure_box_pass(s: Size, batch: int, device, dtype, steps: int) -> float:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             boxes_from_heatmaps(feature_heatmap(encoder, x), s.image, 0.1).cpu()
 
-    one()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    return batch * steps / (time.perf_counter() - t)
+    return batch / mean_seconds(one, device, steps)
 
 
 def cmae_section(args, device, dtype, steps: int, warmup: int, name: str) -> None:
@@ -243,9 +240,10 @@ def cmae_section(args, device, dtype, steps: int, warmup: int, name: str) -> Non
         print(f"\n## CMAE {s.name.split(',')[0]}, decoder {dec}, batch {batch}, mask 0.75")
         print("| variant | img/s | ms/step | ratio vs mimkit MAE |" + (" peak GB |" if gpu else ""))
         timing = (s, batch, device, dtype, steps, warmup, args.compile)
-        rows = {"MAE (mimkit, decoder of the MAE table)": measure(IMPLS["mimkit"], *timing)}
+        builds = {"MAE (mimkit, decoder of the MAE table)": IMPLS["mimkit"]}
         for label, weights in CMAE_VARIANTS.items():
-            rows[label] = measure(functools.partial(mimkit_cmae, size_name=size_name, weights=weights), *timing)
+            builds[label] = functools.partial(mimkit_cmae, size_name=size_name, weights=weights)
+        rows = measure_many(builds, *timing, rounds=args.rounds)  # interleaved: the ratios are the point
         ref = rows["MAE (mimkit, decoder of the MAE table)"]["img_per_s"]
         for label, r in rows.items():
             row = f"| {label} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {r['img_per_s'] / ref:.2f}x |"
@@ -307,13 +305,14 @@ def conmim_section(args, device, dtype, steps: int, warmup: int, name: str) -> N
               f"{flops / 1e9:.2f} train GFLOP/img")  # fmt: skip
         print("| variant | img/s | ms/step | ratio vs mimkit MAE |" + (" MFU | peak GB |" if gpu else ""))
         timing = (s, batch, device, dtype, steps, warmup, args.compile)
-        rows = {
-            "MAE (mimkit, as in the MAE table)": measure(IMPLS["mimkit"], *timing),
-            "ConMIM (full step)": measure(functools.partial(mimkit_conmim, size_name=size_name), *timing),
-            "ConMIM without the teacher's perturbation": measure(
-                functools.partial(mimkit_conmim, size_name=size_name, perturb=False), *timing
+        builds = {
+            "MAE (mimkit, as in the MAE table)": IMPLS["mimkit"],
+            "ConMIM (full step)": functools.partial(mimkit_conmim, size_name=size_name),
+            "ConMIM without the teacher's perturbation": functools.partial(
+                mimkit_conmim, size_name=size_name, perturb=False
             ),
         }
+        rows = measure_many(builds, *timing, rounds=args.rounds)  # interleaved: the ratios are the point
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if gpu else None
         ref = rows["MAE (mimkit, as in the MAE table)"]["img_per_s"]
         for label, r in rows.items():
