@@ -169,7 +169,7 @@ def check_cache_config(cfg: DataConfig) -> None:
 def _header_size(source: ImageSource, index: int) -> tuple[int, int] | None:
     """(width, height) from the file header alone (no decoding); None when unreadable."""
     try:
-        with Image.open(source.paths[index]) as img:
+        with Image.open(source.open(index)) as img:
             return img.size
     except Exception:  # noqa: BLE001 — as ViewDataset._load: whatever Pillow raises marks the file unreadable
         return None
