@@ -7,6 +7,7 @@ An encoder comes from an export folder (`mimkit export`, or `<run>/encoder`), a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,17 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..export import encoder_state, read_export, timm_model_args
+from ..export import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    check_finite,
+    create_timm_model,
+    encoder_state,
+    fit_problems,
+    read_export,
+    read_weights,
+    timm_model_args,
+)
 
 
 @dataclass
@@ -37,14 +48,17 @@ class EncoderSpec:
         return self.architecture.startswith(("vit_", "deit_", "beit_"))
 
 
-def encoder_spec(checkpoint: str, cfg: Config, model_flag: str | None = None) -> EncoderSpec:
+def encoder_spec(
+    checkpoint: str, cfg: Config, model_flag: str | None = None, allow_download: bool = False
+) -> EncoderSpec:
     """`checkpoint`: an export folder, a training checkpoint (.pt) or 'none' (random init from `cfg.model` and
-    `cfg.data`). `model_flag`: the model name the user asked for, checked against the checkpoint's."""
+    `cfg.data`). `model_flag`: the model name the user asked for, checked against the checkpoint's.
+    `allow_download`: an export may name a Hub architecture (timm fetches its config); off, nothing is fetched."""
     if checkpoint == "none":
         return scratch_spec(cfg)
     path = Path(checkpoint)
     if path.is_dir():
-        spec = _spec_from_export(path)
+        spec = _spec_from_export(path, allow_download)
     elif path.is_file():
         spec = _spec_from_training_checkpoint(path)
     else:
@@ -71,24 +85,25 @@ def scratch_spec(cfg: Config) -> EncoderSpec:
     return EncoderSpec("none", arch, timm_model_args(encoder), None, cfg.data.image_size, cfg.data.mean, cfg.data.std)
 
 
-def _spec_from_export(path: Path) -> EncoderSpec:
-    from safetensors.torch import load_file
-
-    info = read_export(path)
-    return EncoderSpec(source=str(path), state=load_file(str(path / "model.safetensors")), **info)
+def _spec_from_export(path: Path, allow_download: bool = False) -> EncoderSpec:
+    """An export folder, checked as untrusted input: config values, architecture, readable finite weights."""
+    info = read_export(path, allow_download)
+    return EncoderSpec(source=str(path), state=read_weights(path / EXPORT_WEIGHTS), **info)
 
 
 def _spec_from_training_checkpoint(path: Path) -> EncoderSpec:
-    from .train import method_from_checkpoint
+    from .pretrain import method_from_checkpoint
 
     method, cfg, _ = method_from_checkpoint(path)
     enc = method.encoder
     arch = enc.default_cfg.get("architecture") or cfg.model.name
+    state = encoder_state(enc)
+    check_finite(state, f"encoder checkpoint '{path}'")
     return EncoderSpec(
         source=str(path),
         architecture=arch,
         model_args=timm_model_args(enc),
-        state=encoder_state(enc),
+        state=state,
         image_size=cfg.data.image_size,
         mean=tuple(cfg.data.mean),
         std=tuple(cfg.data.std),
@@ -110,26 +125,34 @@ def build_model(spec: EncoderSpec, image_size: int | None = None, **timm_kwargs)
     if spec.is_vit:
         args["img_size"] = size
     args.update(timm_kwargs)
-    try:
-        model = timm.create_model(spec.architecture, pretrained=False, **args)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"encoder '{spec.source}': timm cannot build {spec.architecture} with {args}: {e}") from None
+    model = create_timm_model(spec.architecture, args, f"encoder '{spec.source}'{_file_of(spec, EXPORT_CONFIG)}")
     if spec.state is None:
         return model
     state = _resample_pos_embed(dict(spec.state), model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if not k.startswith(NEW_PARAM_PREFIXES)]
     replaced_norm = isinstance(getattr(model, "norm", None), nn.Identity)
-    bad_unexpected = [k for k in unexpected if not (replaced_norm and k.startswith("norm."))]
-    if bad_missing or bad_unexpected:
+    problems = fit_problems(
+        state,
+        model,
+        may_miss=lambda k: k.startswith(NEW_PARAM_PREFIXES),
+        may_leave=lambda k: replaced_norm and k.startswith("norm."),
+    )
+    if problems:
         raise ConfigError(
-            f"encoder checkpoint '{spec.source}' does not fit {spec.architecture} {spec.model_args}: "
-            f"missing {bad_missing[:5]}, unexpected {bad_unexpected[:5]}"
+            f"encoder checkpoint '{spec.source}' does not fit {spec.architecture} {spec.model_args}"
+            f"{_file_of(spec, EXPORT_WEIGHTS)}: {problems}"
         )
+    model.load_state_dict(state, strict=False)
     return model
 
 
+def _file_of(spec: EncoderSpec, name: str) -> str:
+    """ " ('<export>/<name>')" for an export folder, so errors name the file; "" for a .pt or 'none'."""
+    return f" ('{Path(spec.source) / name}')" if Path(spec.source).is_dir() else ""
+
+
 def _resample_pos_embed(state: dict, model: nn.Module) -> dict:
+    """A square grid of position embeddings (1, P + n*n, D) resampled to the model's grid; anything else is
+    left for the shape check to report."""
     pos = state.get("pos_embed")
     target = getattr(model, "pos_embed", None)
     if pos is None or not isinstance(target, torch.Tensor) or pos.shape == target.shape:
@@ -137,5 +160,10 @@ def _resample_pos_embed(state: dict, model: nn.Module) -> dict:
     from timm.layers import resample_abs_pos_embed
 
     prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != target.shape[2]:
+        return state
+    patches = pos.shape[1] - prefix
+    if patches <= 0 or math.isqrt(patches) ** 2 != patches:
+        return state
     state["pos_embed"] = resample_abs_pos_embed(pos, model.patch_embed.grid_size, num_prefix_tokens=prefix)
     return state
