@@ -54,6 +54,7 @@ def finetune_transforms(cfg, image_size: int, mean, std) -> tuple:
         mean=tuple(mean),
         std=tuple(std),
     )
+    clamp_posterize_bits(train)
     evaluate = create_transform(
         input_size=image_size,
         is_training=False,
@@ -63,3 +64,38 @@ def finetune_transforms(cfg, image_size: int, mean, std) -> tuple:
         std=tuple(std),
     )
     return train, evaluate
+
+
+class PosterizeBits:
+    """A timm posterize level function whose result, the number of bits kept, is clamped to Pillow's [1, 8].
+
+    timm turns the magnitude into bits with int(): 'PosterizeIncreasing' keeps 4 - int(m / 10 * 4), 0 bits at
+    m = 10 and fewer than 0 past it (`mmax`), 'Posterize' keeps int(m / 10 * 4), 0 below m = 2.5. The magnitude
+    noise of `mstd` reaches those ends (mimkit's default rand-m9-mstd0.5: m >= 10 in 2% of draws), and Pillow
+    raises ValueError for any count outside [1, 8]. One bit is the strongest posterize there is (0 would make
+    every image black), as in the RandAugment authors' code. A class, not a closure: data-loader workers
+    started by spawn pickle the transform."""
+
+    def __init__(self, level_fn):
+        self.level_fn = level_fn
+
+    def __call__(self, level: float, hparams: dict) -> tuple[int]:
+        (bits,) = self.level_fn(level, hparams)
+        return (min(8, max(1, int(bits))),)
+
+
+def clamp_posterize_bits(transform) -> int:
+    """Wrap the level function of every timm posterize op inside `transform` (a Compose, RandAugment,
+    AutoAugment, AugMix, or a list of them) in `PosterizeBits`, in place. -> the number of ops wrapped."""
+    from timm.data.auto_augment import AugmentOp
+
+    if isinstance(transform, AugmentOp):
+        if transform.name.startswith("Posterize") and not isinstance(transform.level_fn, PosterizeBits):
+            transform.level_fn = PosterizeBits(transform.level_fn)
+            return 1
+        return 0
+    if isinstance(transform, list | tuple):
+        return sum(clamp_posterize_bits(t) for t in transform)
+    # Compose.transforms, RandAugment.ops / AugMixAugment.ops, AutoAugment.policy (a list of sub-policies)
+    children = [getattr(transform, a) for a in ("transforms", "ops", "policy") if hasattr(transform, a)]
+    return sum(clamp_posterize_bits(c) for c in children if isinstance(c, list | tuple))
