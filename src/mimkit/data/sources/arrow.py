@@ -78,6 +78,7 @@ def parquet_as_arrow(path: str) -> str:
         parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"'{path}' cannot be read as a Parquet file: {e}") from e
+    image_column(parquet.schema_arrow, path)  # fail before converting
     schema = parquet.schema_arrow.with_metadata({**(parquet.schema_arrow.metadata or {}), SOURCE_KEY: stamp})
     for place in places:
         tmp = place.with_name(f".{place.name}.{os.getpid()}.tmp")
@@ -149,10 +150,10 @@ class ArrowTable(ImageSource):
         pa = _pyarrow()
         tables = [memory_map_table(f) for f in self.files]
         schema = tables[0].schema
-        for f, t in zip(self.files, tables):
+        for f, t in zip(self.origins, tables):
             if not t.schema.remove_metadata().equals(schema.remove_metadata()):
-                raise DataError(f"'{f}' has other columns than '{self.files[0]}'")
-        column, is_struct = image_column(schema, self.files[0])
+                raise DataError(f"'{f}' has other columns than '{self.origins[0]}'")
+        column, is_struct = image_column(schema, self.origins[0])
         chunks = [c for t in tables for c in t.column(column).chunks]
         self._chunks = [c.field("bytes") if is_struct else c for c in chunks]
         self._starts = np.cumsum([0] + [len(c) for c in chunks])

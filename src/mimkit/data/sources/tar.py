@@ -53,17 +53,21 @@ def build_index(url: str) -> dict:
                     if not text.lstrip("-").isdigit():
                         raise DataError(f"tar shard '{url}': label member '{member.name}' holds '{text[:20]}'")
                     entry[2] = int(text)
+            end = tar.offset  # where the end-of-archive marker (two zero blocks) should start
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"tar shard '{url}' cannot be read as a tar file: {e}") from e
     images = [(k, e) for k, e in samples.items() if e[0] >= 0]
     if not images:
         raise DataError(f"tar shard '{url}' holds no image members ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    total = fs.size(path)
+    if total < end + 1024:  # tarfile takes a cut archive's end for its end: no end marker means it was cut
+        raise DataError(f"tar shard '{url}' is truncated: {total} bytes, its members reach byte {end}")
     labeled = [e[2] is not None for _, e in images]
     if any(labeled) and not all(labeled):
         raise DataError(f"tar shard '{url}': {labeled.count(False)} of {len(images)} samples have no .cls label")
     return {
         "format": INDEX_FORMAT,
-        "bytes": fs.size(path),
+        "bytes": total,
         "keys": [k for k, _ in images],
         "offsets": [e[0] for _, e in images],
         "sizes": [e[1] for _, e in images],
