@@ -8,6 +8,8 @@ so its state dict is a plain timm checkpoint.
 
 from __future__ import annotations
 
+import re
+
 import timm
 import torch
 from timm.models.beit import Beit
@@ -42,9 +44,30 @@ def create_vit(
     return vit
 
 
+def resolve_patch_size(name: str, patch_size: int | None) -> int:
+    """The patch size of the encoder `name`: `patch_size` when given; else the one timm's name carries
+    (vit_small_patch16_224 -> 16, vit_small_patch14_dinov2 -> 14); else, for names without one (hybrids such as
+    vit_base_r50_s16_224), the `patch_size` timm's factory builds the architecture with (on the meta device: no
+    memory, no weights)."""
+    if patch_size is not None:
+        return patch_size
+    named = re.search(r"_patch(\d+)", name)
+    if named:
+        return int(named.group(1))
+    if not timm.is_model(name):
+        raise ConfigError(f"model.name '{name}' is not a timm model, so it has no patch size; set model.patch_size")
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if size is None:
+        raise ConfigError(f"model.name '{name}' has no patch embedding (not a ViT); set model.patch_size")
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
 def create_encoder(model_cfg, img_size: int, sincos_pos: bool = True, allow_beit: bool = False):
     """A headless encoder from a ModelConfig: `create_vit` for vit_*/deit_* names; with `allow_beit`, a timm
-    Beit for beit_* names (methods whose encoder sees every patch: BEiT, SimMIM, ConMIM, CIM)."""
+    Beit for beit_* names (methods whose encoder sees every patch: BEiT, SimMIM, ConMIM, CIM). The patch size is
+    `model.patch_size`, or when that is None the one the name says (`resolve_patch_size`)."""
     sizes = {"depth": model_cfg.depth, "embed_dim": model_cfg.embed_dim, "num_heads": model_cfg.num_heads}
     if model_cfg.name.startswith("beit_"):
         if not allow_beit:
@@ -55,7 +78,8 @@ def create_encoder(model_cfg, img_size: int, sincos_pos: bool = True, allow_beit
         return create_beit(model_cfg, img_size, **sizes)
     if model_cfg.layer_scale is not None:
         sizes["init_values"] = model_cfg.layer_scale
-    return create_vit(model_cfg.name, img_size, model_cfg.patch_size, model_cfg.drop_path, sincos_pos, **sizes)
+    patch = resolve_patch_size(model_cfg.name, model_cfg.patch_size)
+    return create_vit(model_cfg.name, img_size, patch, model_cfg.drop_path, sincos_pos, **sizes)
 
 
 def create_beit(model_cfg, img_size: int, **sizes) -> Beit:
@@ -65,15 +89,16 @@ def create_beit(model_cfg, img_size: int, **sizes) -> Beit:
         raise ConfigError(f"model.rel_pos_bias must be shared, per_layer or none, got '{model_cfg.rel_pos_bias}'")
     if not timm.is_model(model_cfg.name):
         raise ConfigError(f"model.name '{model_cfg.name}' is not a timm model")
-    if img_size % model_cfg.patch_size:
-        raise ConfigError(f"data.image_size {img_size} is not divisible by model.patch_size {model_cfg.patch_size}")
+    patch = resolve_patch_size(model_cfg.name, model_cfg.patch_size)
+    if img_size % patch:
+        raise ConfigError(f"data.image_size {img_size} is not divisible by model.patch_size {patch}")
     return timm.create_model(
         model_cfg.name,
         pretrained=False,
         num_classes=0,
         global_pool="token",  # keeps the final LayerNorm on every token (timm moves it after pooling for 'avg')
         img_size=img_size,
-        patch_size=model_cfg.patch_size,
+        patch_size=patch,
         drop_path_rate=model_cfg.drop_path,
         init_values=model_cfg.layer_scale,
         use_abs_pos_emb=model_cfg.abs_pos_embed,

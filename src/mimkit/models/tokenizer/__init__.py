@@ -31,6 +31,7 @@ __all__ = [
     "map_pixels",
     "psnr",
     "save_tokenizer",
+    "tokenizer_folder",
     "unmap_pixels",
 ]
 
@@ -53,15 +54,26 @@ def save_tokenizer(tok: ImageTokenizer, out_dir: str | Path, meta: dict | None =
     return write_weights_folder(tok, out_dir, config, config_name=CONFIG_NAME)
 
 
-def read_tokenizer_config(path: str | Path) -> dict:
-    """tokenizer.json of a tokenizer folder; ConfigError naming the path when it is not one."""
+def tokenizer_folder(path: str | Path) -> Path:
+    """The tokenizer folder `path` names: itself, or the `tokenizer/` inside a `mimkit tokenizer train` run
+    folder (`--out runs/tok` writes `runs/tok/tokenizer/`) when `path` has no tokenizer.json of its own."""
     p = Path(path)
+    inner = p / "tokenizer"
+    if not (p / CONFIG_NAME).is_file() and (inner / CONFIG_NAME).is_file():
+        return inner
+    return p
+
+
+def read_tokenizer_config(path: str | Path) -> dict:
+    """tokenizer.json of a tokenizer folder (or of a tokenizer run folder's `tokenizer/`); ConfigError naming
+    the path when it is neither."""
+    p = tokenizer_folder(path)
     if not p.exists():
         raise ConfigError(f"tokenizer path '{p}' does not exist")
     if not p.is_dir() or not (p / CONFIG_NAME).is_file():
         raise ConfigError(
-            f"tokenizer path '{p}' is not a tokenizer folder (no {CONFIG_NAME}); make one with "
-            "`mimkit tokenizer train` or `mimkit tokenizer import-dalle`"
+            f"tokenizer path '{p}' is not a tokenizer folder (no {CONFIG_NAME}, nor tokenizer/{CONFIG_NAME}); make "
+            "one with `mimkit tokenizer train` or `mimkit tokenizer import-dalle`"
         )
     try:
         config = json.loads((p / CONFIG_NAME).read_text())
@@ -74,8 +86,9 @@ def read_tokenizer_config(path: str | Path) -> dict:
 
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> ImageTokenizer:
-    """A tokenizer folder -> the tokenizer on `device`, frozen (eval mode for good, no gradients)."""
-    p = Path(path)
+    """A tokenizer folder, or a tokenizer run folder holding one in `tokenizer/` -> the tokenizer on `device`,
+    frozen (eval mode for good, no gradients)."""
+    p = tokenizer_folder(path)
     config = read_tokenizer_config(p)
     try:
         tok = KINDS[config["kind"]](**config["args"])
