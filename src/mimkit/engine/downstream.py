@@ -92,7 +92,7 @@ def _spec_from_export(path: Path, allow_download: bool = False) -> EncoderSpec:
 
 
 def _spec_from_training_checkpoint(path: Path) -> EncoderSpec:
-    from .pretrain import method_from_checkpoint
+    from .train import method_from_checkpoint
 
     method, cfg, _ = method_from_checkpoint(path)
     enc = method.encoder
