@@ -22,7 +22,6 @@ from torch import nn
 from . import __version__
 from .atomic import write_weights_folder
 from .config import ConfigError
-from .runtime import is_vit
 
 EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
 # factory arguments that fetch or load weights, or place the model: an export never chooses them
@@ -55,22 +54,16 @@ def export_encoder(
     std,
     interpolation: str = "bicubic",
     mimkit_meta: dict | None = None,
-    global_pool: str | None = None,
 ) -> Path:
-    """Write the encoder's state dict and its timm config into `out_dir` (replaced atomically). `global_pool`
-    ('avg' | 'cls', ViTs): the pooling a plain timm forward of the export applies; mimkit's k-NN and linear
-    probe pool the same way (`eval.pool`), so `model(x)` gives the features mimkit reported."""
+    """Write the encoder's state dict and its timm config into `out_dir` (replaced atomically)."""
     out_dir = Path(out_dir)
     architecture = encoder.default_cfg.get("architecture") or encoder.pretrained_cfg["architecture"]
-    model_args = timm_model_args(encoder)
-    if global_pool and is_vit(encoder):  # the final norm, then the mean of patch tokens (no fc_norm) or the token
-        model_args.update(global_pool="avg" if global_pool == "avg" else "token", fc_norm=False)
     config = {
         "architecture": architecture,
         "num_classes": 0,
         "num_features": int(encoder.num_features),
-        "global_pool": model_args.get("global_pool", _pool_name(encoder)),
-        "model_args": model_args,
+        "global_pool": _pool_name(encoder),
+        "model_args": timm_model_args(encoder),
         "pretrained_cfg": {
             "tag": "mimkit",
             "custom_load": False,
