@@ -210,6 +210,9 @@ def test_list_file_labels_and_relative_paths(tmp_path):
     assert same_images(src, scan_folder(tmp_path / "img"))
     lst.write_text("../img/img_0000.png\n../img/img_0001.png\n")
     assert not split_sources(str(lst))[0].labeled
+    lst.write_text("../img/img_0000.png 1\n../img/img_0001.png\n")
+    with pytest.raises(DataError, match="img_0001.png' breaks the rule that every line, or none, has a label"):
+        read_list(str(lst))
 
 
 def test_bad_inputs_name_the_file(packed, tmp_path):

@@ -172,8 +172,9 @@ def cached_listing(root: Path) -> list[str]:
         with open(cache, encoding="utf-8") as f:
             header = json.loads(f.readline())
             if header.get("format") == SCAN_CACHE_FORMAT and header.get("signature") == signature:
-                prefix = str(root)
-                return [os.path.join(prefix, rel) for rel in f.read().split("\n") if rel]
+                body = f.read().rstrip("\n")
+                prefix = os.path.join(str(root), "")  # os.walk's dirpath + '/' exactly, without a join per path
+                return (prefix + body.replace("\n", "\n" + prefix)).split("\n") if body else []
     except (OSError, ValueError):
         pass
     paths = list_images(root)
@@ -221,4 +222,11 @@ def rank_zero_computes(compute):
 
 def shared_listing(root: Path) -> list[str]:
     """Every image under `root` in sorted order, scanned once per run (rank 0, scan cache)."""
-    return rank_zero_computes(lambda: cached_listing(root))
+
+    def scan() -> str | list[str]:
+        paths = cached_listing(root)
+        text = "\n".join(paths)  # one string pickles as one copy, a million strings as a million objects
+        return text if text.count("\n") == max(len(paths) - 1, 0) else paths
+
+    listing = rank_zero_computes(scan)
+    return listing if isinstance(listing, list) else listing.split("\n") if listing else []
