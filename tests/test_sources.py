@@ -292,3 +292,20 @@ def test_scan_cache_spares_the_walk_until_the_folder_changes(labeled_folder, mon
         assert cached_listing(root) == first
     write_images(root / "a", 1, seed=9, fmt="jpg")  # a new file changes a/'s mtime
     assert len(cached_listing(root)) == len(first) + 1
+
+
+def test_remote_shards_read_by_ranged_reads(packed, tmp_path):
+    """An fsspec filesystem that is not local (memory://, standing in for s3:// or https://): shards found in a
+    folder URL, their indexes built and kept in the user cache, images fetched by ranged reads."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in sorted(os.listdir(tmp_path / "tar")):
+        if f.endswith(".tar") or f == "classes.txt":  # no index files: they are built on first open
+            fs.pipe(f"/remote/{f}", (tmp_path / "tar" / f).read_bytes())
+    train, evaluate = split_sources("memory://remote")
+    local_train, local_eval = split_sources(packed["tar"])
+    assert train.classes == ["a", "b"] and train.labels == local_train.labels and same_images(train, local_train)
+    assert evaluate.name == "memory://remote/val" and same_images(evaluate, local_eval)
+    assert len(os.listdir(tmp_path / "cache" / "mimkit" / "tar-index")) == len(train.urls) + len(evaluate.urls)
+    assert train.describe(0).startswith("memory://") and train.describe(0).endswith("/train-000000.tar:a/img_0000")

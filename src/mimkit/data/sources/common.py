@@ -54,8 +54,8 @@ def expand_pattern(spec: str) -> list[str]:
     for item in expand_braces(spec):
         if any(c in item for c in "*?["):
             fs, path = url_to_fs(item)
-            protocol = item.split("://", 1)[0] + "://" if "://" in item else ""
-            out.extend(protocol + p if protocol and not p.startswith(protocol) else p for p in sorted(fs.glob(path)))
+            found = sorted(fs.glob(path))
+            out.extend([fs.unstrip_protocol(p) for p in found] if "://" in item else found)
         else:
             out.append(item)
     return out
