@@ -22,6 +22,7 @@ from mimkit.data.folder import cached_listing, list_images, scan_folder
 from mimkit.data.pack import add_parser, pack, parse_size, run
 from mimkit.data.pipeline import EpochBatchSampler, ViewDataset, train_loader
 from mimkit.data.sources import open_shards, read_list, split_sources
+from mimkit.data.sources import tar as tar_module
 from mimkit.data.sources.common import expand_braces
 from mimkit.data.sources.tar import INDEX_SUFFIX
 
@@ -132,8 +133,9 @@ def _two_process_worker(rank: int, store: str, shards: str, folder: str, out: st
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    if rank == 1:  # rank 1 never scans: rank 0's listing must reach it
+    if rank == 1:  # rank 1 never scans a folder nor reads a shard index: rank 0's must reach it
         folder_module.list_images = lambda root: (_ for _ in ()).throw(AssertionError("rank 1 scanned"))
+        tar_module.shard_index = lambda url: (_ for _ in ()).throw(AssertionError("rank 1 read an index"))
     listing = scan_folder(folder).paths
     source = split_sources(shards)[0]
     mine = batches(source, batch_size=4, rank=rank, world=2)

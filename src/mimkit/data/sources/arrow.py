@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..folder import DataError, ImageSource
+from ..folder import DataError, ImageSource, rank_zero_computes
 from .common import check_classes, read_classes, side_files
 
 CACHE_SUFFIX = ".arrow"
@@ -204,7 +204,12 @@ def open_table_files(files: list[str], name: str) -> ArrowTable:
     """An ArrowTable over Arrow and/or Parquet files (the latter converted once)."""
     if not files:
         raise DataError(f"'{name}' names no Arrow or Parquet file")
-    arrow = [parquet_as_arrow(f) if f.endswith(".parquet") else f for f in files]
+
+    def convert() -> list[str]:
+        return [parquet_as_arrow(f) if f.endswith(".parquet") else f for f in files]
+
+    rank_zero_computes(convert)  # rank 0 converts first; the others then find its copy (or, node-local, make one)
+    arrow = convert()
     for f in arrow:
         if not os.path.isfile(f):
             raise DataError(f"Arrow file '{f}' does not exist")

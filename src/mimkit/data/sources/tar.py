@@ -20,7 +20,7 @@ import threading
 
 import numpy as np
 
-from ..folder import IMAGE_EXTENSIONS, DataError, ImageSource, write_text_atomic
+from ..folder import IMAGE_EXTENSIONS, DataError, ImageSource, rank_zero_computes, write_text_atomic
 from .common import check_classes, expand_pattern, is_local, read_classes, side_files, url_to_fs
 
 INDEX_FORMAT = "mimkit-tar-index/1"
@@ -175,7 +175,7 @@ def open_shards(spec: str | list[str], name: str | None = None) -> TarShards:
     urls = expand_pattern(spec) if isinstance(spec, str) else list(spec)
     if not urls:
         raise DataError(f"shard pattern '{spec}' names no file")
-    indexes = [shard_index(u) for u in urls]
+    indexes = rank_zero_computes(lambda: [shard_index(u) for u in urls])  # other ranks touch no shard here
     labeled = {idx["labels"] is not None for idx in indexes}
     if len(labeled) > 1:
         raise DataError(f"shards '{spec}': some have .cls labels and some do not")
