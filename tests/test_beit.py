@@ -1,6 +1,7 @@
 """BEiT: loss parity with transformers' BeitForMaskedImageModeling, tokenizer grid checks, end-to-end CLI."""
 
 import json
+import math
 
 import pytest
 import timm
@@ -9,6 +10,8 @@ from helpers import TINY, make_tokenizer
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, build_config
+from mimkit.engine.optim import param_groups
+from mimkit.masking import beit_mask_count
 from mimkit.methods.beit import BEiT
 
 BEIT_TINY = [
@@ -105,3 +108,75 @@ def test_beit_pretrain_exports_a_timm_beit(tmp_path, labeled_folder, tokenizer_d
     ckpt = out / "checkpoints" / "last.pt"
     assert main(["visualize", "--checkpoint", str(ckpt), "--data", str(labeled_folder), "--out", str(png)]) == 0
     capsys.readouterr()
+
+
+# ---- fidelity to BEiT's code (unilm beit/: masking_generator.py, modeling_pretrain.py, run_beit_pretraining.py) ----
+def trunc_std_factor(bound: float = 1.0) -> float:
+    """Standard deviation of N(0, 1) truncated to [-bound, bound]: sqrt(1 - 2 b phi(b) / (2 Phi(b) - 1))."""
+    phi = math.exp(-0.5 * bound**2) / math.sqrt(2 * math.pi)
+    mass = math.erf(bound / math.sqrt(2))  # 2 Phi(b) - 1
+    return math.sqrt(1 - 2 * bound * phi / mass)
+
+
+def beit_14x14(tmp_path, *extra):
+    """BEiT on BEiT's own 14 x 14 grid (56 px / patch 4, a tokenizer of 14 x 14 tokens), ViT-B's depth of 12."""
+    tok = make_tokenizer(tmp_path / "tok14", image_size=56)
+    dims = ["data.image_size=56", "model.embed_dim=64", "model.depth=12", "model.num_heads=2"]
+    return BEiT(build_config(dotted=[*TINY, "method=beit", "model.name=beit_base_patch16_224", *dims,
+                                     f"tokenizer.path={tok}", *extra]))  # fmt: skip
+
+
+def test_mask_count_is_beits_75_of_196_and_scales_to_other_grids(tmp_path):
+    assert beit_mask_count(196) == 75 and beit_mask_count(64) == 24 and beit_mask_count(16) == 6
+    torch.manual_seed(0)
+    m = beit_14x14(tmp_path)
+    assert m.num_masked == 75  # not round(0.4 * 196) = 78
+    counts = m.mask(200, "cpu").sum(1)
+    # BEiT's generator: blocks are added until the target is met, never beyond it; it stops early only when ten
+    # tries in a row find no block that fits, which is rare on 14 x 14
+    assert counts.max() == 75 and counts.float().mean() > 70
+    assert beit_14x14(tmp_path, "beit.num_masking_patches=60").num_masked == 60
+    assert beit_14x14(tmp_path, "beit.mask_ratio=0.5").num_masked == 98
+    with pytest.raises(ConfigError, match="beit.num_masking_patches and beit.mask_ratio are both set"):
+        beit_14x14(tmp_path, "beit.num_masking_patches=60", "beit.mask_ratio=0.5")
+    with pytest.raises(ConfigError, match="beit.num_masking_patches 196 leaves no visible patch of 196 patches"):
+        beit_14x14(tmp_path, "beit.num_masking_patches=196")
+
+
+def test_init_is_beits_trunc_normal_cut_at_one_std_with_depth_rescaling(tmp_path):
+    torch.manual_seed(0)
+    m = beit_14x14(tmp_path)
+    std, factor = 0.02, trunc_std_factor(1.0)  # 0.540: BEiT's weights start ~1.85x smaller than untruncated 0.02
+    fc1 = torch.cat([b.mlp.fc1.weight.flatten() for b in m.encoder.blocks])
+    assert fc1.abs().max() <= std and fc1.std().item() == pytest.approx(std * factor, rel=0.02)
+    for layer_id, block in enumerate(m.encoder.blocks, start=1):
+        scale = math.sqrt(2 * layer_id)  # fix_init_weight
+        for w in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert w.abs().max() <= std / scale * (1 + 1e-6)
+        fc2 = block.mlp.fc2.weight
+        assert fc2.std().item() == pytest.approx(std * factor / scale, rel=0.05)
+    for w in (m.mask_token, m.encoder.cls_token, m.lm_head.weight, m.encoder.patch_embed.proj.weight):
+        assert w.abs().max() <= std
+    assert m.lm_head.weight.std().item() == pytest.approx(std * factor, rel=0.05)
+    assert not m.lm_head.bias.any() and not m.encoder.blocks[0].attn.q_bias.any()
+
+
+def test_layer_scale_defaults_to_beits_0_1_and_0_turns_it_off(tmp_path, tokenizer_dir):
+    plain = [*TINY, "method=beit", "model.name=beit_base_patch16_224", f"tokenizer.path={tokenizer_dir}"]
+    m = BEiT(build_config(dotted=plain))
+    assert all((b.gamma_1 == 0.1).all() and (b.gamma_2 == 0.1).all() for b in m.encoder.blocks)
+    off = BEiT(build_config(dotted=[*plain, "model.layer_scale=0"]))
+    assert all(b.gamma_1 is None for b in off.encoder.blocks)
+    vit = BEiT(build_config(dotted=[*plain, "model.name=vit_tiny_patch16_224"]))
+    assert all((b.ls1.gamma == 0.1).all() for b in vit.encoder.blocks)
+
+
+def test_weight_decay_groups_are_beits(tokenizer_dir):
+    m = BEiT(build_config(dotted=[*BEIT_TINY, f"tokenizer.path={tokenizer_dir}"]))
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = param_groups(m, 0.05, m.no_weight_decay())
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    undecayed = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    # BEiT's no_weight_decay() is {pos_embed, cls_token}; everything else of 2+ dims is decayed
+    assert {"mask_token", "encoder.rel_pos_bias.relative_position_bias_table", "lm_head.weight"} <= decayed
+    assert {"encoder.cls_token", "lm_head.bias", "encoder.blocks.0.gamma_1"} <= undecayed

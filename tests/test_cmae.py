@@ -103,7 +103,7 @@ def test_tasks_switch_off_and_rec_only_equals_mae():
     [
         (["cmae.rec_weight=0", "cmae.contrast_weight=0", "cmae.pos_weight=0"], "are all 0: no task to train"),
         (["cmae.pos_hiding=none"], "cmae.pos_hiding=none keeps the position embeddings"),
-        (["cmae.pos_hiding=shuffle"], "cmae.pos_hiding must be 'drop' or 'permute'"),
+        (["cmae.pos_hiding=shuffle"], "cmae.pos_hiding must be 'drop', 'permute' or 'none'"),
         (["cmae.contrast_weight=-1"], "cmae.contrast_weight must be >= 0"),
         (["cmae.target_encoder=momentum"], "cmae.target_encoder must be 'ema' or 'shared'"),
         (["cmae.temperature=0"], "cmae.temperature must be > 0"),
@@ -142,3 +142,32 @@ def test_pretrain_with_ccrop_through_box_update_export_and_visualize(tmp_path, l
     red = (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
     assert red.sum() > 50  # the boxes are drawn
     capsys.readouterr()
+
+
+def test_contrastive_crops_get_independent_colour_as_contrastive_crop_pipelines():
+    """Flat-coloured images: any two crops of one image are the same pixels, so without colour augmentation the
+    pair is matched by its colour alone. ContrastiveCrop's jitter (p 0.8) + grayscale (p 0.2), drawn per view,
+    make the two views' colours differ; with cmae.color_views=none they stay equal."""
+    torch.manual_seed(0)
+    b = 64
+    rgb = torch.rand(b, 3, 1, 1) * 0.6 + 0.2  # saturated-enough flat colours, away from the clamp
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # data.mean / data.std (the config's defaults)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    flat = ((rgb - mean) / std).expand(b, 3, 16, 16)
+    pair = {"image": flat.clone(), "target": flat.clone()}
+
+    def colours(x):  # (B, 3) mean colour in [0, 1] and saturation (max - min over channels)
+        c = (x * std + mean).mean(dim=(2, 3))
+        return c, c.amax(1) - c.amin(1)
+
+    off = build("cmae.color_views=none").recolor(pair)
+    assert torch.equal(off["image"], off["target"])
+    on = build().recolor(pair)
+    (c1, s1), (c2, s2) = colours(on["image"]), colours(on["target"])
+    differ = (c1 - c2).abs().amax(1) > 0.02
+    assert differ.float().mean() > 0.8  # unchanged only if both views skip jitter and grayscale (0.16^2)
+    assert 0 < (s1 < 1e-4).sum() < b / 2 and 0 < (s2 < 1e-4).sum() < b / 2  # grayscale views: ~20%
+    assert ((s1 < 1e-4) != (s2 < 1e-4)).any()  # drawn independently per view
+    target_only = build("cmae.color_views=target").recolor(pair)
+    assert torch.equal(target_only["image"], flat) and not torch.equal(target_only["target"], flat)
+    assert build("cmae.contrast_weight=0").recolor({"image": flat})["image"] is flat  # no pair: MAE's input

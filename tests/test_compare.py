@@ -52,7 +52,15 @@ def test_compare_runs_methods_writes_report_and_resumes(tmp_path, capsys, labele
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"mae", "cim-revdet"}
     for r in [*report["methods"].values(), report["scratch"]]:
-        assert all(0.0 <= r[e] <= 1.0 for e in ("knn", "linear", "finetune"))
+        assert all(isinstance(r[e], float) for e in ("knn", "linear", "finetune"))
+    for name in ("mae", "cim-revdet", "scratch"):  # every number is the one its own command reports
+        ft = json.loads((out / name / "finetune" / "finetune.json").read_text())
+        row = report["scratch"] if name == "scratch" else report["methods"][name]
+        assert row["finetune"] == ft["top1"]
+    res = tmp_path / "knn.json"
+    assert main(["eval", "knn", "--checkpoint", str(out / "mae" / "encoder"), "--data", str(labeled_folder),
+                 "--out", str(res)]) == 0  # fmt: skip
+    assert json.loads(res.read_text())["top1"] == report["methods"]["mae"]["knn"]
     assert report["methods"]["mae"]["epochs"] == 1 and report["methods"]["mae"]["steps"] == 3
     assert (out / "tokenizer" / "tokenizer" / "tokenizer.json").is_file()  # trained for cim-revdet
     table = (out / "report.md").read_text()
@@ -62,7 +70,7 @@ def test_compare_runs_methods_writes_report_and_resumes(tmp_path, capsys, labele
     def must_not_run(*_, **__):
         raise AssertionError("a finished step ran again")
 
-    for name in ("pretrain_and_report", "finetune", "probe"):
+    for name in ("pretrain", "finetune", "FeatureEval"):
         monkeypatch.setattr(compare, name, must_not_run)
     assert main(argv) == 0
     assert json.loads((out / "report.json").read_text()) == report

@@ -21,8 +21,8 @@ def test_unknown_key_names_the_key():
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigError, match="'train.epochs' expects an integer"):
         build_config(dotted=["train.epochs=three"])
-    with pytest.raises(ConfigError, match="'data.hflip' expects true/false"):
-        build_config(dotted=["data.hflip=3"])
+    with pytest.raises(ConfigError, match="'data.device_cache' expects true/false"):
+        build_config(dotted=["data.device_cache=3"])
     with pytest.raises(ConfigError, match="'data.mean' expects a list of 3"):
         build_config(dotted=["data.mean=[0.5]"])
 

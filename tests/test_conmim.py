@@ -122,7 +122,7 @@ def test_encoder_choice_and_coarse_masks():
     assert m.encoder is m.teacher["vit"] and isinstance(m.encoder, timm.models.VisionTransformer)
     s = make("conmim.export_encoder=student")
     assert s.encoder is s.student["vit"]
-    c = make("conmim.mask_mode=coarse", "conmim.mask_ratio=0.5", "conmim.mask_cell=2")
+    c = make("conmim.mask_mode=coarse", "conmim.mask_ratio=0.5", "conmim.mask_patch_size=8")
     mask = c.mask(5, "cpu").view(5, 2, 2, 2, 2)
     assert set(mask.sum(dim=(2, 4)).unique().tolist()) <= {0, 4} and (mask.sum(dim=(1, 2, 3, 4)) == 8).all()
 
@@ -136,7 +136,8 @@ def test_beit_encoder_with_relative_position_bias(tmp_path):
     loss, _ = m({"image": torch.rand(4, 3, 16, 16)})
     loss.backward()
     assert torch.isfinite(loss) and m.student["vit"].rel_pos_bias.relative_position_bias_table.grad is not None
-    assert "student.vit.rel_pos_bias.relative_position_bias_table" in m.no_weight_decay()
+    # decayed, as in the reference (BEiT's optim_factory skips only the model's {pos_embed, cls_token} and 1-D)
+    assert m.no_weight_decay() == {"student.vit.cls_token", "student.vit.pos_embed"}
     out = export_encoder(m.encoder, tmp_path / "enc", image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = torch.rand(2, 3, 16, 16)
@@ -233,3 +234,33 @@ def test_resume_is_exact(tmp_path, monkeypatch, capsys):
     b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     capsys.readouterr()
+
+
+# ---- fidelity to the reference (TencentARC/ConMIM: run_conmim_pretraining.py, modeling_pretrain.py, datasets.py) ----
+def test_reference_backbone_init_masks_and_blur():
+    """beit_*: shared relative position bias, no absolute position, LayerScale 0.1 by default, no centring; BEiT's
+    init for encoder and projector; block masks of BEiT's 75 of 196; blur sigma relative to the image."""
+    m = make("model.name=beit_base_patch16_224")
+    vit = m.student["vit"]
+    assert vit.pos_embed is None and vit.rel_pos_bias is not None and not m.cfg.center_teacher
+    assert all((b.gamma_1 == 0.1).all() for b in vit.blocks)
+    for w in (vit.blocks[0].mlp.fc1.weight, m.student["proj"][0].weight, m.student["proj"][6].weight, m.mask_token):
+        assert w.abs().max() <= 0.02  # trunc-normal 0.02 cut at +-1 std (PyTorch's Linear default is wider)
+    assert m.student["proj"][3].weight.std().item() == pytest.approx(0.02 * 0.5396, rel=0.05)
+    assert vit.blocks[1].attn.proj.weight.abs().max() <= 0.02 / 2  # block 2: / sqrt(2 * 2)
+    torch.testing.assert_close(m.teacher["proj"][0].weight, m.student["proj"][0].weight)  # the copy, after init
+    assert m.num_masked == 6  # round(75 * 16 / 196)
+    big = make("data.image_size=56")  # BEiT's 14 x 14 grid
+    assert big.num_masked == 75 and big.mask(50, "cpu").sum(1).max() == 75
+    coarse = make("conmim.mask_mode=coarse", "conmim.mask_patch_size=8")  # 2 x 2 cells: the reference's 0.75
+    assert (coarse.mask(4, "cpu").sum(1) == 12).all()
+    with pytest.raises(ConfigError, match="conmim.num_masking_patches is for mask_mode=block"):
+        make("conmim.mask_mode=coarse", "conmim.num_masking_patches=4")
+    # PIL radius 0.1-2 at 224 px is 0.1-2 pixels there; at 16 px the same blur is 16/224 as wide
+    assert m.augment.blur_sigma == pytest.approx((0.1 * 16 / 224, 2.0 * 16 / 224))
+    assert make("data.image_size=224", "model.patch_size=16").augment.blur_sigma == pytest.approx((0.1, 2.0))
+
+
+def test_contrastive_crop_boxes_come_from_the_online_encoder():
+    m = make()
+    assert m.ccrop_encoder is m.student["vit"] and m.encoder is m.teacher["vit"]

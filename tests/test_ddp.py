@@ -72,4 +72,4 @@ def test_torchrun_segment_two_processes(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert state["finished"] and state["epoch"] == 1
+    assert state["finished"] and state["run"]["epoch"] == 1

@@ -25,7 +25,7 @@ from mimkit.data.pipeline import (
     random_resized_crop_box,
 )
 from mimkit.engine.logging import TIMING_KEYS
-from mimkit.engine.train import pretrain
+from mimkit.engine.pretrain import pretrain
 from mimkit.methods.mae import MAE
 
 # Measured on every batch below: 0 differing pixels (max and mean difference 0). The bounds allow one level on a

@@ -118,11 +118,11 @@ def test_cli_finetune_pretrained_and_scratch_then_resume(tmp_path, capsys, label
     assert json.loads((out / "finetune.json").read_text())["history"] == res["history"]
     assert (out / "metrics.jsonl").read_text().splitlines() == lines
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["kind"] == "finetune"
+    assert state["run"]["epoch"] == 2 and state["kind"] == "finetune"
 
     scratch = tmp_path / "scratch"
     argv = ["finetune", "--checkpoint", "none", "--data", str(labeled_folder), "--out", str(scratch), "--epochs", "1"]
-    assert main([*argv, *FT_TINY, *TINY[:5], "finetune.ema=true"]) == 0
+    assert main([*argv, *FT_TINY, *TINY[:5], "train.ema=true"]) == 0
     res = json.loads((scratch / "finetune.json").read_text())
     assert res["pretrain_method"] == "none (random init)" and "top1_ema" in res
     capsys.readouterr()
@@ -134,7 +134,67 @@ def test_cli_finetune_bad_input(tmp_path, capsys, labeled_folder, exported):
     assert main([*base, "--model", "resnet50", *FT_TINY]) == 2
     assert f"'{folder}' holds a vit_tiny_patch16_224" in capsys.readouterr().err
     assert main([*base, *FT_TINY, "finetune.global_pool=max"]) == 2
-    assert "finetune.global_pool must be avg or token" in capsys.readouterr().err
+    assert "finetune.global_pool must be 'avg' or 'token', got 'max'" in capsys.readouterr().err
     assert main([*base, *FT_TINY, "train.batch_size=7"]) == 2
     assert "even train.batch_size" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ---- a shared relative position table goes downstream as BEiT's and ConMIM's fine-tuning take it ----
+BEIT_ARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "init_values": 0.1,
+             "use_abs_pos_emb": False, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False, "num_classes": 0,
+             "global_pool": "token"}  # fmt: skip
+
+
+@pytest.fixture
+def shared_beit(tmp_path):
+    """A timm Beit with one shared relative position table (BEiT/ConMIM pre-training), table not zero, exported."""
+    torch.manual_seed(0)
+    enc = timm.create_model("beit_base_patch16_224", pretrained=False, **BEIT_ARGS).eval()
+    with torch.no_grad():
+        enc.rel_pos_bias.relative_position_bias_table.normal_(0, 1.0)
+    folder = export_encoder(enc, tmp_path / "beit", image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return enc, encoder_spec(str(folder), build_config(dotted=TINY))
+
+
+def test_shared_relative_position_table_becomes_one_per_block_with_the_same_function(shared_beit):
+    enc, spec = shared_beit
+    model = build_model(spec, num_classes=0, global_pool="token").eval()
+    assert model.rel_pos_bias is None and all(b.attn.relative_position_bias_table is not None for b in model.blocks)
+    for block in model.blocks:
+        assert torch.equal(block.attn.relative_position_bias_table, enc.rel_pos_bias.relative_position_bias_table)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), enc.forward_features(x), rtol=1e-5, atol=1e-5)
+    kept = build_model(spec, rel_pos="shared", num_classes=0, global_pool="token")
+    assert kept.rel_pos_bias is not None and kept.blocks[0].attn.relative_position_bias_table is None
+
+
+def test_per_block_tables_are_resized_for_another_image_size_as_timms_loader_does(shared_beit):
+    from timm.models.beit import checkpoint_filter_fn
+
+    from mimkit.models.rel_pos import shared_to_per_layer
+
+    enc, spec = shared_beit
+    model = build_model(spec, image_size=32, num_classes=3)  # 4x4 patches -> 8x8: 7x7 + 3 -> 15x15 + 3 offsets
+    table = model.blocks[1].attn.relative_position_bias_table
+    assert table.shape == (15 * 15 + 3, 2) and model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    # timm's own loader, given the per-block tables, resizes them to the same values
+    per_block = timm.create_model("beit_base_patch16_224", pretrained=False,
+                                  **{**BEIT_ARGS, "img_size": 32, "use_shared_rel_pos_bias": False,
+                                     "use_rel_pos_bias": True})  # fmt: skip
+    timm_state = checkpoint_filter_fn(shared_to_per_layer(enc.state_dict()), per_block)
+    torch.testing.assert_close(table, timm_state["blocks.1.attn.relative_position_bias_table"])
+    # the class-token entries are kept as they were
+    torch.testing.assert_close(table[-3:], enc.rel_pos_bias.relative_position_bias_table[-3:])
+
+
+def test_head_init_is_beits_scaled_trunc_normal():
+    from mimkit.engine.downstream import init_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(768, 1000)
+    init_head(head)  # trunc-normal 0.02 (uncut) x 1e-3 = N(0, 2e-5): MAE's head distribution too
+    assert head.weight.std().item() == pytest.approx(0.02 * 1e-3, rel=0.01) and not head.bias.any()
+    init_head(head, init_scale=1.0)
+    assert head.weight.std().item() == pytest.approx(0.02, rel=0.01)

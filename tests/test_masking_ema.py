@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mimkit.ema import cosine_momentum, ema_update, make_teacher
-from mimkit.masking import blockwise_mask, blockwise_masking, coarse_random_masking
+from mimkit.masking import beit_mask_count, blockwise_mask, blockwise_masking, coarse_random_masking
 from mimkit.models.vit import create_vit, encode_with_mask_token
 
 
@@ -15,8 +15,10 @@ def test_blockwise_mask_is_rectangles_up_to_target():
         m = blockwise_mask(rng, (14, 14), 75, min_patches=16)
         counts.append(int(m.sum()))
     assert max(counts) <= 75 and np.mean(counts) > 60  # BEiT: at most the target, usually close to it
-    batch = blockwise_masking(4, (8, 8), 0.4, generator=np.random.default_rng(1))
-    assert batch.shape == (4, 64) and batch.dtype == torch.bool and (batch.sum(1) <= 26).all()
+    # by count, as BEiT's num_masking_patches (it used to take a ratio: round(0.4 * 196) = 78, not BEiT's 75)
+    batch = blockwise_masking(4, (8, 8), beit_mask_count(64), generator=np.random.default_rng(1))
+    assert batch.shape == (4, 64) and batch.dtype == torch.bool and (batch.sum(1) <= 24).all()
+    assert batch.sum(1).max() == 24  # blocks of 16+ patches still fill the target on 8 x 8 (seeded)
 
 
 def test_coarse_masking_masks_whole_cells():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from helpers import TINY
 
@@ -77,3 +78,52 @@ def test_interrupted_epoch_end_work_is_logged_once(tmp_path, monkeypatch, capsys
     knn_epochs = [r["epoch"] for r in metrics(out) if "knn_top1" in r]
     assert knn_epochs == [1, 2]
     capsys.readouterr()
+
+
+FINETUNE = ["finetune", "--checkpoint", "none", "--data", "{data}", "--epochs", "2", *TINY[:5], "data.num_workers=0",
+            "train.batch_size=8", "train.log_every=1", "finetune.randaug=rand-m9-n1", "train.checkpoint_every=2"]
+SEGMENT = ["segment", "--checkpoint", "none", "--data", "demo", "--epochs", "2", "--batch-size", "16", "--image-size",
+           "32", "--max-images", "64", *TINY[1:5], "data.num_workers=0", "train.log_every=1",
+           "segment.max_eval_images=9", "segment.base_size=32", "train.checkpoint_every=1"]  # fmt: skip
+PRETRAIN = [*ARGS[:-2], "train.checkpoint_every=2", "eval.final_knn=false"]
+
+
+def interrupted_run(cmd, out, sig, min_lines, env):
+    """Start `cmd`, send `sig` once a checkpoint exists and `min_lines` metric lines were logged, wait."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (out / "checkpoints" / "last.pt").exists() and (out / "metrics.jsonl").exists():
+            if len((out / "metrics.jsonl").read_text().splitlines()) >= min_lines:
+                break
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.wait()
+    return proc.returncode
+
+
+@pytest.mark.parametrize(
+    "task, argv, sig, min_lines, code",
+    [
+        ("finetune", FINETUNE, signal.SIGKILL, 8, -signal.SIGKILL),
+        ("segment", SEGMENT, signal.SIGKILL, 5, -signal.SIGKILL),
+        ("pretrain", PRETRAIN, signal.SIGTERM, 12, 3),  # pre-emption: finish the step, checkpoint, exit 3
+    ],
+)
+def test_every_task_resumes_exactly_mid_epoch(tmp_path, labeled_folder, task, argv, sig, min_lines, code):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [a.replace("{data}", str(labeled_folder)) for a in argv]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run([sys.executable, "-m", "mimkit.cli", *argv, "--out", str(full)], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "mimkit.cli", *argv, "--out", str(cut)]
+    assert interrupted_run(cmd, cut, sig, min_lines, env) == code
+    state = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert not state["finished"] and state["run"]["batch"] > 0, "the interruption must land mid-epoch"
+    if sig == signal.SIGTERM:
+        assert state["run"]["step"] == metrics(cut)[-1]["step"]  # the step it was in was finished and saved
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    assert metrics(cut) == metrics(full)
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,7 @@ from helpers import TINY
 from hf_maps import hf_vit_weights
 
 from mimkit.config import ConfigError, build_config
+from mimkit.engine.optim import param_groups
 from mimkit.methods.simmim import SimMIM
 
 
@@ -45,7 +46,8 @@ def test_bad_mask_settings_name_the_key():
 def test_simmim_loss_matches_transformers():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = tiny("simmim.mask_patch_size=4")  # transformers masks at patch granularity
+    # transformers masks at patch granularity; its ViT has no LayerScale (SimMIM's 0.1 is off here)
+    cfg = tiny("simmim.mask_patch_size=4", "model.layer_scale=0")
     ours = SimMIM(cfg).eval()
     hf_cfg = transformers.ViTConfig(
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -68,3 +70,25 @@ def test_simmim_loss_matches_transformers():
         our_loss, _ = ours({"image": imgs}, mask=mask)
         hf_loss = hf(pixel_values=imgs, bool_masked_pos=mask).loss
     torch.testing.assert_close(our_loss, hf_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_simmim_vit_is_simmims_own_layer_scale_init_and_weight_decay():
+    """SimMIM's ViT-B (microsoft/SimMIM config.py, models/vision_transformer.py, optimizer.py): LayerScale 0.1,
+    BEiT's init (trunc-normal cut at +-1 std, depth rescaling), weight decay on all but cls/pos and 1-D."""
+    torch.manual_seed(0)
+    m = SimMIM(tiny())
+    assert all((b.ls1.gamma == 0.1).all() and (b.ls2.gamma == 0.1).all() for b in m.encoder.blocks)
+    assert not hasattr(SimMIM(tiny("model.layer_scale=0")).encoder.blocks[0].ls1, "gamma")
+    assert m.encoder.blocks[0].mlp.fc1.weight.abs().max() <= 0.02 and m.mask_token.abs().max() <= 0.02
+    assert m.encoder.blocks[1].attn.proj.weight.abs().max() <= 0.02 / 2  # block 2: divided by sqrt(2 * 2)
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = param_groups(m, 0.05, m.no_weight_decay())
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    assert "mask_token" in decayed and "encoder.cls_token" not in decayed and "head.weight" in decayed
+    # SimMIM's ViT-B proper: shared relative position bias, no absolute position (a beit_* name)
+    b = SimMIM(tiny("model.name=beit_base_patch16_224"))
+    assert b.encoder.pos_embed is None and b.encoder.rel_pos_bias is not None
+    assert "encoder.rel_pos_bias.relative_position_bias_table" in {n for n, _ in b.named_parameters()}
+    with torch.no_grad():
+        loss, _ = b({"image": torch.randn(2, 3, 16, 16)})
+    assert torch.isfinite(loss)

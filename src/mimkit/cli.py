@@ -1,4 +1,8 @@
-"""mimkit command line: argparse sub-commands -> typed config -> the layers below. Nothing else lives here."""
+"""mimkit command line: argparse sub-commands -> a typed config -> one call below. Nothing else lives here.
+
+Every flag that sets a config key is named after the key's last part (`--batch-size` is `train.batch_size`,
+`--knn-k` is `eval.knn_k`); any key can also be given as a dotted `key=value` override.
+"""
 
 from __future__ import annotations
 
@@ -7,103 +11,48 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, DataConfig, build_config
+from .config import build_config
+from .errors import MimkitError, TrainingError
 
 EXIT_BAD_INPUT = 2
 
+# flag -> the config key it sets (flags a sub-command does not have are simply absent from its namespace)
+FLAG_KEYS = {
+    "method": "method",
+    "model": "model.name",
+    "data": "data.path",
+    "out": "out",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "image_size": "data.image_size",
+    "max_images": "data.max_images",
+    "device": "train.device",
+    "num_workers": "data.num_workers",
+    "pool": "eval.pool",
+    "knn_k": "eval.knn_k",
+    "knn_temperature": "eval.knn_temperature",
+    "linear_epochs": "eval.linear_epochs",
+    "max_eval_images": "eval.max_eval_images",
+}
 
-def _pretrain_parser(sub) -> None:
-    p = sub.add_parser(
-        "pretrain",
-        help="pre-train an encoder (no arguments: the built-in demo)",
-        description="Pre-train an encoder with a masked image modeling method. With no arguments, runs the "
-        "built-in demo (scikit-learn's digits, a small ViT, MAE, CPU, a few minutes). Re-running the same "
-        "command with the same --out resumes from its last checkpoint.",
-    )
-    p.add_argument("--method", help="mae (see `mimkit methods`)")
-    p.add_argument("--model", help="timm ViT name, e.g. vit_tiny_patch16_224 (patch size: model.patch_size=N)")
-    _run_flags(p, example="mae.mask_ratio=0.6")
 
-
-def _run_flags(p, example: str) -> None:
-    """The data, budget and override flags of every command that runs the training engine."""
-    p.add_argument("--config", help="a recipe YAML file, or the name of a packaged recipe (e.g. cifar10-mae)")
+def _run_flags(p, *, out_default: str, config_example: str, override_example: str) -> None:
+    """The data, budget and override flags of every command that trains."""
+    p.add_argument("--config", help=f"a recipe YAML file or a packaged recipe's name (e.g. {config_example})")
     p.add_argument(
         "--data",
-        help="a folder of images (class sub-folders optional; train/ + val|test/ split used when present) or 'demo'",
+        help="a folder of images (class sub-folders optional; train/ + val|test/ used when "
+        "present), a list file, tar shards, hf:PATH, or 'demo'",
     )
-    p.add_argument("--out", help="run folder (default runs/<method>-<data name>)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--max-images", type=int, help="a fixed, seeded subset of the training images")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted config overrides, e.g. {example}")
-
-
-def _tokenizer_parser(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train an image tokenizer, or import DALL-E's dVAE (targets for BEiT/CIM)")
-    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
-    t = tsub.add_parser(
-        "train",
-        help="train a VQ-VAE tokenizer on a folder of images",
-        description="Train mimkit's VQ-VAE image tokenizer (EMA codebook, dead-code restarts) with the pre-training "
-        "engine: same data and budget flags as `mimkit pretrain`, resumable. Reports held-out reconstruction PSNR "
-        "and codebook usage; writes the tokenizer folder to <out>/tokenizer.",
-    )
-    _run_flags(t, example="tokenizer.vocab_size=1024 tokenizer.downsample=8")
-    t.set_defaults(method="tokenizer", model=None)
-    i = tsub.add_parser("import-dalle", help="convert OpenAI's DALL-E dVAE weights (encoder.pkl, decoder.pkl)")
-    i.add_argument("--encoder", required=True, help="the official encoder.pkl")
-    i.add_argument("--decoder", required=True, help="the official decoder.pkl")
-    i.add_argument("--out", required=True, help="tokenizer folder to write (tokenizer.json + model.safetensors)")
-    i.add_argument("--trust-pickle", action="store_true", help="required: the official files are Python pickles")
-    i.add_argument("--image-size", type=int, default=112, help="input size it is used at (BEiT/CIM: 112 -> 14x14)")
-
-
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="k-NN or linear-probe evaluation of an encoder on labeled images")
-    p.add_argument("protocol", choices=["knn", "linear"])
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt) or an exported encoder folder")
-    p.add_argument("--data", required=True, help="labeled folder (train/ + val|test/, or class sub-folders) or demo")
-    p.add_argument("--out", help="write the result as JSON here")
-    p.add_argument("--image-size", type=int, help="default: the size the encoder was trained at")
-    p.add_argument("--pool", choices=["avg", "cls"], default="avg", help="ViT feature: mean patch token or class token")
-    p.add_argument("--max-images", type=int, help="subset of the training split (the k-NN memory / probe train set)")
-    p.add_argument("--max-eval-images", type=int, help="subset of the evaluation split")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--epochs", type=int, default=90, help="linear probe epochs")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2)
-
-
-def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write the encoder as a timm Hub folder (config.json + model.safetensors)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="output folder")
-
-
-def _visualize_parser(sub) -> None:
-    p = sub.add_parser("visualize", help="a picture of what the method does (e.g. original | masked | reconstruction)")
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt) or a tokenizer folder")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="PNG file")
-    p.add_argument("--image-size", type=int, help="tokenizer folders: input size (default: the tokenizer's own)")
-    p.add_argument("--num", type=int, default=8, help="number of images (rows)")
-    p.add_argument("--scale", type=int, default=0, help="enlarge by this factor (default: to about 128 px rows)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _downstream_parser(sub, name: str, help: str, description: str, example: str) -> None:
-    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--out", help=f"run folder; re-running with the same --out resumes (default {out_default})")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", type=int, help="train.batch_size, per process")
+    p.add_argument("--image-size", type=int, help="data.image_size")
+    p.add_argument("--max-images", type=int, help="data.max_images: a fixed, seeded subset of the training images")
+    p.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
     p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="an exported encoder folder, a training checkpoint (.pt), or none (random init: the scratch baseline)",
+        "overrides", nargs="*", metavar="key=value", help=f"dotted config overrides, e.g. {override_example}"
     )
-    p.add_argument("--model", help="timm name; with none: the architecture (else checked against the checkpoint)")
-    _run_flags(p, example=example)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,42 +60,112 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mimkit", description="Masked and corrupted image modeling on timm backbones."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _pretrain_parser(sub)
-    _eval_parser(sub)
-    _export_parser(sub)
-    _visualize_parser(sub)
-    _tokenizer_parser(sub)
-    _downstream_parser(
-        sub,
-        "finetune",
-        help="end-to-end fine-tuning of an encoder on labeled images (top-1 on the val/test split)",
-        description="Fine-tune an encoder end to end with the recipe of MAE/BEiT/CIM (layer-wise lr decay, drop "
-        "path, mixup/cutmix, RandAugment, label smoothing, random erasing, warm-up + cosine, optional EMA), built "
-        "from timm. --checkpoint none trains the same architecture from scratch with the identical recipe. Writes "
-        "<out>/finetune.json with the last (headline) and best top-1.",
-        example="finetune.layer_decay=0.65 optim.blr=1e-3",
-    )
-    _downstream_parser(
-        sub,
-        "segment",
-        help="semantic segmentation fine-tuning on images/ + masks/ folders (mIoU, per-class IoU)",
-        description="Fine-tune an encoder for semantic segmentation with a light head (default) or UperNet on "
-        "the encoder's multi-level features. Data: a folder with train/ and val|test/, each holding images/ and "
-        "masks/ of the same file stems. Writes <out>/segment.json with mIoU and per-class IoU.",
-        example="segment.head=upernet segment.ignore_index=11",
-    )
-    _compare_parser(sub)
-    sub.add_parser("methods", help="list the registered methods")
-    return parser
 
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train an encoder (no arguments: the built-in demo)",
+        description="Pre-train an encoder with a masked image modeling method. With no arguments, runs "
+        "the built-in demo (scikit-learn's digits, a small ViT, MAE, CPU, a few minutes). Re-running the "
+        "same command with the same --out resumes from its last checkpoint.",
+    )
+    p.add_argument("--method", help="method (default mae; `mimkit methods` lists them)")
+    p.add_argument("--model", help="model.name: a timm name, e.g. vit_small_patch16_224 (its patch size is used)")
+    _run_flags(
+        p,
+        out_default="runs/<method>-<data name>",
+        config_example="cifar10-mae",
+        override_example="mae.mask_ratio=0.6 optim.blr=1e-3",
+    )
 
-def _compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="k-NN or linear-probe evaluation of an encoder on labeled images",
+        description="Score a frozen encoder: k-NN (DINO's weighted vote) or a linear probe (BN + linear) "
+        "on features of the labeled train split, tested on the val/test split.",
+    )
+    p.add_argument("protocol", choices=["knn", "linear"])
+    p.add_argument("--checkpoint", required=True, help="a pre-training checkpoint (.pt) or an exported encoder folder")
+    p.add_argument("--data", required=True, help="labeled data (train/ + val|test/, or class sub-folders) or demo")
+    p.add_argument("--out", help="also write the result as JSON to this file")
+    p.add_argument("--image-size", type=int, help="default: the size the encoder was trained at")
+    p.add_argument("--pool", choices=["avg", "cls"], help="eval.pool: ViT feature, mean patch token or class token")
+    p.add_argument("--max-images", type=int, help="data.max_images: subset of the train split (memory / probe set)")
+    p.add_argument("--max-eval-images", type=int, help="eval.max_eval_images: subset of the evaluation split")
+    p.add_argument("--knn-k", type=int, help="eval.knn_k (default 20)")
+    p.add_argument("--knn-temperature", type=float, help="eval.knn_temperature (default 0.07)")
+    p.add_argument("--linear-epochs", type=int, help="eval.linear_epochs (default 90)")
+    p.add_argument("--num-workers", type=int, help="data.num_workers (default 2)")
+    p.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
+    p.add_argument("--allow-download", action="store_true", help="let an export name an hf-hub: architecture")
+
+    p = sub.add_parser("export", help="write a checkpoint's encoder as a timm Hub folder (config.json + safetensors)")
+    p.add_argument("--checkpoint", required=True, help="a pre-training checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="the export folder to write")
+
+    p = sub.add_parser("visualize", help="a picture of what the method does (e.g. original | masked | reconstruction)")
+    p.add_argument("--checkpoint", required=True, help="a pre-training checkpoint (.pt) or a tokenizer folder")
+    p.add_argument("--data", required=True, help="images to show (the val/test split when there is one)")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--image-size", type=int, help="tokenizer folders: input size (default: the tokenizer's own)")
+    p.add_argument("--num", type=int, default=8, help="number of images (rows)")
+    p.add_argument("--scale", type=int, default=0, help="enlarge by this factor (default: to about 128 px rows)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("tokenizer", help="train an image tokenizer, or import DALL-E's dVAE (targets for BEiT/CIM)")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser(
+        "train",
+        help="train a VQ-VAE tokenizer on a folder of images",
+        description="Train mimkit's VQ-VAE image tokenizer (EMA codebook, dead-code restarts) with the "
+        "training loop: same data and budget flags as `mimkit pretrain`, resumable. Reports held-out "
+        "reconstruction PSNR and codebook usage; writes the tokenizer to <out>/tokenizer (pass "
+        "tokenizer.path=<out> to BEiT/CIM).",
+    )
+    _run_flags(
+        t,
+        out_default="runs/tokenizer-<data name>",
+        config_example="cifar10-tokenizer",
+        override_example="tokenizer.vocab_size=1024 tokenizer.downsample=8",
+    )
+    i = tsub.add_parser("import-dalle", help="convert OpenAI's DALL-E dVAE weights (encoder.pkl, decoder.pkl)")
+    i.add_argument("--encoder", required=True, help="the official encoder.pkl")
+    i.add_argument("--decoder", required=True, help="the official decoder.pkl")
+    i.add_argument("--out", required=True, help="tokenizer folder to write (tokenizer.json + model.safetensors)")
+    i.add_argument("--trust-pickle", action="store_true", help="required: the official files are Python pickles")
+    i.add_argument("--image-size", type=int, default=112, help="input size it is used at (BEiT/CIM: 112 -> 14x14)")
+
+    for name, recipe, what, example in (
+        (
+            "finetune",
+            "cifar10-finetune",
+            "end-to-end fine-tuning of an encoder on labeled images (top-1)",
+            "finetune.layer_decay=0.65 optim.blr=1e-3",
+        ),
+        (
+            "segment",
+            "camvid-segment",
+            "semantic segmentation fine-tuning on images/ + masks/ folders (mIoU)",
+            "segment.head=upernet segment.ignore_index=11",
+        ),
+    ):
+        p = sub.add_parser(name, help=what, description=DOWNSTREAM[name])
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            help="an exported encoder folder, a pre-training checkpoint (.pt), or none (random init: the "
+            "scratch baseline)",
+        )
+        p.add_argument("--model", help="model.name; with none: the architecture (else checked against the checkpoint)")
+        p.add_argument("--allow-download", action="store_true", help="let an export name an hf-hub: architecture")
+        _run_flags(p, out_default=f"runs/{name}-<encoder>-<data name>", config_example=recipe, override_example=example)
+
     p = sub.add_parser(
         "compare",
         help="pre-train several methods under one budget, then evaluate each (k-NN, linear, fine-tune)",
-        description="Pre-train each method with the same encoder, data and budget, evaluate every encoder with "
-        "k-NN, a linear probe and fine-tuning (plus the from-scratch fine-tuning baseline), and write report.md, "
-        "report.json and report.png into --out. Re-running the same command skips what is finished.",
+        description="Pre-train each method with the same encoder, data and budget, "
+        "evaluate every encoder with k-NN, a linear probe and fine-tuning (plus the from-scratch "
+        "fine-tuning baseline), and write report.md, report.json and report.png into --out. Re-running "
+        "the same command skips what is finished.",
     )
     p.add_argument("--methods", default="all", help="comma-separated method names, or all (see `mimkit methods`)")
     p.add_argument("--data", required=True, help="a labeled folder (train/ + val|test/) or demo")
@@ -156,18 +175,36 @@ def _compare_parser(sub) -> None:
     p.add_argument("--finetune-config", help="fine-tuning recipe (default: the packaged one for the data)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default: the recipe's)")
     p.add_argument("--evals", default="knn,linear,finetune", help="which evaluations to run")
-    p.add_argument("--max-images", type=int, help="a fixed, seeded subset of the training images")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-images", type=int, help="data.max_images: a fixed, seeded subset of the training images")
+    p.add_argument("--batch-size", type=int, help="train.batch_size, per process")
+    p.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="pre-training overrides for every method")
 
+    from .data.pack import add_parser as add_pack_parser
 
-def _nested(flags: dict) -> dict:
-    """{'a.b': 1, 'c': None} -> {'a': {'b': 1}}: flags the user did not give are left out."""
+    d = sub.add_parser("data", help="prepare data: pack a folder into tar shards or Parquet files")
+    add_pack_parser(d.add_subparsers(dest="data_command", required=True))
+    sub.add_parser("methods", help="list the registered methods")
+    return parser
+
+
+DOWNSTREAM = {
+    "finetune": "Fine-tune an encoder end to end with the recipe of MAE/BEiT/CIM (layer-wise lr decay, drop path, "
+    "mixup/cutmix, RandAugment, label smoothing, random erasing, warm-up + cosine, optional weight EMA with "
+    "train.ema=true), built from timm. --checkpoint none trains the same architecture from scratch with the identical "
+    "recipe. Writes <out>/finetune.json with the last (headline) and best top-1.",
+    "segment": "Fine-tune an encoder for semantic segmentation with a light head (default) or UperNet on the "
+    "encoder's multi-level features. Data: a folder with train/ and val|test/, each holding images/ and masks/ of "
+    "the same file stems. Writes <out>/segment.json with mIoU and per-class IoU.",
+}
+
+
+# --------------------------------------------------------------------------------------------- configs
+def flag_overrides(args, **extra) -> dict:
+    """The flags the user gave, as a nested override dict keyed like the config."""
     overrides: dict = {}
-    for key, value in flags.items():
-        if value is None:
-            continue
+    given = {FLAG_KEYS[k]: v for k, v in vars(args).items() if k in FLAG_KEYS and v is not None}
+    for key, value in {**given, **extra}.items():
         node = overrides
         *parents, leaf = key.split(".")
         for part in parents:
@@ -176,20 +213,10 @@ def _nested(flags: dict) -> dict:
     return overrides
 
 
-def _run_flag_overrides(args, **extra) -> dict:
-    """The run flags the user gave (data, budget, model, device) as a nested override dict."""
-    flags = {
-        "data.path": args.data,
-        "out": args.out,
-        "train.epochs": args.epochs,
-        "train.batch_size": args.batch_size,
-        "data.image_size": args.image_size,
-        "model.name": args.model,
-        "data.max_images": args.max_images,
-        "train.device": args.device,
-        **extra,
-    }
-    return _nested(flags)
+def _recipe_sets_out(files) -> bool:
+    from .config import read_yaml
+
+    return any("out" in read_yaml(f) for f in files)
 
 
 def _default_out(args, files) -> bool:
@@ -198,7 +225,17 @@ def _default_out(args, files) -> bool:
 
 
 def _data_name(cfg) -> str:
-    return "demo" if cfg.data.path == "demo" else Path(cfg.data.path).resolve().name
+    return "demo" if cfg.data.path == "demo" else Path(cfg.data.path.split("::")[0]).resolve().name
+
+
+def pretrain_config(args, kind: str = "pretrain"):
+    files = [args.config] if args.config else []
+    if not files and kind == "pretrain" and args.data in (None, "demo"):
+        files = ["demo"]  # the packaged demo recipe
+    cfg = build_config(files, flag_overrides(args), args.overrides)
+    if _default_out(args, files):
+        cfg.out = f"runs/{cfg.method if kind == 'pretrain' else kind}-{_data_name(cfg)}"
+    return cfg
 
 
 def downstream_config(args, recipe: str):
@@ -207,7 +244,7 @@ def downstream_config(args, recipe: str):
     files = [f"{recipe}-demo" if args.data in (None, "demo") else recipe]
     if args.config:
         files.append(args.config)
-    cfg = build_config(files, _run_flag_overrides(args), args.overrides)
+    cfg = build_config(files, flag_overrides(args), args.overrides)
     if _default_out(args, files[1:]):
         source = "scratch" if args.checkpoint == "none" else Path(args.checkpoint).resolve().parent.name
         data = _data_name(cfg)
@@ -215,38 +252,22 @@ def downstream_config(args, recipe: str):
     return cfg
 
 
-def pretrain_config(args):
-    files = [args.config] if args.config else []
-    if not files and (args.data in (None, "demo")):
-        files = ["demo"]  # the packaged demo recipe
-    cfg = build_config(files, _run_flag_overrides(args, method=args.method), args.overrides)
-    if _default_out(args, files):
-        cfg.out = f"runs/{cfg.method}-{_data_name(cfg)}"
-    return cfg
-
-
-def _recipe_sets_out(files) -> bool:
-    from .config import read_yaml
-
-    return any("out" in read_yaml(f) for f in files)
-
-
+# -------------------------------------------------------------------------------------------- commands
 def cmd_pretrain(args) -> int:
-    from .engine.run import pretrain_and_report
+    from .engine.pretrain import pretrain
 
-    cfg = pretrain_config(args)
-    pretrain_and_report(cfg)
+    pretrain(pretrain_config(args))
     return 0
 
 
 def cmd_tokenizer(args) -> int:
     if args.tokenizer_command == "train":
-        from .engine.run import pretrain_and_report
+        from .engine.tokenizer import train_tokenizer
 
-        cfg = pretrain_config(args)
-        cfg.eval.final_knn = False  # a tokenizer is judged by held-out PSNR and codebook usage, not k-NN
-        pretrain_and_report(cfg)
+        args.overrides = ["eval.final_knn=false", *args.overrides]  # judged by PSNR and codebook usage, not k-NN
+        train_tokenizer(pretrain_config(args, kind="tokenizer"))
         return 0
+    from .errors import ConfigError
     from .models.tokenizer import save_tokenizer
     from .models.tokenizer.dalle_import import WHY_TRUST, convert_dalle
 
@@ -263,39 +284,26 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from .data import labeled_splits
     from .engine.run import load_encoder
-    from .engine.train import resolve_device
-    from .eval import extract, knn_accuracy, linear_probe
+    from .eval import FeatureEval
+    from .runtime import resolve_device
 
-    device = resolve_device(args.device)
-    encoder, info = load_encoder(args.checkpoint, device)
+    cfg = build_config([], flag_overrides(args))
+    device = resolve_device(cfg.train.device)
+    encoder, info = load_encoder(args.checkpoint, device, allow_download=args.allow_download)
+    cfg.data.mean, cfg.data.std = tuple(info["mean"]), tuple(info["std"])
     size = args.image_size or info["image_size"]
-    data = DataConfig(
-        path=args.data,
-        mean=tuple(info["mean"]),
-        std=tuple(info["std"]),
-        num_workers=args.workers,
-        max_images=args.max_images,
-    )
-    memory, query = labeled_splits(args.data, data, 0, args.max_eval_images)
-    tr, ytr = extract(encoder, memory, data, size, device, args.pool)
-    te, yte = extract(encoder, query, data, size, device, args.pool)
-    if args.protocol == "knn":
-        res = knn_accuracy(tr, ytr, te, yte, len(memory.classes), args.k, args.temperature)
-    else:
-        torch.manual_seed(0)
-        res = linear_probe(tr, ytr, te, yte, len(memory.classes), epochs=args.epochs)
+    max_eval = args.max_eval_images  # the full split unless asked (eval.max_eval_images is the monitor's)
+    memory, query = labeled_splits(args.data, cfg.data, 0, max_eval)
+    res = FeatureEval(memory, query, cfg.data, size, device, cfg.eval).scores(encoder, (args.protocol,))
+    res = res[args.protocol]
     res.update(
-        {
-            "protocol": args.protocol,
-            "checkpoint": str(args.checkpoint),
-            "data": args.data,
-            "pool": args.pool,
-            "method": info.get("method"),
-        }
+        protocol=args.protocol,
+        checkpoint=str(args.checkpoint),
+        data=args.data,
+        pool=cfg.eval.pool,
+        method=info.get("method"),
     )
     text = json.dumps(res, indent=2)
     print(text)
@@ -308,16 +316,14 @@ def cmd_eval(args) -> int:
 def cmd_finetune(args) -> int:
     from .engine.finetune import finetune
 
-    cfg = downstream_config(args, "finetune")
-    finetune(cfg, args.checkpoint, model_flag=args.model, image_size=args.image_size)
+    finetune(downstream_config(args, "finetune"), args.checkpoint, args.model, args.image_size, args.allow_download)
     return 0
 
 
 def cmd_segment(args) -> int:
     from .engine.segment import segment
 
-    cfg = downstream_config(args, "segment")
-    segment(cfg, args.checkpoint, model_flag=args.model, image_size=args.image_size)
+    segment(downstream_config(args, "segment"), args.checkpoint, args.model, args.image_size, args.allow_download)
     return 0
 
 
@@ -329,10 +335,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.train import method_from_checkpoint
+    from .engine.pretrain import export_method, method_from_checkpoint
 
     method, cfg, _ = method_from_checkpoint(args.checkpoint)
-    out = method.export(args.out, cfg)
+    out = export_method(method, cfg, args.out)
     print(
         f"exported the {cfg.method} encoder to '{out}'; load it with "
         f"timm.create_model('local-dir:{out}', pretrained=True)"
@@ -341,67 +347,51 @@ def cmd_export(args) -> int:
 
 
 def cmd_visualize(args) -> int:
-    import torch
+    from .engine.visualize import visualize
 
-    from .data import load_splits
-    from .data.pipeline import ViewDataset, collate, prepare_batch
-    from .engine.train import method_from_checkpoint
-    from .viz import save_grid, unnormalize
-
-    state = {}
-    if Path(args.checkpoint).is_dir():  # a tokenizer folder: original | reconstruction
-        from .methods.tokenizer import method_from_tokenizer
-
-        method, cfg = method_from_tokenizer(args.checkpoint, args.image_size)
-    else:
-        method, cfg, state = method_from_checkpoint(args.checkpoint)
-    data = DataConfig(**{**cfg.data.__dict__, "path": args.data})
-    boxes = state.get("ccrop_boxes")  # ContrastiveCrop: whole training images, with their current boxes
-    if boxes is not None:
-        from .data.ccrop import check_boxes
-
-        source = load_splits(data, cfg.train.seed).train  # the subset the boxes index
-        check_boxes(boxes, len(source), args.checkpoint)
-    else:
-        splits = load_splits(data, args.seed)
-        source = splits.query if splits.query is not None else splits.train
-    g = torch.Generator().manual_seed(args.seed)
-    picks = torch.randperm(len(source), generator=g)[: args.num].tolist()
-    crop = "center" if boxes is None else "full"
-    ds = ViewDataset(source, method.views, data, seed=args.seed, train=False, eval_crop=crop)
-    batch = prepare_batch(collate([ds[i] for i in picks]), method.views, "cpu", data.mean, data.std)
-    if boxes is not None:
-        batch["ccrop_box"] = boxes[picks]
-    torch.manual_seed(args.seed)
-    rows = unnormalize(method.visualize(batch), data.mean, data.std)
-    scale = args.scale or max(1, 128 // rows.shape[2])
-    path = save_grid(rows, args.out, scale=scale)
-    print(f"wrote '{path}' ({len(picks)} rows; {cfg.method}: {method.visualize.__doc__.strip().splitlines()[0]})")
+    path, rows, what = visualize(args.checkpoint, args.data, args.out, args.num, args.seed, args.scale, args.image_size)
+    print(f"wrote '{path}' ({rows} images; {what})")
     return 0
+
+
+def cmd_data(args) -> int:
+    from .data.pack import run
+
+    return run(args)
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    for name, cls in METHODS.items():
+        print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    return 0
+
+
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "visualize": cmd_visualize,
+    "tokenizer": cmd_tokenizer,
+    "finetune": cmd_finetune,
+    "segment": cmd_segment,
+    "compare": cmd_compare,
+    "data": cmd_data,
+    "methods": cmd_methods,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "methods":
-            from .methods import METHODS
-
-            for name, cls in METHODS.items():
-                print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
-            return 0
-        commands = {"pretrain": cmd_pretrain, "eval": cmd_eval, "export": cmd_export, "visualize": cmd_visualize}
-        commands.update(tokenizer=cmd_tokenizer, finetune=cmd_finetune, segment=cmd_segment, compare=cmd_compare)
-        return commands[args.command](args)
-    except ConfigError as e:
+        return COMMANDS[args.command](args)
+    except MimkitError as e:
         print(f"mimkit: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as e:
-        from .engine.train import TrainingError
-
-        if isinstance(e, TrainingError):
-            print(f"mimkit: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except TrainingError as e:
+        print(f"mimkit: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mimkit: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -1,164 +1,101 @@
 """Typed run configuration: dataclasses, YAML recipes and dotted command-line overrides.
 
-A recipe is plain YAML whose keys mirror the dataclasses below. Every key is checked: an unknown key or a value
-of the wrong type raises `ConfigError` naming the dotted key, so a typo never silently falls back to a default.
+A recipe is plain YAML whose keys mirror the dataclasses below. Every key is checked: an unknown key, a value of
+the wrong type, a value outside its range (`Annotated[int, Range(1)]`) or outside its choices (`Literal[...]`)
+raises `ConfigError` naming the dotted key, so a typo never silently falls back to a default.
+
+This file holds the sections every run shares. A method's own section (`mae`, `beit`, ...) is the `Options`
+dataclass in the method's file; `Config` finds them through the method registry (`mimkit.methods.METHODS`), so
+adding a method never touches this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A recipe, override or CLI value that does not fit the schema."""
+__all__ = ["Config", "ConfigError", "Range", "build_config", "config_from_dict", "to_dict", "dump_yaml"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number in the schema: `Annotated[int, Range(1)]` is an integer >= 1."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # True: the value must be strictly above `min`
+
+    def check(self, key: str, value) -> None:
+        low = self.min is not None and (value <= self.min if self.min_open else value < self.min)
+        if low or (self.max is not None and value > self.max):
+            if self.min is not None and self.max is not None:
+                bounds = f"in {'(' if self.min_open else '['}{self.min:g}, {self.max:g}]"
+            elif self.min is not None:
+                bounds = f"{'>' if self.min_open else '>='} {self.min:g}"
+            else:
+                bounds = f"<= {self.max:g}"
+            raise ConfigError(f"{key} must be {bounds}, got {value:g}")
+
+
+PositiveInt = Annotated[int, Range(1)]
+NonNegInt = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, min_open=True)]
+NonNegFloat = Annotated[float, Range(0)]
+Probability = Annotated[float, Range(0, 1)]
 
 
 # ----------------------------------------------------------------------------------------------- schema
 @dataclass
 class DataConfig:
     path: str = "demo"  # a folder (labeled, flat, or with train/ and val|test/) or "demo"
-    image_size: int = 32
-    max_images: int | None = None  # fixed, seeded subset of the training images
+    image_size: PositiveInt = 32
+    max_images: PositiveInt | None = None  # fixed, seeded subset of the training images
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
-    hflip: bool = True
+    hflip: Probability = 0.5  # horizontal flip probability (0 for digits and text)
     # ContrastiveCrop (Peng et al. 2022), for every method: crops whose centre lies inside a per-image box found on
     # the model's own feature heat map; RandomResizedCrop until the first box update (docs/design.md)
-    crop_mode: str = "rrc"  # rrc | ccrop
+    crop_mode: Literal["rrc", "ccrop"] = "rrc"
     ccrop_alpha: float = 0.6  # Beta(alpha, alpha) placement inside the box; < 1 pushes the crops apart
     ccrop_threshold: float = 0.1  # heat-map rows/columns whose max (min-max normalised) exceeds this span the box
-    ccrop_warmup_epochs: int = 20  # RandomResizedCrop for these epochs; boxes are first estimated at their end
-    ccrop_interval: int = 20  # re-estimate the boxes after every epoch e >= warm-up with e % interval == 0
-    ccrop_heat: str = "l1"  # ViT heat map: l1 (sum of |pre-norm token|) | sum (signed channel sum) [UNVERIFIED]
+    ccrop_warmup_epochs: NonNegInt = 20  # RandomResizedCrop for these epochs; boxes are first estimated at their end
+    ccrop_interval: PositiveInt = 20  # re-estimate the boxes after every epoch e >= warm-up with e % interval == 0
+    ccrop_heat: Literal["l1", "sum"] = "l1"  # ViT heat map: sum of |pre-norm token| | signed channel sum [UNVERIFIED]
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    num_workers: int = 2
-    bad_file_limit: float = 0.01  # fraction of undecodable files past which a run stops
+    num_workers: NonNegInt = 2
+    bad_file_limit: Probability = 0.01  # fraction of undecodable files past which a run stops (at least 1 file)
     device_cache: bool = False  # decode the training set once into the device's memory, crop there (small datasets)
-    device_cache_size: int = 0  # side images of different sizes are squashed to (> 0: every image); 0 = largest view
-    device_cache_max_gb: float = 4.0  # refuse to build a device cache larger than this (N x 3 x H x W bytes)
-    device_crops: str = "exact"  # exact (the worker loader's crops, host-drawn) | fast (batch-drawn on the device)
+    # side images of different sizes are squashed to (> 0: every image); 0 = the largest view's size
+    device_cache_size: NonNegInt = 0
+    device_cache_max_gb: PositiveFloat = 4.0  # refuse to build a device cache larger than this (N x 3 x H x W bytes)
+    # exact: the worker loader's crops, drawn on the host | fast: drawn per batch on the device
+    device_crops: Literal["exact", "fast"] = "exact"
 
 
 @dataclass
 class ModelConfig:
     name: str = "vit_tiny_patch16_224"  # any timm vit_* name
-    patch_size: int = 4
-    drop_path: float = 0.0
+    patch_size: PositiveInt | None = None  # None: the one the timm name says (vit_small_patch16_224 -> 16)
+    drop_path: Probability = 0.0  # stochastic depth rate (fine-tuning recipes: 0.1)
     # optional size overrides of the named architecture (timm accepts them as factory arguments)
-    depth: int | None = None
-    embed_dim: int | None = None
-    num_heads: int | None = None
+    depth: PositiveInt | None = None
+    embed_dim: PositiveInt | None = None
+    num_heads: PositiveInt | None = None
     layer_scale: float | None = None  # LayerScale init (BEiT: 0.1 for ViT-B, 1e-5 for ViT-L); None = off
     # beit_* encoders only (BEiT, SimMIM's ViT): relative position bias shared | per_layer | none; absolute pos
-    rel_pos_bias: str = "shared"
+    rel_pos_bias: Literal["shared", "per_layer", "none"] = "shared"
     abs_pos_embed: bool = False
-
-
-@dataclass
-class MAEConfig:
-    mask_ratio: float = 0.75
-    decoder_dim: int = 192
-    decoder_depth: int = 4
-    decoder_heads: int = 3
-    norm_pix_loss: bool = True
-    norm_pix_eps: float = 1e-6  # MAE's value; flat images (documents, digits) want a larger one
-
-
-@dataclass
-class BEiTConfig:
-    mask_ratio: float = 0.4  # target share of patches (BEiT: 75 of 196); blockwise masks may hold fewer
-    min_block_patches: int = 16  # smallest block (capped at the target count on small grids)
-    max_block_patches: int | None = None
-    min_aspect: float = 0.3
-
-
-@dataclass
-class CIMConfig:
-    """CIM's generator, corruption and enhancer (cim-respix / cim-revdet). Values the paper does not give us are
-    marked: see docs/methods.md."""
-
-    mask_ratio: float = 0.5  # share of tokens the generator must fill (paper ablation: ~50%)
-    mask_mode: str = "random"  # random | block (BEiT's blockwise masks)
-    generator_depth: int = 4  # a *small* BEiT: paper ablation favours 4-6 layers
-    generator_dim: int = 192  # UNVERIFIED width; keep it well below the enhancer's
-    generator_heads: int = 3
-    generator_patch: int | None = None  # pixels per token; default: the ViT enhancer's patch / model.patch_size
-    sample: str = "softmax"  # softmax (paper) | argmax (ablation)
-    temperature: float = 1.0  # UNVERIFIED
-    target_norm: str = "window"  # ResPix targets: window (paper) | patch (MAE) | none
-    window: int = 9  # UNVERIFIED sliding-window size (odd)
-    enhancer_weight: float = 1.0  # lambda in L = L_gen + lambda * L_enh; UNVERIFIED
-    cnn_output_stride: int = 32  # CNN enhancers: 8 | 16 | 32 (dilation keeps small images' maps large enough)
-    vocab_size: int = 0  # 0 = the tokenizer's codebook size; otherwise must equal it
-    eval_images: int = 256  # held-out images for the epoch-end check against trivial baselines
-
-
-@dataclass
-class SimMIMConfig:
-    mask_ratio: float = 0.6
-    mask_patch_size: int | None = None  # pixels per mask cell, a multiple of the patch; None = 2 patches (32 over 16)
-
-
-@dataclass
-class ConMIMConfig:
-    mask_mode: str = "block"  # block (BEiT's rectangles, the reference default) | coarse (random cells, "random_mps32")
-    mask_ratio: float = 0.4  # block: target fraction of patches (BEiT/ConMIM: 75 of 196); coarse: fraction of cells
-    mask_min_patches: int = 16  # block: smallest rectangle, in patches
-    mask_cell: int = 2  # coarse: cell side in patches (32 px cells over 16 px patches)
-    mask_bank: int = 0  # block: > 0 draws masks on the device from this many precomputed (x8 flips) ones
-    temperature: float = 0.1  # InfoNCE temperature on L2-normalised projections
-    momentum: float = 0.996  # teacher EMA momentum at the first step, raised by a cosine to momentum_final
-    momentum_final: float = 1.0
-    proj_hidden: int = 1024  # per-token MLP projector width (the paper: 4096 for ViT-B/L; costly on small ViTs)
-    proj_dim: int = 256  # projection size (the paper: 256)
-    export_encoder: str = "teacher"  # which ViT goes downstream: teacher (EMA, the reference) | student
-    center_teacher: bool = False  # subtract the teacher's per-position batch mean (not in the reference; see docs)
-    # the strong perturbation of the teacher's view (batched, on the device; see mimkit.data.augment)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.1
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the view
-    solarize_p: float = 0.2
-
-
-@dataclass
-class CMAEConfig:
-    """CMAE seed variant (Mao et al., arXiv 2205.10546; only the abstract is public). Every [UNVERIFIED] key is a
-    reconstruction choice (docs/design.md, "CMAE"); set a weight to 0 to switch its task off."""
-
-    # reconstruction: MAE's masking, encoder pass, decoder and norm-pix loss, with a slimmer decoder than MAE's 4x192
-    mask_ratio: float = 0.75
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    norm_pix_loss: bool = True
-    norm_pix_eps: float = 1e-6
-    # loss = rec_weight * L_rec + contrast_weight * L_contrast + pos_weight * L_pos  [UNVERIFIED weights]
-    rec_weight: float = 1.0
-    contrast_weight: float = 0.1
-    pos_weight: float = 0.1
-    # contrastive: pooled visible tokens of the masked crop vs the whole second crop through the target encoder
-    target_encoder: str = "ema"  # ema (momentum copy, mimkit.ema) | shared (the online encoder); stop-gradient both
-    momentum: float = 0.996  # EMA momentum at step 0, raised by a cosine to momentum_final
-    momentum_final: float = 1.0
-    temperature: float = 0.2  # InfoNCE over the batch, symmetric [UNVERIFIED: MoCo's 0.2]
-    pool: str = "avg"  # avg (mean of patch tokens) | cls
-    proj_hidden: int = 1024  # projector D -> hidden -> proj_dim (predictor proj_dim -> hidden -> proj_dim)
-    proj_dim: int = 256
-    predictor: bool = True  # a predictor on the online side (MoCo v3 / BYOL)
-    # token position prediction: a second encoder pass over the visible patches with positions hidden, a linear
-    # head classifies each token's patch index. drop: no position embedding | permute: those of random positions
-    pos_hiding: str = "drop"
 
 
 @dataclass
@@ -167,51 +104,55 @@ class TokenizerConfig:
     `mimkit tokenizer train` fits (mimkit.models.tokenizer.VQTokenizer)."""
 
     path: str | None = None  # a tokenizer folder (`mimkit tokenizer train` / `mimkit tokenizer import-dalle`)
-    vocab_size: int = 512
-    downsample: int = 4  # pixels per token side, a power of 2: the ViT patch size (4 at 32 px gives 8x8 tokens)
-    width: int = 64  # channels after the stem, doubled at each downsampling up to 4x
-    res_blocks: int = 2  # residual blocks at token resolution, in the encoder and in the decoder
-    code_dim: int = 16  # low-dimensional codes are used more evenly (docs/results.md, "Tokenizer")
-    commitment: float = 0.25  # weight of ||z - sg(code)||^2 (VQ-VAE's beta)
-    ema_decay: float = 0.99  # codebook running-mean decay
-    restart_every: int = 10  # steps between dead-code restarts (codes unused since the last one); 0 = each epoch
-    eval_images: int = 1000  # held-out images for the epoch-end PSNR and codebook usage
+    vocab_size: PositiveInt = 512
+    downsample: PositiveInt = 4  # pixels per token side, a power of 2: the ViT patch size (4 at 32 px gives 8x8 tokens)
+    width: PositiveInt = 64  # channels after the stem, doubled at each downsampling up to 4x
+    res_blocks: NonNegInt = 2  # residual blocks at token resolution, in the encoder and in the decoder
+    code_dim: PositiveInt = 16  # low-dimensional codes are used more evenly (docs/results.md, "Tokenizer")
+    commitment: NonNegFloat = 0.25  # weight of ||z - sg(code)||^2 (VQ-VAE's beta)
+    ema_decay: Probability = 0.99  # codebook running-mean decay
+    restart_every: NonNegInt = 10  # steps between dead-code restarts (codes unused since the last one); 0 = each epoch
+    eval_images: NonNegInt = 1000  # held-out images for the epoch-end PSNR and codebook usage
 
 
 @dataclass
 class OptimConfig:
-    blr: float = 1.5e-4  # base lr; lr = blr * effective_batch / lr_batch_divisor (MAE's rule)
-    lr: float | None = None  # absolute lr; overrides blr when set (BEiT/ConMIM convention)
-    lr_batch_divisor: int = 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = 1.0
-    clip_grad: float | None = None
-    accum_steps: int = 1
+    blr: PositiveFloat = 1.5e-4  # base lr; lr = blr * effective_batch / lr_batch_divisor (MAE's rule)
+    lr: PositiveFloat | None = None  # absolute lr; overrides blr when set (BEiT/ConMIM convention)
+    lr_batch_divisor: PositiveInt = 256
+    min_lr: NonNegFloat = 0.0
+    weight_decay: NonNegFloat = 0.05
+    betas: tuple[Probability, Probability] = (0.9, 0.95)
+    warmup_epochs: NonNegFloat = 1.0
+    clip_grad: PositiveFloat | None = None  # max global gradient norm; None = no clipping
+    accum_steps: PositiveInt = 1  # micro-batches per optimizer step (effective batch = batch_size x world x accum)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128  # per process
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128  # per process
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     seed: int = 0
-    log_every: int = 10  # steps between metric lines (and the only host syncs of the loss)
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    log_every: PositiveInt = 10  # steps between metric lines (and the only host syncs of the loss)
+    checkpoint_every: NonNegInt = 0  # steps between checkpoints; 0 = once per epoch
     compile: bool = False
+    ema: bool = False  # keep an EMA of the trained weights (timm ModelEmaV3); fine-tuning evaluates it too
+    ema_decay: Probability = 0.9999
+    stop_signals: str = "SIGTERM,SIGUSR1"  # finish the step, checkpoint and exit 3 on these ("" = ignore)
     channels_last: bool = True  # CUDA: convolution weights in NHWC (faster cuDNN kernels for CNNs); ignored on CPU
 
 
 @dataclass
 class EvalConfig:
-    knn_every: int = 0  # epochs between k-NN monitor runs on labeled data (0 = off)
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    pool: str = "avg"  # feature for k-NN / linear: avg of patch tokens, or the class token ("cls")
+    knn_every: NonNegInt = 0  # epochs between k-NN monitor runs on labeled data (0 = off)
+    knn_k: PositiveInt = 20
+    knn_temperature: PositiveFloat = 0.07
+    pool: Literal["avg", "cls"] = "avg"  # feature for k-NN / linear: mean of patch tokens, or the class token
+    linear_epochs: PositiveInt = 90  # linear probe epochs (MAE: 90 on ImageNet)
     final_knn: bool = True  # after pre-training on labeled data: k-NN of the encoder vs random init
-    max_eval_images: int | None = 2000  # queries for the k-NN monitor / final k-NN (eval knn: the full split)
+    max_eval_images: PositiveInt | None = 2000  # queries for the k-NN monitor / final k-NN (eval knn: the full split)
 
 
 @dataclass
@@ -219,22 +160,22 @@ class FinetuneConfig:
     """End-to-end fine-tuning (`mimkit finetune`): the recipe of MAE/BEiT/CIM, built from timm's parts. The
     optimizer's lr, schedule and weight decay come from `optim`, the budget from `train`."""
 
-    global_pool: str = "avg"  # avg (mean of patch tokens + fc_norm, MAE/BEiT) | token (class token)
-    layer_decay: float = 0.75  # layer-wise lr decay (timm param groups); 1.0 = off. ViT-B: 0.65, ViT-L: 0.75
-    drop_path: float = 0.1
-    mixup: float = 0.8  # Beta(alpha) of mixup; 0 = off
-    cutmix: float = 1.0  # Beta(alpha) of cutmix; 0 = off
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5  # chance of cutmix instead of mixup when both are on
-    smoothing: float = 0.1  # label smoothing
+    renamed: ClassVar[dict] = {"drop_path": "model.drop_path", "hflip": "data.hflip", "ema": "train.ema",
+                               "ema_decay": "train.ema_decay"}  # fmt: skip
+
+    global_pool: Literal["avg", "token"] = "avg"  # avg (mean of patch tokens + fc_norm, MAE/BEiT) | token (class token)
+    # layer-wise lr decay (timm param groups); 1.0 = off. ViT-B: 0.65, ViT-L: 0.75
+    layer_decay: Annotated[float, Range(0, 1, min_open=True)] = 0.75
+    mixup: NonNegFloat = 0.8  # Beta(alpha) of mixup; 0 = off
+    cutmix: NonNegFloat = 1.0  # Beta(alpha) of cutmix; 0 = off
+    mixup_prob: Probability = 1.0
+    mixup_switch_prob: Probability = 0.5  # chance of cutmix instead of mixup when both are on
+    smoothing: Probability = 0.1  # label smoothing
     randaug: str = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; "" = off
-    reprob: float = 0.25  # random erasing probability
+    reprob: Probability = 0.25  # random erasing probability
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    hflip: float = 0.5  # horizontal flip probability (0 for digits and text)
-    ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3) and evaluate it too
-    ema_decay: float = 0.9999
-    eval_every: int = 1  # epochs between evaluations on the val/test split (the last epoch is always evaluated)
-    max_eval_images: int | None = None  # subset of the val/test split (None = all)
+    eval_every: NonNegInt = 1  # epochs between evaluations on the val/test split (the last epoch is always evaluated)
+    max_eval_images: PositiveInt | None = None  # subset of the val/test split (None = all)
 
 
 @dataclass
@@ -243,52 +184,79 @@ class SegmentConfig:
     is `data.image_size` (--image-size); the optimizer's lr and schedule length come from `optim`, the budget
     from `train` (mimkit.engine.segment)."""
 
-    num_classes: int = 11  # class ids 0..num_classes-1 in the masks
+    num_classes: Annotated[int, Range(2)] = 11  # class ids 0..num_classes-1 in the masks
     ignore_index: int = 255  # mask value excluded from loss and IoU (CamVid: 11)
     class_names: str = ""  # comma-separated names of ids 0..num_classes-1 ("" = class_0, class_1, ...)
     reduce_zero_label: bool = False  # raw ADE20K masks: id 0 ("other") becomes ignore_index, the rest shift by -1
-    head: str = "light"  # light (documented default for small data) | upernet (BEiT/MAE)
-    head_width: int = 128  # head channels (SegFormer's small decoders: 256; BEiT/MAE's UperNet on ViT-B: 768)
+    head: Literal["light", "upernet"] = "light"  # light (documented default for small data) | upernet (BEiT/MAE)
+    head_width: PositiveInt = 128  # head channels (SegFormer's small decoders: 256; BEiT/MAE's UperNet on ViT-B: 768)
     feature_indices: tuple[int, int, int, int] | None = None  # ViT blocks (0-based) for strides 4/8/16/32
-    aux_weight: float = 0.0  # FCN auxiliary head on the stride-16 level (BEiT/MAE's UperNet: 0.4); 0 = none
-    dropout: float = 0.1  # before the classifier (mmsegmentation's decode heads)
-    base_size: int = 512  # short side images are resized to: times the jitter when training, exactly for eval
+    aux_weight: NonNegFloat = 0.0  # FCN auxiliary head on the stride-16 level (BEiT/MAE's UperNet: 0.4); 0 = none
+    dropout: Probability = 0.1  # before the classifier (mmsegmentation's decode heads)
+    base_size: PositiveInt = 512  # short side images are resized to: times the jitter when training, exactly for eval
     scale_range: tuple[float, float] = (0.5, 2.0)  # training scale jitter of base_size (mmseg's ratio_range)
-    hflip: bool = True
+    hflip: Probability = 0.5
     photometric: bool = False  # colour jitter approximating mmseg's PhotoMetricDistortion (its ADE20K pipeline)
-    eval_mode: str = "whole"  # whole (resized image in one pass) | slide (crop-size windows, BEiT/MAE's ADE20K test)
-    eval_stride: int | None = None  # slide: window step in px; None = 2/3 of the crop (341 over 512)
-    layer_decay: float = 1.0  # layer-wise lr decay of the encoder (BEiT/MAE on ADE20K: 0.65); 1.0 = off
-    head_lr_mult: float = 1.0  # lr of the head (and the ViT's multi-level adapter) relative to the encoder's top
-    lr_schedule: str = "poly"  # poly (power 1 after the warm-up, mmseg/BEiT) | cosine
-    eval_every: int = 0  # epochs between evaluations; 0 = only after the last epoch (which is always evaluated)
-    max_eval_images: int | None = None  # a fixed, seeded subset of the evaluation split (None = all)
+    # whole: the resized image in one pass | slide: crop-size windows (BEiT/MAE's ADE20K test)
+    eval_mode: Literal["whole", "slide"] = "whole"
+    eval_stride: PositiveInt | None = None  # slide: window step in px; None = 2/3 of the crop (341 over 512)
+    # layer-wise lr decay of the encoder (BEiT/MAE on ADE20K: 0.65); 1.0 = off
+    layer_decay: Annotated[float, Range(0, 1, min_open=True)] = 1.0
+    head_lr_mult: PositiveFloat = 1.0  # lr of the head (and the ViT's adapter) relative to the encoder's top
+    lr_schedule: Literal["poly", "cosine"] = "poly"  # poly (power 1 after the warm-up, mmseg/BEiT) | cosine
+    eval_every: NonNegInt = 0  # epochs between evaluations; 0 = only after the last epoch (which is always evaluated)
+    max_eval_images: PositiveInt | None = None  # a fixed, seeded subset of the evaluation split (None = all)
+
+
+def method_sections() -> dict[str, type]:
+    """Every registered method's option section: {section name: its Options dataclass}. The registry sits above
+    this file (methods import config), so it is looked up when a Config is made, not at import time."""
+    from .methods import option_sections
+
+    return option_sections()
 
 
 @dataclass
 class Config:
+    """The shared sections as fields; the method sections (`cfg.mae`, `cfg.beit`, ...) in `sections`, reached as
+    attributes. Every registered section is present, so `config.yaml` is a complete record of the run."""
+
     method: str = "mae"
     out: str = "runs/demo"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    cmae: CMAEConfig = field(default_factory=CMAEConfig)
-    conmim: ConMIMConfig = field(default_factory=ConMIMConfig)
-    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
-    beit: BEiTConfig = field(default_factory=BEiTConfig)
-    cim: CIMConfig = field(default_factory=CIMConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    sections: dict[str, Any] = field(default_factory=lambda: {k: cls() for k, cls in method_sections().items()})
+
+    def __getattr__(self, name: str) -> Any:  # only called when normal lookup fails
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"Config has no section '{name}'")
 
 
 # ----------------------------------------------------------------------------------------------- typing
 def _check_value(key: str, value: Any, tp: Any) -> Any:
     """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *marks = typing.get_args(tp)
+        value = _check_value(key, value, base)
+        for mark in marks:
+            if isinstance(mark, Range):
+                mark.check(key, value)
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            names = [repr(c) for c in choices]
+            raise ConfigError(f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -334,17 +302,29 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
 def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
     if not isinstance(updates, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    sections = getattr(obj, "sections", {}) if isinstance(obj, Config) else {}
+    names = sorted(set(fields) - {"sections"} | set(sections))
     for k, v in updates.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
-        current = getattr(obj, k)
+            renamed = getattr(type(obj), "renamed", {})
+            if k in renamed:
+                raise ConfigError(f"config key '{key}' was renamed: use '{renamed[k]}'")
+            raise ConfigError(f"unknown config key '{key}'{_did_you_mean(k, names, prefix)}")
+        current = sections[k] if k in sections else getattr(obj, k)
         if dataclasses.is_dataclass(current):
             _apply(current, v, key + ".")
         else:
             setattr(obj, k, _check_value(key, v, hints[k]))
+
+
+def _did_you_mean(name: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f" (known: {', '.join(names)})"
 
 
 def _nest(dotted: str, value: Any) -> dict:
@@ -412,7 +392,8 @@ def config_from_dict(d: dict) -> Config:
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain nested dict (tuples become lists) — safe for YAML, JSON and weights-only checkpoints."""
+    """Plain nested dict (tuples become lists; method sections at the top level beside the shared ones): safe for
+    YAML, JSON and weights-only checkpoints."""
 
     def plain(v):
         if isinstance(v, tuple | list):
@@ -421,7 +402,10 @@ def to_dict(cfg: Any) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    d = plain(dataclasses.asdict(cfg))
+    if isinstance(cfg, Config):
+        d.update(d.pop("sections"))
+    return d
 
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import torch
+from timm.models import VisionTransformer
 from torch import nn
 
 from . import __version__
@@ -54,16 +55,22 @@ def export_encoder(
     std,
     interpolation: str = "bicubic",
     mimkit_meta: dict | None = None,
+    global_pool: str | None = None,
 ) -> Path:
-    """Write the encoder's state dict and its timm config into `out_dir` (replaced atomically)."""
+    """Write the encoder's state dict and its timm config into `out_dir` (replaced atomically). `global_pool`
+    ('avg' | 'cls', ViTs): the pooling a plain timm forward of the export applies; mimkit's k-NN and linear
+    probe pool the same way (`eval.pool`), so `model(x)` gives the features mimkit reported."""
     out_dir = Path(out_dir)
     architecture = encoder.default_cfg.get("architecture") or encoder.pretrained_cfg["architecture"]
+    model_args = timm_model_args(encoder)
+    if global_pool and isinstance(encoder, VisionTransformer):  # final norm, then mean of patch tokens or the token
+        model_args.update(global_pool="avg" if global_pool == "avg" else "token", fc_norm=False)
     config = {
         "architecture": architecture,
         "num_classes": 0,
         "num_features": int(encoder.num_features),
-        "global_pool": _pool_name(encoder),
-        "model_args": timm_model_args(encoder),
+        "global_pool": model_args.get("global_pool", _pool_name(encoder)),
+        "model_args": model_args,
         "pretrained_cfg": {
             "tag": "mimkit",
             "custom_load": False,

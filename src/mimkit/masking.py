@@ -1,7 +1,8 @@
 """Masks shared by every method. Convention: in a boolean/float mask, 1 (True) means *masked* (hidden).
 
 - `random_masking`: MAE's per-sample random subset (by argsort of noise), fixed count.
-- `blockwise_masking`: BEiT's rectangles of patches, up to a target count (variable per image).
+- `blockwise_masking`: BEiT's rectangles of patches, up to a target *count* (variable per image); the count is
+  BEiT's `num_masking_patches` (75 of 14 x 14), `beit_mask_count` scales it to other grids.
 - `coarse_random_masking`: SimMIM's random cells of `cell` x `cell` patches (e.g. 32 px cells over 16 px patches).
 """
 
@@ -11,6 +12,8 @@ import math
 
 import numpy as np
 import torch
+
+from .errors import ConfigError
 
 
 def random_masking(
@@ -83,20 +86,48 @@ def blockwise_mask(
 def blockwise_masking(
     batch_size: int,
     grid: tuple[int, int],
-    mask_ratio: float,
+    num_masked: int,
     min_patches: int = 16,
     min_aspect: float = 0.3,
     max_patches: int | None = None,
     generator: np.random.Generator | None = None,
     device=None,
 ) -> torch.Tensor:
-    """(B, gh*gw) bool, 1 = masked; BEiT's blockwise masks for a batch (target count = round(ratio * N))."""
+    """(B, gh*gw) bool, 1 = masked; BEiT's blockwise masks for a batch, at most `num_masked` patches each (BEiT's
+    `num_masking_patches`). The smallest block is capped at the target, so small grids can still be masked."""
     rng = generator if generator is not None else np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
     n = grid[0] * grid[1]
-    target = int(round(mask_ratio * n))
-    min_patches = min(min_patches, max(1, target))
-    masks = [blockwise_mask(rng, grid, target, min_patches, max_patches, min_aspect) for _ in range(batch_size)]
+    min_patches = min(min_patches, max(1, num_masked))
+    masks = [blockwise_mask(rng, grid, num_masked, min_patches, max_patches, min_aspect) for _ in range(batch_size)]
     return torch.from_numpy(np.stack(masks).reshape(batch_size, n)).to(device)
+
+
+BEIT_MASKED, BEIT_PATCHES = 75, 196  # BEiT's and ConMIM's --num_mask_patches on their 14 x 14 grid
+
+
+def beit_mask_count(num_patches: int) -> int:
+    """BEiT's 75 masked patches of 196, scaled to a grid of `num_patches`: round(75 * N / 196), so exactly 75 at
+    14 x 14 (BEiT's own fraction, 0.383, not 0.4: round(0.4 * 196) would be 78), 24 at 8 x 8, 6 at 4 x 4."""
+    return round(BEIT_MASKED * num_patches / BEIT_PATCHES)
+
+
+def block_mask_count(num_patches: int, num_masking_patches: int | None, mask_ratio: float | None, section: str) -> int:
+    """The target count of a blockwise mask from a method's options: `num_masking_patches` when set, else
+    round(`mask_ratio` * N) when set, else BEiT's rule (`beit_mask_count`). ConfigError naming the key when both
+    are set or when the count masks no patch or leaves none visible."""
+    if num_masking_patches is not None and mask_ratio is not None:
+        raise ConfigError(f"{section}.num_masking_patches and {section}.mask_ratio are both set; set one of them")
+    if num_masking_patches is not None:
+        what, count = f"{section}.num_masking_patches {num_masking_patches}", num_masking_patches
+    elif mask_ratio is not None:
+        what, count = f"{section}.mask_ratio {mask_ratio:g}", round(mask_ratio * num_patches)
+    else:
+        what, count = f"{section}.num_masking_patches (None: BEiT's 75 of 196 scaled)", beit_mask_count(num_patches)
+    if count < 1:
+        raise ConfigError(f"{what} masks no patch of {num_patches} patches")
+    if count >= num_patches:
+        raise ConfigError(f"{what} leaves no visible patch of {num_patches} patches")
+    return count
 
 
 def coarse_random_masking(
@@ -115,3 +146,11 @@ def coarse_random_masking(
     coarse = (ranks < count).view(batch_size, ch, cw)
     fine = coarse.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)
     return fine.reshape(batch_size, gh * gw)
+
+
+def mask_cell(mask_patch_size: int | None, patch: int, key: str) -> int:
+    """A mask cell's side in patches from its side in pixels (None: 2 patches, SimMIM's and ConMIM's 32 over 16)."""
+    px = mask_patch_size or 2 * patch
+    if px % patch:
+        raise ConfigError(f"{key} {px} is not a multiple of the patch {patch}")
+    return px // patch

@@ -36,8 +36,9 @@ def collate_labeled(items) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), [i for b in bad for i in b]
 
 
-def finetune_transforms(cfg, image_size: int, mean, std) -> tuple:
-    """(train, eval) transforms of the fine-tuning recipe `cfg` (a FinetuneConfig), from timm.
+def finetune_transforms(cfg, image_size: int, mean, std, hflip: float = 0.5) -> tuple:
+    """(train, eval) transforms of the fine-tuning recipe `cfg` (a FinetuneConfig), from timm; `hflip`: the flip
+    probability (data.hflip).
     Eval: resize to `image_size` and centre crop (crop_pct 1: small images have no border to spare)."""
     from timm.data import create_transform
 
@@ -45,7 +46,7 @@ def finetune_transforms(cfg, image_size: int, mean, std) -> tuple:
         input_size=image_size,
         is_training=True,
         scale=tuple(cfg.crop_scale),
-        hflip=cfg.hflip,
+        hflip=hflip,
         auto_augment=cfg.randaug or None,
         interpolation="bicubic",
         re_prob=cfg.reprob,

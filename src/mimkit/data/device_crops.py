@@ -7,7 +7,7 @@ area fraction uniform in `data.crop_scale` and log-uniform aspect in `data.crop_
 the batch, the first fitting one kept), then `_fallback_box`'s centred crop; integer pixel boxes inside the image,
 top/left uniform over the valid range; or, for ContrastiveCrop, the top-left corner at a Beta(alpha, alpha)
 fraction between the corners that put the crop's centre on the box edges (clamped into the image). Flips with
-probability 0.5 when `data.hflip`. Each crop group draws its own crops.
+probability `data.hflip`. Each crop group draws its own crops.
 
 Randomness: one torch.Generator on the device, re-seeded for every batch from (data seed, epoch, position of
 the batch's first image in the epoch's order), so a run resumed mid-epoch gets exactly the batches of an
@@ -95,8 +95,8 @@ class FastCrops:
         else:
             left, top = contrastive_corners(g, w, h, self.width, self.height, boxes, c.ccrop_alpha)
         crops = torch.where(ok[:, None], torch.stack([left, top, left + w, top + h], 1), self.fallback)
-        flips = torch.rand(n, generator=g, device=self.device) < 0.5
-        return crops, flips & c.hflip  # drawn even without hflip: the stream does not depend on it
+        flips = torch.rand(n, generator=g, device=self.device) < c.hflip  # drawn even at 0: one stream for all
+        return crops, flips
 
     def draw(self, n: int, epoch: int, position: int, boxes: torch.Tensor | None = None) -> dict:
         """n crops per group for the batch starting at `position` of `epoch`; `boxes` (n, 4) relative

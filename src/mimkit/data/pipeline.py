@@ -193,7 +193,7 @@ class ViewDataset(Dataset):
             box = contrastive_crop_box(rng, w, h, c.crop_scale, c.crop_ratio, self.boxes[index].tolist(), c.ccrop_alpha)
         else:
             box = random_resized_crop_box(rng, w, h, c.crop_scale, c.crop_ratio)
-        return box, c.hflip and rng.random() < 0.5
+        return box, c.hflip > 0 and rng.random() < c.hflip
 
     def random_crops(self, epoch: int, index: int, used: int, w: int, h: int) -> dict:
         """{crop group: ((left, top, right, bottom), flip)} of key (epoch, index) on a w x h image (`used`: the

@@ -170,7 +170,7 @@ class SegmentationDataset(Dataset):
     int64 mask at its original size)."""
 
     def __init__(self, pairs: PairSource, train: bool, crop: int, base_size: int, scale_range=(0.5, 2.0),
-                 hflip: bool = True, photometric: bool = False, ignore_index: int = 255, divisor: int = 1):  # fmt: skip
+                 hflip: float = 0.5, photometric: bool = False, ignore_index: int = 255, divisor: int = 1):  # fmt: skip
         self.pairs, self.train, self.crop, self.base_size = pairs, train, crop, base_size
         self.scale_range, self.hflip, self.ignore_index, self.divisor = scale_range, hflip, ignore_index, divisor
         self.jitter = None
@@ -206,7 +206,7 @@ class SegmentationDataset(Dataset):
         y = torch.randint(0, img.shape[1] - self.crop + 1, ()).item()
         x = torch.randint(0, img.shape[2] - self.crop + 1, ()).item()
         img, m = img[:, y : y + self.crop, x : x + self.crop], m[y : y + self.crop, x : x + self.crop]
-        if self.hflip and torch.rand(()).item() < 0.5:
+        if self.hflip > 0 and torch.rand(()).item() < self.hflip:
             img, m = img.flip(-1), m.flip(-1)
         return img.contiguous(), m.contiguous()
 

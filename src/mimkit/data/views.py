@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # augment imports torch; views stays importable without it
+    from .augment import ColorSpec
 
 
 @dataclass(frozen=True)
@@ -14,6 +18,9 @@ class View:
     crop_group: views with the same group share one crop and flip; a view in another group gets its own,
     independent crop and flip of the same image (e.g. the two crops of a contrastive pair). Group 0 is drawn first,
     so a method with one group sees exactly the crops it would see without groups.
+    color: a colour perturbation (`mimkit.data.augment.ColorSpec`, e.g. ContrastiveCrop's jitter + grayscale)
+    drawn independently per view and image, on the device: the method applies it to its batch with
+    `augment.color_views(batch, views, mean, std)` (CMAE and MoCo v3's contrastive pairs). None = unchanged.
     """
 
     name: str
@@ -21,3 +28,4 @@ class View:
     interpolation: str = "bicubic"  # bicubic | bilinear | lanczos | nearest
     normalize: str = "mean_std"
     crop_group: int = 0
+    color: ColorSpec | None = None

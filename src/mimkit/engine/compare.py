@@ -22,16 +22,19 @@ import torch
 
 from ..config import Config, ConfigError, build_config
 from ..data import labeled_splits
-from ..eval import extract, knn_accuracy, linear_probe
+from ..eval import FeatureEval
 from ..methods import METHODS
+from ..models.vit import resolve_patch_size
+from ..runtime import is_vit, resolve_device
 from .downstream import build_model, encoder_spec
 from .finetune import finetune
 from .logging import say
-from .run import load_encoder, pretrain_and_report
-from .train import resolve_device
+from .loop import Runtime, seconds_per_step
+from .pretrain import PretrainTask, pretrain
+from .run import load_encoder
+from .tokenizer import TokenizerTask, train_tokenizer
 
 EVALS = ("knn", "linear", "finetune")
-NEEDS_TOKENIZER = ("beit", "cim-respix", "cim-revdet")
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -50,10 +53,10 @@ def parse_budget(text: str) -> tuple[str, float]:
 
 
 def method_list(text: str) -> list[str]:
-    names = [m for m in METHODS if m != "tokenizer"] if text == "all" else [s.strip() for s in text.split(",") if s]
-    unknown = [m for m in names if m not in METHODS or m == "tokenizer"]
+    names = list(METHODS) if text == "all" else [s.strip() for s in text.split(",") if s]
+    unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        known = ", ".join(m for m in METHODS if m != "tokenizer")
+        known = ", ".join(METHODS)
         raise ConfigError(f"--methods: unknown method(s) {unknown or [text]} (known: {known}, or all)")
     return names
 
@@ -69,7 +72,7 @@ def compare_from_args(args) -> dict:
     labeled_splits(base.data.path, base.data, base.train.seed, base.eval.max_eval_images)  # fails early: labels?
     out.mkdir(parents=True, exist_ok=True)
     results = {"budget": args.budget, "data": base.data.path, "model": model_name(base), "methods": {}}
-    if any(m in NEEDS_TOKENIZER for m in methods) and not base.tokenizer.path:
+    if any(METHODS[m].needs_tokenizer for m in methods) and not base.tokenizer.path:
         base.tokenizer.path = str(ensure_tokenizer(base, out / "tokenizer", budget))
     for name in methods:
         cfg = method_config(base, name, out / name, budget)
@@ -95,47 +98,28 @@ def base_config(args) -> Config:
 def model_name(cfg: Config) -> str:
     m = cfg.model
     sizes = ", ".join(f"{k}={getattr(m, k)}" for k in ("depth", "embed_dim", "num_heads") if getattr(m, k))
-    return f"{m.name}/{m.patch_size} at {cfg.data.image_size}px" + (f" ({sizes})" if sizes else "")
+    patch = m.patch_size or resolve_patch_size(m.name, None) if is_vit(m.name) else m.patch_size
+    return f"{m.name}/{patch} at {cfg.data.image_size}px" + (f" ({sizes})" if sizes else "")
 
 
-def method_config(base: Config, method: str, out: Path, budget: tuple[str, float]) -> Config:
+def method_config(base: Config, method: str, out: Path, budget: tuple[str, float], task=PretrainTask) -> Config:
     cfg = copy.deepcopy(base)
     cfg.method, cfg.out = method, str(out)
     kind, amount = budget
-    cfg.train.epochs = int(amount) if kind == "epochs" else calibrate_epochs(cfg, amount)
+    cfg.train.epochs = int(amount) if kind == "epochs" else calibrate_epochs(cfg, amount, task)
     return cfg
 
 
-def calibrate_epochs(cfg: Config, seconds: float, steps: int = 4) -> int:
-    """Epochs of `cfg.method` that fit in `seconds`: a few training steps (data included) are timed."""
-    from ..data import load_splits
-    from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
-    from ..methods import build_method
-
+def calibrate_epochs(cfg: Config, seconds: float, task_cls=PretrainTask, steps: int = 4) -> int:
+    """Epochs of `cfg`'s task that fit in `seconds`: a few of its training steps (data included) are timed."""
     device = resolve_device(cfg.train.device)
-    splits = load_splits(cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
-    method = build_method(cfg).to(device).train()
-    dataset = ViewDataset(splits.train, method.views, cfg.data, seed=cfg.train.seed)
-    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed)
-    params = [p for p in method.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.0)  # lr 0: timing only, the weights stay as built
-    t0, done = None, 0
-    mean, std = torch.tensor(cfg.data.mean, device=device), torch.tensor(cfg.data.std, device=device)  # as train.py
-    for batch in train_loader(dataset, sampler, 0, pin=False):
-        if done == 1:
-            t0 = time.perf_counter()  # the first step pays one-off costs
-        loss, _ = method(prepare_batch(batch, method.views, device, mean, std))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done += 1
-        if done > steps:
-            break
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    per_step = (time.perf_counter() - t0) / max(done - 1, 1)
-    epochs = max(1, int(seconds / (per_step * sampler.batches_per_epoch())))
-    say(f"{cfg.method}: {per_step * 1000:.0f} ms per step -> {epochs} epoch(s) fit the budget")
+    from ..runtime import resolve_precision
+
+    task = task_cls(cfg, Runtime(device, resolve_precision(cfg.train.precision, device)))
+    per_step = seconds_per_step(task, steps)
+    epochs = max(1, int(seconds / (per_step * task.batches_per_epoch())))
+    say(f"{cfg.method if task_cls is PretrainTask else task.kind}: {per_step * 1000:.0f} ms per step -> "
+        f"{epochs} epoch(s) fit the budget")  # fmt: skip
     return epochs
 
 
@@ -144,10 +128,11 @@ def ensure_tokenizer(base: Config, out: Path, budget: tuple[str, float]) -> Path
     folder = out / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return folder
-    cfg = method_config(base, "tokenizer", out, budget)
-    cfg.tokenizer.downsample = cfg.model.patch_size
+    tok_base = copy.deepcopy(base)
+    tok_base.tokenizer.downsample = resolve_patch_size(base.model.name, base.model.patch_size)
+    cfg = method_config(tok_base, base.method, out, budget, task=TokenizerTask)
     say(f"training the VQ tokenizer BEiT/CIM read their targets from ({cfg.train.epochs} epoch(s)) in '{out}'")
-    pretrain_and_report(cfg)
+    train_tokenizer(cfg)
     return folder
 
 
@@ -157,7 +142,7 @@ def run_one(cfg: Config, args, evals: list[str], run_dir: Path) -> dict:
     if not summary_file.is_file():
         say(f"== {cfg.method}: pre-training {cfg.train.epochs} epoch(s) into '{run_dir}'")
         t0 = time.perf_counter()
-        summary = pretrain_and_report(cfg)
+        summary = pretrain(cfg)
         summary["pretrain_seconds"] = round(time.perf_counter() - t0, 1)
         summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     summary = json.loads(summary_file.read_text())
@@ -186,7 +171,11 @@ def run_evals(cfg: Config, args, evals: list[str], run_dir: Path, checkpoint: st
     done = load_evals(run_dir)
     probes = [e for e in evals if e in ("knn", "linear") and e not in done]
     if probes:
-        done.update(probe(encoder_fn(), cfg, probes))
+        encoder = encoder_fn()
+        memory, query = labeled_splits(cfg.data.path, cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
+        device = next(encoder.parameters()).device
+        fe = FeatureEval(memory, query, cfg.data, cfg.data.image_size, device, cfg.eval)
+        done.update({k: v["top1"] for k, v in fe.scores(encoder, probes, seed=cfg.train.seed).items()})
         save_evals(run_dir, done)
     if "finetune" in evals and "finetune" not in done:
         done["finetune"] = run_finetune(cfg, args, checkpoint, run_dir / "finetune")
@@ -194,26 +183,13 @@ def run_evals(cfg: Config, args, evals: list[str], run_dir: Path, checkpoint: st
     return done
 
 
-def probe(encoder, cfg: Config, protocols: list[str]) -> dict:
-    """{protocol: top-1} for 'knn' and/or 'linear' on features extracted once."""
-    device = next(encoder.parameters()).device
-    memory, query = labeled_splits(cfg.data.path, cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
-    size, k = cfg.data.image_size, len(memory.classes)
-    tr, ytr = extract(encoder, memory, cfg.data, size, device, cfg.eval.pool)
-    te, yte = extract(encoder, query, cfg.data, size, device, cfg.eval.pool)
-    out = {}
-    if "knn" in protocols:
-        out["knn"] = knn_accuracy(tr, ytr, te, yte, k, cfg.eval.knn_k, cfg.eval.knn_temperature)["top1"]
-    if "linear" in protocols:
-        out["linear"] = linear_probe(tr, ytr, te, yte, k, seed=cfg.train.seed)["top1"]
-    return out
-
-
 def run_finetune(base: Config, args, checkpoint: str, out: Path) -> float:
     """The same fine-tuning recipe for every encoder (and the scratch baseline)."""
     recipe = ["finetune", "finetune-demo" if base.data.path == "demo" else None, args.finetune_config]
     cfg = build_config([r for r in recipe if r])
+    drop_path = cfg.model.drop_path  # the fine-tuning recipe's, on the pre-trained architecture
     cfg.data, cfg.model, cfg.out = copy.deepcopy(base.data), copy.deepcopy(base.model), str(out)
+    cfg.model.drop_path = drop_path
     cfg.train.device, cfg.train.seed = base.train.device, base.train.seed
     if args.finetune_epochs:
         cfg.train.epochs = args.finetune_epochs

@@ -1,16 +1,51 @@
-"""torchrun / DDP helpers. The same command runs on one process or many: without torchrun's environment
-variables nothing is initialised and every helper degrades to the single-process answer."""
+"""torchrun / SLURM / DDP helpers. The same command runs on one process or many: without a launcher's
+environment variables nothing is initialised and every helper degrades to the single-process answer.
+
+Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set by it), or a plain `srun` of N tasks
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST): the master is the first node of the allocation and
+the port `MASTER_PORT` (default 29500 + the job id's last 3 digits, so two jobs on a node do not collide).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[012-015,020],cpu1' -> 'gpu012'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(3)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def launcher_env() -> dict[str, str]:
+    """torchrun's variables, or those SLURM implies when torchrun's are absent ({} for a single process)."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    job = env.get("SLURM_JOB_ID", "0")
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_NODELIST", "127.0.0.1")),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(job[-3:] if job.isdigit() else 0)),
+    }
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Initialise the process group when launched by torchrun; -> (rank, world_size)."""
+    """Initialise the process group when launched by torchrun or srun; -> (rank, world_size)."""
+    os.environ.update(launcher_env())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
@@ -30,6 +65,13 @@ def is_distributed() -> bool:
 
 def is_main() -> bool:
     return not is_distributed() or dist.get_rank() == 0
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives live: the GPU for NCCL, the CPU for gloo."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:
@@ -52,12 +94,28 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_reduce_sum_int(value: int, device) -> int:
     if not is_distributed():
         return value
     t = torch.tensor([value], device=device, dtype=torch.long)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (itself when not distributed)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def shutdown() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
@@ -27,6 +28,7 @@ from ..export import (
     read_weights,
     timm_model_args,
 )
+from ..models.rel_pos import per_layer_model_args, resize_tables, shared_to_per_layer
 
 
 @dataclass
@@ -92,7 +94,7 @@ def _spec_from_export(path: Path, allow_download: bool = False) -> EncoderSpec:
 
 
 def _spec_from_training_checkpoint(path: Path) -> EncoderSpec:
-    from .train import method_from_checkpoint
+    from .pretrain import method_from_checkpoint
 
     method, cfg, _ = method_from_checkpoint(path)
     enc = method.encoder
@@ -115,12 +117,22 @@ def _spec_from_training_checkpoint(path: Path) -> EncoderSpec:
 NEW_PARAM_PREFIXES = ("head.", "fc_norm.", "fc.", "classifier.")
 
 
-def build_model(spec: EncoderSpec, image_size: int | None = None, **timm_kwargs) -> nn.Module:
+def build_model(
+    spec: EncoderSpec, image_size: int | None = None, rel_pos: Literal["per_layer", "shared"] = "per_layer",
+    **timm_kwargs,
+) -> nn.Module:  # fmt: skip
     """The timm model of `spec` (with `timm_kwargs`, e.g. num_classes, global_pool, drop_path_rate), loaded with
     its weights. Only a new head / pooling norm may be missing, and only the final norm a pooling head replaces
     may be left over; anything else means the checkpoint and the architecture disagree (error names the file).
-    A ViT used at another image size gets its absolute position embeddings resampled (timm's bicubic)."""
+    A ViT used at another image size gets its absolute position embeddings resampled (timm's bicubic) and its
+    relative position tables resized (BEiT's interpolation, as timm's Beit loader).
+
+    rel_pos: a Beit pre-trained with one shared relative position table goes downstream with a copy of it in
+    every block ('per_layer', BEiT's and ConMIM's fine-tuning: the same function at load, tables then trained
+    apart), or keeps the shared one ('shared'). Encoders without a shared table are unaffected."""
     args = dict(spec.model_args)
+    if rel_pos == "per_layer":
+        args = per_layer_model_args(args)
     size = image_size or spec.image_size
     if spec.is_vit:
         args["img_size"] = size
@@ -128,7 +140,8 @@ def build_model(spec: EncoderSpec, image_size: int | None = None, **timm_kwargs)
     model = create_timm_model(spec.architecture, args, f"encoder '{spec.source}'{_file_of(spec, EXPORT_CONFIG)}")
     if spec.state is None:
         return model
-    state = _resample_pos_embed(dict(spec.state), model)
+    state = shared_to_per_layer(dict(spec.state)) if rel_pos == "per_layer" else dict(spec.state)
+    state = resize_tables(_resample_pos_embed(state, model), model)
     replaced_norm = isinstance(getattr(model, "norm", None), nn.Identity)
     problems = fit_problems(
         state,
@@ -143,6 +156,22 @@ def build_model(spec: EncoderSpec, image_size: int | None = None, **timm_kwargs)
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+HEAD_INIT_STD, HEAD_INIT_SCALE = 0.02, 1e-3  # BEiT's/ConMIM's classifier: trunc-normal 0.02, then x init_scale
+
+
+@torch.no_grad()
+def init_head(head: nn.Module, init_scale: float = HEAD_INIT_SCALE, std: float = HEAD_INIT_STD) -> None:
+    """A new linear classifier as BEiT's and ConMIM's fine-tuning start it (modeling_finetune.py): weight
+    trunc-normal `std` (timm's cut at +-2 absolute: no cut), bias 0, both times `init_scale` (their --init_scale,
+    0.001). At the defaults this is N(0, 2e-5), the same distribution as MAE's head (trunc-normal std 2e-5)."""
+    if not isinstance(head, nn.Linear):
+        return
+    nn.init.trunc_normal_(head.weight, std=std)
+    head.weight.mul_(init_scale)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
 
 
 def _file_of(spec: EncoderSpec, name: str) -> str:

@@ -1,230 +1,165 @@
-"""End-to-end fine-tuning: the recipe of MAE, BEiT and CIM, assembled from timm's parts.
+"""End-to-end fine-tuning as a task of the one loop: the recipe of MAE, BEiT and CIM, assembled from timm's parts.
 
 timm provides the layer-wise lr decay (`create_optimizer_v2(layer_decay=...)`, one param group per block with an
 `lr_scale`), mixup/cutmix with label smoothing (`Mixup` + `SoftTargetCrossEntropy`), RandAugment and random
-erasing (`create_transform`) and the weight EMA (`ModelEmaV3`). mimkit adds the schedule (linear warm-up then
-cosine, per step, as pre-training), the loop, epoch checkpoints (re-running the command resumes after the last
-finished epoch) and the report: top-1 on the val/test split after the last epoch (the headline) and the best
-epoch's, written to `out/finetune.json`. `--checkpoint none` runs the identical recipe from random init.
+erasing (`create_transform`). The loop adds the schedule (linear warm-up then cosine, per step), accumulation, the
+weight EMA (`train.ema`), checkpoints and exact resume; this task adds the report: top-1 on the val/test split
+after the last epoch (the headline) and the best epoch's, written to `out/finetune.json`. `--checkpoint none`
+runs the identical recipe from random init.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import random
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
-from .. import __version__
-from ..config import Config, ConfigError, dump_yaml, to_dict
+from ..config import Config, ConfigError, to_dict
 from ..data import DataError
 from ..data.classify import ClassificationDataset, collate_labeled, finetune_transforms
 from ..data.folder import ImageSource
+from ..data.keyed import KeyedDataset, item_seed, keyed_loader
+from ..data.pipeline import EpochBatchSampler
 from . import distributed as D
-from .checkpoint import capture_rng, check_same_run, load_checkpoint, restore_rng, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
-from .logging import MetricsLog, progress, say
-from .optim import lr_at, peak_lr, set_lr
-from .train import TrainingError, resolve_device, resolve_precision
-
-# settings a resumed fine-tuning run must share with the checkpoint it continues
-RESUME_KEYS = ("finetune", "optim", "train", "model", "data")
+from .logging import say
+from .loop import Runtime, Task, start_runtime, train
 
 
-def finetune(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None) -> dict:
+class FinetuneTask(Task):
+    kind = "finetune"
+    resume_keys = ("finetune", "optim", "train.batch_size", "train.seed", "model", "data")
+
+    def __init__(self, cfg: Config, rt: Runtime, checkpoint: str, model_flag: str | None = None,
+                 image_size: int | None = None, allow_download: bool = False):  # fmt: skip
+        super().__init__(cfg, rt)
+        ft = cfg.finetune
+        check_recipe(cfg)
+        self.checkpoint = checkpoint
+        self.spec = encoder_spec(checkpoint, cfg, model_flag, allow_download)
+        if checkpoint != "none":  # the encoder's own size and normalisation unless --image-size says otherwise
+            cfg.data.image_size = image_size or self.spec.image_size
+            cfg.data.mean, cfg.data.std = self.spec.mean, self.spec.std
+        self.train_src, self.eval_src = load_labeled(cfg)
+        self.num_classes = len(self.train_src.classes)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_classifier(self.spec, cfg, self.num_classes).to(rt.device)
+        if rt.device.type == "cuda" and cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.mixup, self.criterion = mixup_and_criterion(cfg, self.num_classes)
+        train_tf, eval_tf = finetune_transforms(ft, cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.data.hflip)
+        self.train_ds = KeyedDataset(ClassificationDataset(self.train_src, train_tf), cfg.train.seed)
+        self.eval_ds = ClassificationDataset(self.eval_src, eval_tf)
+        self.batch_size = cfg.train.batch_size
+        self.sampler = EpochBatchSampler(len(self.train_ds), self.batch_size, cfg.train.seed, rt.rank, rt.world)
+        self.num_images = len(self.train_ds)
+        self.loader = None
+        self.history: list[dict] = []
+
+    def identity(self) -> dict:
+        return {"encoder": self.checkpoint}
+
+    def describe(self, steps_per_epoch: int, effective_batch: int, lr: float) -> str:
+        cfg, spec = self.cfg, self.spec
+        return (
+            f"fine-tuning {spec.architecture} ({'random init' if spec.state is None else spec.source}) on "
+            f"'{cfg.data.path}': {len(self.train_src)} train / {len(self.eval_src)} eval images, {self.num_classes} "
+            f"classes, {cfg.data.image_size}px; {cfg.train.epochs} epochs x {steps_per_epoch} steps, batch "
+            f"{effective_batch}, lr {lr:.3g}, layer decay {cfg.finetune.layer_decay}; {self.rt.world} process(es) "
+            f"on {self.rt.device}"
+        )
+
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    def batches(self, epoch: int, start: int):
+        self.sampler.start(epoch, start)
+        if self.loader is None:
+            self.loader = keyed_loader(self.train_ds, self.sampler, self.cfg.data.num_workers,
+                                       self.rt.device.type == "cuda", collate_labeled)  # fmt: skip
+        for b, (images, labels, bad) in enumerate(self.loader, start=start):
+            yield images, labels, bad, (epoch, b)
+
+    def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return build_finetune_optimizer(self.model, self.cfg, lr, self.rt.device)
+
+    def step(self, model, batch):
+        images, labels, bad, (epoch, b) = batch
+        images = images.to(self.rt.device, non_blocking=True)
+        targets = labels.to(self.rt.device, non_blocking=True)
+        if self.mixup is not None:  # timm's Mixup draws from NumPy's global RNG: keyed by the batch, as the crops
+            with numpy_seeded(item_seed(self.cfg.train.seed, epoch, b, stream=1)):
+                images, targets = self.mixup(images, targets)
+        loss = self.criterion(model(images), targets)
+        return loss, {"loss": loss.detach()}, bad
+
+    def end_epoch(self, epoch: int, step: int, last: bool) -> dict:
+        ft = self.cfg.finetune
+        if not (last or (ft.eval_every and epoch % ft.eval_every == 0)):
+            return {}
+        loader = DataLoader(self.eval_ds, batch_size=max(64, self.batch_size), num_workers=self.cfg.data.num_workers,
+                            collate_fn=collate_labeled)  # fmt: skip
+        record = {"epoch": epoch, "top1": evaluate(self.model, loader, self.rt)}
+        if self.ema is not None:
+            record["top1_ema"] = evaluate(self.ema.module, loader, self.rt)
+        self.history.append(record)
+        ema = f" (EMA {record['top1_ema']:.4f})" if "top1_ema" in record else ""
+        say(f"epoch {epoch}: top-1 {record['top1']:.4f}{ema}", self.rt.main)
+        return {k: v for k, v in record.items() if k != "epoch"}
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict, path) -> None:
+        self.history = list(state.get("history", []))
+
+    def bad_file_names(self, indices: list[int]) -> list[str]:
+        return [self.train_src.describe(i) for i in indices]
+
+
+@contextlib.contextmanager
+def numpy_seeded(seed: int):
+    """NumPy's global RNG seeded for a block, its state restored after."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def finetune(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None,
+             allow_download: bool = False) -> dict:
     """Fine-tune the encoder in `checkpoint` (export folder, .pt, or 'none') on `cfg.data.path`.
     -> the summary written to out/finetune.json."""
     try:
-        return _finetune(cfg, checkpoint, model_flag, image_size)
+        rt = start_runtime(cfg)
+        random.seed(cfg.train.seed)
+        task = FinetuneTask(cfg, rt, checkpoint, model_flag, image_size, allow_download)
+        train(task)
+        summary = report(cfg, task.spec, checkpoint, task.history, len(task.train_src), len(task.eval_src),
+                         task.num_classes)  # fmt: skip
+        if rt.main:
+            out = Path(cfg.out)
+            (out / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+            say(f"top-1 after the last epoch {summary['top1']:.4f} (best {summary['top1_best']:.4f}, epoch "
+                f"{summary['best_epoch']}); written to '{out / 'finetune.json'}'")  # fmt: skip
+        D.barrier()
+        return summary
     finally:
         D.shutdown()
 
 
-def _finetune(cfg: Config, checkpoint: str, model_flag: str | None, image_size: int | None) -> dict:
-    ft = cfg.finetune
-    check_recipe(cfg)
-    device = resolve_device(cfg.train.device)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    spec = encoder_spec(checkpoint, cfg, model_flag)
-    if checkpoint != "none":  # the encoder's own size and normalisation unless --image-size says otherwise
-        cfg.data.image_size = image_size or spec.image_size
-        cfg.data.mean, cfg.data.std = spec.mean, spec.std
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    resume = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if resume is not None:
-        check_same_run(resume, ckpt_path, "finetune", checkpoint, resume.get("checkpoint"), cfg, RESUME_KEYS)
-
-    train_src, eval_src = load_labeled(cfg)
-    num_classes = len(train_src.classes)
-    rank, world = D.init_distributed(device)
-    main = rank == 0
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)  # timm's RandAugment and erasing draw from Python's RNG
-    model = build_classifier(spec, cfg, num_classes).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    effective_batch = cfg.train.batch_size * world
-    lr_peak = peak_lr(cfg.optim, effective_batch)
-    optimizer = build_finetune_optimizer(model, cfg, lr_peak, device)
-    ema = None
-    if ft.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=ft.ema_decay)
-    mixup, criterion = mixup_and_criterion(cfg, num_classes)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    train_tf, eval_tf = finetune_transforms(ft, cfg.data.image_size, cfg.data.mean, cfg.data.std)
-    train_ds = ClassificationDataset(train_src, train_tf)
-    eval_ds = ClassificationDataset(eval_src, eval_tf)
-    steps_per_epoch = len(train_ds) // effective_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} x {world} is more than the {len(train_ds)} images")
-    total_steps = cfg.train.epochs * steps_per_epoch
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-
-    start_epoch, history = 0, []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(resume["ema"])
-        start_epoch, history = resume["epoch"], resume["history"]
-        restore_rng(resume["rng"], device)
-        say(f"resuming fine-tuning from '{ckpt_path}' after epoch {start_epoch}", main)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.yaml")
-    say(
-        f"fine-tuning {spec.architecture} ({'random init' if spec.state is None else spec.source}) on "
-        f"'{cfg.data.path}': {len(train_src)} train / {len(eval_src)} eval images, {num_classes} classes, "
-        f"{cfg.data.image_size}px; {cfg.train.epochs} epochs x {steps_per_epoch} steps, batch {effective_batch}, "
-        f"lr {lr_peak:.3g}, layer decay {ft.layer_decay}; {world} process(es) on {device}",
-        main,
-    )
-    train_model = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if world > 1
-        else model
-    )
-    log = MetricsLog(out, enabled=main, tensorboard=True)
-    log.truncate_after(start_epoch * steps_per_epoch)
-    sampler, generator = make_sampler(train_ds, cfg.train.seed, rank, world)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate_labeled,
-        pin_memory=device.type == "cuda",
-        drop_last=True,  # mixup pairs the batch with its flip: every batch must have the same, even size
-        persistent_workers=cfg.data.num_workers > 0,
-    )
-    eval_loader = DataLoader(
-        eval_ds, batch_size=max(64, cfg.train.batch_size), num_workers=cfg.data.num_workers, collate_fn=collate_labeled
-    )
-    bar = progress(total_steps, start_epoch * steps_per_epoch, main)
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        generator.manual_seed(cfg.train.seed * 100_003 + epoch)
-        model.train()
-        sums, count, bad, t0, seen = torch.zeros(1, device=device), 0, 0, time.perf_counter(), 0
-        for images, labels, bad_items in loader:
-            if count >= steps_per_epoch:
-                break
-            bad += len(bad_items)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            else:
-                targets = labels
-            lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.optim.min_lr)
-            set_lr(optimizer, lr)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = criterion(train_model(images), targets)
-            scaler.scale(loss).backward()
-            if cfg.optim.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model, step=step)
-            sums += loss.detach().float()
-            count, step, seen = count + 1, step + 1, seen + images.shape[0] * world
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or count == steps_per_epoch:
-                mean_loss = D.all_reduce_mean(sums / count).item()
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(f"non-finite loss at step {step}; '{ckpt_path}' keeps epoch {epoch}")
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                log.write({"step": step, "epoch": epoch + 1, "lr": lr, "loss": mean_loss, "img_per_s": rate})
-                bar.set_postfix_str(f"loss {mean_loss:.4f}")
-        bad = D.all_reduce_sum_int(bad, device)
-        if bad:
-            say(f"epoch {epoch + 1}: replaced {bad} unreadable image(s) of {len(train_ds)}", main)
-        last = epoch + 1 == cfg.train.epochs
-        if last or (ft.eval_every and (epoch + 1) % ft.eval_every == 0):
-            record = {"epoch": epoch + 1, "top1": evaluate(model, eval_loader, device, amp_dtype)}
-            if ema is not None:
-                record["top1_ema"] = evaluate(ema.module, eval_loader, device, amp_dtype)
-            history.append(record)
-            log.write({"step": step, **record})
-            say(
-                f"epoch {epoch + 1}: top-1 {record['top1']:.4f}"
-                + (f" (EMA {record['top1_ema']:.4f})" if ema is not None else ""),
-                main,
-            )
-        if main:
-            state = {
-                "mimkit_version": __version__,
-                "kind": "finetune",
-                "checkpoint": checkpoint,
-                "config": to_dict(cfg),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "rng": capture_rng(device),
-            }
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            save_atomic(state, ckpt_path)
-        D.barrier()
-    bar.close()
-    log.close()
-    summary = report(cfg, spec, checkpoint, history, len(train_src), len(eval_src), num_classes)
-    if main:
-        (out / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-        say(
-            f"top-1 after the last epoch {summary['top1']:.4f} (best {summary['top1_best']:.4f}, epoch "
-            f"{summary['best_epoch']}); written to '{out / 'finetune.json'}'",
-            main,
-        )
-    return summary
-
-
 def check_recipe(cfg: Config) -> None:
-    ft = cfg.finetune
-    if ft.global_pool not in ("avg", "token"):
-        raise ConfigError(f"finetune.global_pool must be avg or token, got '{ft.global_pool}'")
-    if not 0.0 < ft.layer_decay <= 1.0:
-        raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {ft.layer_decay}")
+    ft = cfg.finetune  # ranges and choices are checked by the config schema
     if (ft.mixup > 0 or ft.cutmix > 0) and cfg.train.batch_size % 2:
         raise ConfigError(f"mixup/cutmix need an even train.batch_size, got {cfg.train.batch_size}")
-    if cfg.train.epochs < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
 
 
 def load_labeled(cfg: Config) -> tuple[ImageSource, ImageSource]:
@@ -244,7 +179,8 @@ def build_classifier(spec: EncoderSpec, cfg: Config, num_classes: int) -> nn.Mod
     if not spec.is_vit and ft.global_pool != "avg":
         raise ConfigError(f"finetune.global_pool '{ft.global_pool}' is for ViTs; {spec.architecture} pools by avg")
     model = build_model(
-        spec, cfg.data.image_size, num_classes=num_classes, global_pool=pool, drop_path_rate=ft.drop_path
+        spec, cfg.data.image_size, num_classes=num_classes, global_pool=pool, drop_path_rate=cfg.model.drop_path,
+        **({"fc_norm": None} if "fc_norm" in spec.model_args else {}),  # timm's rule: avg pooling -> fc_norm (MAE)
     )
     head = model.get_classifier()
     if isinstance(head, nn.Linear):
@@ -286,30 +222,19 @@ def mixup_and_criterion(cfg: Config, num_classes: int):
     return None, nn.CrossEntropyLoss()
 
 
-def make_sampler(dataset, seed: int, rank: int, world: int):
-    """A seeded shuffle per epoch (the generator is re-seeded at each epoch start, so a resumed run shuffles
-    as an uninterrupted one); DistributedSampler across processes."""
-    generator = torch.Generator().manual_seed(seed)
-    if world > 1:
-        return DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-        ), generator
-    return RandomSampler(dataset, generator=generator), generator
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, amp_dtype) -> float:
+def evaluate(model: nn.Module, loader, rt: Runtime) -> float:
     """Top-1 accuracy over the whole evaluation split (every process evaluates it all: small splits)."""
     was_training = model.training
     model.eval()
-    correct, total = 0, 0
+    correct, total = torch.zeros((), dtype=torch.long, device=rt.device), 0
     for images, labels, _ in loader:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images.to(device, non_blocking=True))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        with rt.autocast():
+            logits = model(images.to(rt.device, non_blocking=True))
+        correct += (logits.argmax(1) == labels.to(rt.device)).sum()
         total += len(labels)
     model.train(was_training)
-    return correct / max(total, 1)
+    return correct.item() / max(total, 1)
 
 
 def report(cfg: Config, spec: EncoderSpec, checkpoint: str, history: list, n_train: int, n_eval: int, k: int) -> dict:

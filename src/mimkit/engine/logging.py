@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,11 +15,13 @@ TIMING_KEYS = ("img_per_s", "time")  # differ between runs by nature; everything
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per line to `metrics.jsonl`; mirrors scalars to TensorBoard. `run_id` names the
+    run across resumes (kept in the checkpoint; a tracker such as W&B continues the same run with it)."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True, run_id: str | None = None):
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
+        self.run_id = run_id or uuid.uuid4().hex[:12]
         self.writer = None
         if enabled and tensorboard:
             try:
@@ -28,7 +32,7 @@ class MetricsLog:
                 self.writer = None
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step`: a resumed run rewrites them, so the file reads like one run."""
+        """Drop lines logged after `step` (-1: all): a resumed run rewrites them, so the file reads like one run."""
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -51,22 +55,48 @@ class MetricsLog:
             self.writer.close()
 
 
-def progress(total: int, initial: int, enabled: bool):
-    """A tqdm bar only when stderr is a terminal (cluster logs stay clean); otherwise a no-op object."""
-    if enabled and sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
-    return _NoBar()
+class Progress:
+    """A tqdm bar when stderr is a terminal; otherwise (a batch job's log file, nohup, CI) one plain line per
+    log interval on stdout: step, epoch, loss, images/s and the time left."""
 
+    def __init__(self, total: int, initial: int, enabled: bool, every: int):
+        self.total, self.start_step, self.enabled, self.every = total, initial, enabled, every
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
 
-    def set_postfix_str(self, s: str) -> None:
-        pass
+    def log(self, record: dict) -> None:
+        loss = record.get("loss")
+        if self.bar is not None:
+            if loss is not None:
+                self.bar.set_postfix_str(f"loss {loss:.4f}")
+            return
+        if not self.enabled:
+            return
+        step = record["step"]
+        done = step - self.start_step
+        left = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+        parts = [f"step {step}/{self.total}", f"epoch {record.get('epoch')}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if "img_per_s" in record:
+            parts.append(f"{record['img_per_s']:.1f} img/s")
+        parts.append(f"ETA {format_seconds(left)}")
+        print("  ".join(parts), flush=True)
 
     def close(self) -> None:
-        pass
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def say(msg: str, enabled: bool = True) -> None:

@@ -10,17 +10,23 @@ from torch import nn
 from ..config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str]) -> list[dict]:
-    """Two groups: weight decay on matrices/convs, none on biases, norms and the named tokens/embeddings."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str], lr_scale=None) -> list[dict]:
+    """Weight decay on matrices/convs, none on biases, norms and the named tokens/embeddings; parameters for which
+    `lr_scale(name)` differs from 1 get groups of their own with that `lr_scale` (set_lr multiplies it in)."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in no_decay_names:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim <= 1 or name in no_decay_names)
+        scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    out = []
+    for (decay, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, not kv[0][0], kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        out.append(group)
+    return out
 
 
 def peak_lr(cfg: OptimConfig, effective_batch: int) -> float:
@@ -28,8 +34,9 @@ def peak_lr(cfg: OptimConfig, effective_batch: int) -> float:
     return cfg.lr if cfg.lr is not None else cfg.blr * effective_batch / cfg.lr_batch_divisor
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, no_decay: set[str], device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, no_decay)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, no_decay: set[str], device,
+                    lr_scale=None) -> torch.optim.Optimizer:  # fmt: skip
+    groups = param_groups(model, cfg.weight_decay, no_decay, lr_scale)
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused)
 

@@ -29,25 +29,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
-from ..config import Config, ConfigError, SegmentConfig, dump_yaml, to_dict
+from ..config import Config, ConfigError, SegmentConfig, to_dict
 from ..data.folder import seeded_subset
+from ..data.keyed import KeyedDataset, keyed_loader
+from ..data.pipeline import EpochBatchSampler
 from ..data.segmentation import (
     SegmentationDataset,
     check_pairs,
     segmentation_splits,
     synthetic_pairs,
 )
-from ..export import encoder_state
-from ..models.seg_heads import HEADS, SegmentationModel, is_vit, resize
+from ..models.seg_heads import SegmentationModel, resize
+from ..runtime import is_vit
 from . import distributed as D
-from .checkpoint import capture_rng, check_same_run, load_checkpoint, restore_rng, save_atomic
 from .downstream import EncoderSpec, build_model, encoder_spec
-from .logging import MetricsLog, say
-from .optim import lr_at, peak_lr, set_lr
-from .train import TrainingError, resolve_device, resolve_precision
+from .logging import say
+from .loop import Runtime, Task, start_runtime, train
+from .optim import lr_at
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -93,16 +93,8 @@ def class_names(cfg: SegmentConfig) -> list[str]:
 
 
 def check_config(s: SegmentConfig) -> None:
-    if s.num_classes < 2:
-        raise ConfigError(f"segment.num_classes must be at least 2, got {s.num_classes}")
     if 0 <= s.ignore_index < s.num_classes:
         raise ConfigError(f"segment.ignore_index {s.ignore_index} is a class id (0..{s.num_classes - 1})")
-    if s.head not in HEADS:
-        raise ConfigError(f"segment.head must be one of {', '.join(HEADS)}, got '{s.head}'")
-    if s.eval_mode not in ("whole", "slide"):
-        raise ConfigError(f"segment.eval_mode must be whole or slide, got '{s.eval_mode}'")
-    if s.lr_schedule not in ("poly", "cosine"):
-        raise ConfigError(f"segment.lr_schedule must be poly or cosine, got '{s.lr_schedule}'")
     if not 0 < s.scale_range[0] <= s.scale_range[1]:
         raise ConfigError(f"segment.scale_range must be 0 < low <= high, got {list(s.scale_range)}")
 
@@ -207,196 +199,173 @@ def evaluate(model, loader, cfg: Config, device, amp, mean, std, slide: bool) ->
     return D.all_reduce_sum(conf).cpu()
 
 
-def make_loaders(cfg: Config, train_pairs, eval_pairs, divisor: int, device, rank: int = 0, world: int = 1):
-    """Training: shuffled batches of crops per process (the last partial batch dropped: batch norm in the heads).
-    Evaluation: one image at a time, as images may differ in size; each process scores every world-th image
-    (the confusion matrices are summed), so no image is counted twice."""
-    s, workers = cfg.segment, cfg.data.num_workers
-    crop, batch = cfg.data.image_size, min(cfg.train.batch_size, len(train_pairs) // world)
-    train_ds = SegmentationDataset(train_pairs, True, crop, s.base_size, s.scale_range, s.hflip, s.photometric,
-                                   s.ignore_index)  # fmt: skip
+def make_eval_loader(cfg: Config, eval_pairs, divisor: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """One image at a time, as images may differ in size; each process scores every world-th image (the
+    confusion matrices are summed), so no image is counted twice."""
+    s = cfg.segment
     shard = eval_pairs.subset(list(range(rank, len(eval_pairs), world))) if world > 1 else eval_pairs
-    eval_ds = SegmentationDataset(shard, False, crop, s.base_size, ignore_index=s.ignore_index,
+    eval_ds = SegmentationDataset(shard, False, cfg.data.image_size, s.base_size, ignore_index=s.ignore_index,
                                   divisor=divisor)  # fmt: skip
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True) \
-        if world > 1 else RandomSampler(train_ds, generator=g)  # fmt: skip
-    train = DataLoader(train_ds, batch, sampler=sampler, drop_last=True, num_workers=workers, generator=g,
-                       persistent_workers=workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
-    return train, DataLoader(eval_ds, 1, num_workers=workers)
+    return DataLoader(eval_ds, 1, num_workers=cfg.data.num_workers)
 
 
-def train_step(model, opt, scaler, img, target, cfg: Config, mean, std, amp) -> torch.Tensor:
-    """One update on uint8 crops (B, 3, S, S) and ids (B, S, S); returns the (unsynchronised) loss."""
+def train_step(model, img, target, cfg: Config, mean, std) -> torch.Tensor:
+    """The loss of one batch of uint8 crops (B, 3, S, S) and ids (B, S, S), under the caller's autocast."""
     s, device = cfg.segment, mean.device
     x = (img.to(device, non_blocking=True).float() / 255 - mean) / std
     target = target.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits, aux = model(x, with_aux=True)
-        loss = seg_loss(logits, target, s.ignore_index)
-        if aux is not None:
-            loss = loss + s.aux_weight * seg_loss(aux, target, s.ignore_index)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if cfg.optim.clip_grad:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-    scaler.step(opt)
-    scaler.update()
-    return loss.detach()
+    logits, aux = model(x, with_aux=True)
+    loss = seg_loss(logits, target, s.ignore_index)
+    if aux is not None:
+        loss = loss + s.aux_weight * seg_loss(aux, target, s.ignore_index)
+    return loss
 
 
-def save_segmenter(model, spec: EncoderSpec, cfg: Config, names: list[str], step: int, path: Path,
-                   epoch: int = 0, optimizer=None, result=None, finished: bool = True) -> None:  # fmt: skip
-    """Weights and plain values only (loads with weights_only=True), written atomically; with the optimizer,
-    epoch and last scores while the run is in progress, so that re-running the command resumes it."""
-    encoder = {"source": spec.source, "architecture": spec.architecture, "model_args": spec.model_args,
-               "mean": list(spec.mean), "std": list(spec.std)}  # fmt: skip
-    state = encoder_state(model)
-    save_atomic({"kind": "segment", "model": state, "config": to_dict(cfg), "encoder": encoder, "class_names": names,
-                 "step": step, "epoch": epoch, "finished": finished, "result": result,
-                 "optimizer": optimizer.state_dict() if optimizer is not None else {},
-                 "rng": capture_rng(next(model.parameters()).device)}, path)  # fmt: skip
+class SegmentTask(Task):
+    kind = "segment"
+    resume_keys = ("data", "model", "optim", "train.batch_size", "train.seed", "segment")
+    find_unused_parameters = True  # a ViT's final norm and unused blocks get no gradient from multi-level features
+
+    def __init__(self, cfg: Config, rt: Runtime, checkpoint: str, model_flag: str | None = None,
+                 allow_download: bool = False):
+        super().__init__(cfg, rt)
+        s = cfg.segment
+        check_config(s)
+        self.names = class_names(s)
+        self.checkpoint = checkpoint
+        torch.manual_seed(cfg.train.seed)
+        self.spec = encoder_spec(checkpoint, cfg, model_flag, allow_download)
+        self.train_pairs, self.eval_pairs = load_pairs(cfg)
+        say(f"checking {len(self.train_pairs)} training and {len(self.eval_pairs)} evaluation image/mask pairs",
+            rt.main)  # fmt: skip
+        self.train_counts = check_pairs(self.train_pairs, s.num_classes, s.ignore_index, cfg.data.num_workers)
+        self.eval_counts = check_pairs(self.eval_pairs, s.num_classes, s.ignore_index, cfg.data.num_workers)
+        if self.train_counts.sum() == 0:
+            raise ConfigError(f"the training masks of '{cfg.data.path}' hold no labelled pixel (all ignore_index)")
+        self.model = build_segmenter(self.spec, cfg).to(rt.device)
+        if rt.device.type == "cuda" and cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        enc = self.model.encoder
+        self.slide = s.eval_mode == "slide" or (is_vit(enc) and not getattr(enc, "dynamic_img_size", 0))
+        if self.slide and s.eval_mode == "whole":
+            say(f"{self.spec.architecture} takes {cfg.data.image_size} px inputs only: evaluating in sliding windows",
+                rt.main)  # fmt: skip
+        self.batch_size = min(cfg.train.batch_size, len(self.train_pairs) // rt.world)
+        train_ds = SegmentationDataset(self.train_pairs, True, cfg.data.image_size, s.base_size, s.scale_range,
+                                       s.hflip, s.photometric, s.ignore_index)  # fmt: skip
+        self.train_ds = KeyedDataset(train_ds, cfg.train.seed)
+        self.sampler = EpochBatchSampler(len(train_ds), self.batch_size, cfg.train.seed, rt.rank, rt.world)
+        self.num_images = len(train_ds)
+        self.eval_loader = make_eval_loader(cfg, self.eval_pairs, self.model.divisor, rt.rank, rt.world)
+        self.loader = None
+        self.mean = torch.tensor(self.spec.mean, device=rt.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.spec.std, device=rt.device).view(1, 3, 1, 1)
+        self.majority = int(self.train_counts.argmax())
+        self.baseline = scores(constant_confusion(self.eval_counts, self.majority), self.names)
+        self.result = None
+
+    def identity(self) -> dict:
+        return {"encoder": str(Path(self.checkpoint)) if self.checkpoint != "none" else "none",
+                "class_names": self.names}  # fmt: skip
+
+    def describe(self, steps_per_epoch: int, effective_batch: int, lr: float) -> str:
+        s, b = self.cfg.segment, self.baseline
+        return (
+            f"segment: {self.spec.architecture} ({self.checkpoint}) + {s.head} head, {len(self.train_pairs)} train / "
+            f"{len(self.eval_pairs)} eval pairs, crop {self.cfg.data.image_size}, {self.cfg.train.epochs} epochs x "
+            f"{steps_per_epoch} steps of {effective_batch}, lr {lr:.2e}; constant predictor "
+            f"({self.names[self.majority]}): mIoU {b['miou']:.4f}, pixel acc {b['pixel_acc']:.4f}"
+        )
+
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    def batches(self, epoch: int, start: int):
+        self.sampler.start(epoch, start)
+        if self.loader is None:
+            self.loader = keyed_loader(self.train_ds, self.sampler, self.cfg.data.num_workers,
+                                       self.rt.device.type == "cuda")  # fmt: skip
+        yield from self.loader
+
+    def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        groups = param_groups(self.model, self.cfg.segment, self.cfg.optim.weight_decay)
+        fused = {"fused": True} if self.rt.device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=self.cfg.optim.betas, **fused)
+
+    def lr(self, step: int, total: int, warmup: int, peak: float) -> float:
+        return lr_for(step, total, warmup, peak, self.cfg.optim.min_lr, self.cfg.segment.lr_schedule)
+
+    def step(self, model, batch):
+        img, target = batch
+        loss = train_step(model, img, target, self.cfg, self.mean, self.std)
+        return loss, {"loss": loss.detach()}, []
+
+    def end_epoch(self, epoch: int, step: int, last: bool) -> dict:
+        s = self.cfg.segment
+        if not (last or (s.eval_every and epoch % s.eval_every == 0)):
+            return {}
+        conf = evaluate(self.model, self.eval_loader, self.cfg, self.rt.device, self.rt.amp, self.mean, self.std,
+                        self.slide)  # fmt: skip
+        self.result = scores(conf, self.names)
+        r = self.result
+        say(f"epoch {epoch} eval: mIoU {r['miou']:.4f} pixel acc {r['pixel_acc']:.4f}", self.rt.main)
+        return {"miou": r["miou"], "pixel_acc": r["pixel_acc"], "constant_miou": self.baseline["miou"],
+                "per_class_iou": r["per_class_iou"]}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {"result": self.result, "class_names": self.names, "encoder": encoder_info(self.spec)}
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        self.result = state.get("result")
+
+    def report(self, steps: int, seconds: float) -> dict:
+        cfg, s, b, result = self.cfg, self.cfg.segment, self.baseline, self.result
+        summary = {
+            **result,
+            "constant_baseline": {"class": self.names[self.majority], "miou": b["miou"], "pixel_acc": b["pixel_acc"]},
+            "checkpoint": str(self.checkpoint),
+            "architecture": self.spec.architecture,
+            "head": s.head,
+            "eval_mode": "slide" if self.slide else "whole",
+            "train_images": len(self.train_pairs),
+            "eval_images": len(self.eval_pairs),
+            "steps": steps,
+            "time_s": round(seconds, 1),
+            "config": {k: v for k, v in to_dict(cfg).items() if k in ("out", "data", "model", "optim", "train",
+                                                                       "segment")},  # fmt: skip
+        }
+        out = Path(cfg.out)
+        if self.rt.main:
+            (out / "segment.json").write_text(json.dumps(summary, indent=2) + "\n")
+        table = ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} -" for n, v in result["per_class_iou"].items())
+        say(
+            f"mIoU {result['miou']:.4f} (constant predictor {b['miou']:.4f}), pixel acc {result['pixel_acc']:.4f} "
+            f"({b['pixel_acc']:.4f}); per class: {table}; wrote {out / 'segment.json'}",
+            self.rt.main,
+        )
+        return summary
 
 
-def resume_state(path: Path, cfg: Config, checkpoint: str) -> dict | None:
-    """The state of an earlier run of the same command in this --out, or None; another run's is an error."""
-    if not path.is_file():
-        return None
-    state = load_checkpoint(path)
-    source = str(Path(checkpoint)) if checkpoint != "none" else "none"
-    stored = state.get("encoder", {}).get("source")
-    check_same_run(state, path, "segment", source, stored, cfg, ("data", "model", "optim", "train", "segment"))
-    return state
+def encoder_info(spec: EncoderSpec) -> dict:
+    """What rebuilds the segmenter's encoder (plain values, for the checkpoint)."""
+    return {"source": spec.source, "architecture": spec.architecture, "model_args": spec.model_args,
+            "mean": list(spec.mean), "std": list(spec.std)}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------- training
-def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None) -> dict:
-    """See `_segment`; under torchrun every process trains on its share of each batch, rank 0 writes."""
+def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None,
+            allow_download: bool = False) -> dict:
+    """Fine-tune `checkpoint` (an export folder, a training checkpoint or 'none') for segmentation on
+    cfg.data.path; returns (and writes to <out>/segment.json) the final scores and the constant baseline. Under
+    torchrun every process trains on its share of each batch, rank 0 writes."""
     try:
-        return _segment(cfg, checkpoint, model_flag, image_size)
+        if image_size:
+            cfg.data.image_size = image_size
+        start = time.time()
+        rt = start_runtime(cfg)
+        task = SegmentTask(cfg, rt, checkpoint, model_flag, allow_download)
+        result = train(task)
+        summary = task.report(result["steps"], time.time() - start)
+        D.barrier()
+        return summary
     finally:
         D.shutdown()
-
-
-def _segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None) -> dict:
-    """Fine-tune `checkpoint` (an export folder, a training checkpoint or 'none') for segmentation on
-    cfg.data.path; returns (and writes to <out>/segment.json) the final scores and the constant baseline."""
-    s = cfg.segment
-    if image_size:
-        cfg.data.image_size = image_size
-    check_config(s)
-    names = class_names(s)
-    device = resolve_device(cfg.train.device)
-    amp = resolve_precision(cfg.train.precision, device)
-    torch.manual_seed(cfg.train.seed)
-    spec = encoder_spec(checkpoint, cfg, model_flag)
-    rank, world = D.init_distributed(device)
-    main = rank == 0
-    train_pairs, eval_pairs = load_pairs(cfg)
-    say(f"checking {len(train_pairs)} training and {len(eval_pairs)} evaluation image/mask pairs", main)
-    train_counts = check_pairs(train_pairs, s.num_classes, s.ignore_index, cfg.data.num_workers)
-    eval_counts = check_pairs(eval_pairs, s.num_classes, s.ignore_index, cfg.data.num_workers)
-    if train_counts.sum() == 0:
-        raise ConfigError(f"the training masks of '{cfg.data.path}' hold no labelled pixel (all ignore_index)")
-    model = build_segmenter(spec, cfg).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    slide = s.eval_mode == "slide" or (is_vit(model.encoder) and not getattr(model.encoder, "dynamic_img_size", 0))
-    if slide and s.eval_mode == "whole":
-        say(f"{spec.architecture} takes {cfg.data.image_size} px inputs only: evaluating in sliding windows", main)
-
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    resume = resume_state(ckpt_path, cfg, checkpoint)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.yaml")
-    log = MetricsLog(out, enabled=main)
-
-    train_loader, eval_loader = make_loaders(cfg, train_pairs, eval_pairs, model.divisor, device, rank, world)
-    crop, batch = cfg.data.image_size, train_loader.batch_size * world
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-
-    steps_per_epoch = len(train_loader)
-    total = cfg.train.epochs * steps_per_epoch
-    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    peak = peak_lr(cfg.optim, batch)
-    opt = torch.optim.AdamW(param_groups(model, s, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    # a ViT's final norm and unused blocks get no gradient from the multi-level features: DDP must be told
-    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True) if world > 1 else model  # fmt: skip
-    majority = int(train_counts.argmax())
-    baseline = scores(constant_confusion(eval_counts, majority), names)
-    say(
-        f"segment: {spec.architecture} ({checkpoint}) + {s.head} head, {len(train_pairs)} train / {len(eval_pairs)} "
-        f"eval pairs, crop {crop}, {cfg.train.epochs} epochs x {steps_per_epoch} steps of {batch}, lr {peak:.2e}; "
-        f"constant predictor ({names[majority]}): mIoU {baseline['miou']:.4f}, pixel acc {baseline['pixel_acc']:.4f}",
-        main,
-    )
-
-    step, start, result, first_epoch = 0, time.time(), None, 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if resume["optimizer"]:
-            opt.load_state_dict(resume["optimizer"])
-        step, first_epoch, result = resume["step"], resume["epoch"], resume["result"]
-        restore_rng(resume["rng"], device)
-        say(f"resuming from '{ckpt_path}' after epoch {first_epoch}", main)
-    log.truncate_after(step)
-    tick, seen = time.time(), 0
-    for epoch in range(first_epoch, cfg.train.epochs):
-        train_loader.generator.manual_seed(cfg.train.seed * 100_003 + epoch)  # the same order when resumed
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        for img, target in train_loader:
-            lr = lr_for(step, total, warmup, peak, cfg.optim.min_lr, s.lr_schedule)
-            set_lr(opt, lr)
-            loss = train_step(train_model, opt, scaler, img, target, cfg, mean, std, amp)
-            step, seen = step + 1, seen + len(img) * world
-            if step % cfg.train.log_every == 0 or step == total:
-                value = D.all_reduce_mean(loss).item()
-                if not math.isfinite(value):
-                    raise TrainingError(f"non-finite loss {value} at step {step}; lower the lr (optim.blr/lr)")
-                ips, tick, seen = seen / (time.time() - tick), time.time(), 0
-                log.write({"step": step, "epoch": epoch + 1, "loss": value, "lr": lr, "img_per_s": ips})
-                say(f"epoch {epoch + 1} step {step}/{total} loss {value:.4f} lr {lr:.2e} {ips:.1f} img/s", main)
-        last = epoch + 1 == cfg.train.epochs
-        if last or (s.eval_every and (epoch + 1) % s.eval_every == 0):
-            result = scores(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide), names)
-            log.write({"step": step, "epoch": epoch + 1, "miou": result["miou"], "pixel_acc": result["pixel_acc"],
-                       "constant_miou": baseline["miou"], "per_class_iou": result["per_class_iou"]})  # fmt: skip
-            say(f"epoch {epoch + 1} eval: mIoU {result['miou']:.4f} pixel acc {result['pixel_acc']:.4f}", main)
-        if main:
-            save_segmenter(model, spec, cfg, names, step, ckpt_path, epoch + 1, opt, result, finished=last)
-        D.barrier()
-    log.close()
-    if result is None:  # zero epochs: score the untrained model
-        result = scores(evaluate(model, eval_loader, cfg, device, amp, mean, std, slide), names)
-
-    if cfg.train.epochs == 0 and main:
-        save_segmenter(model, spec, cfg, names, step, ckpt_path, result=result)
-    summary = {
-        **result,
-        "constant_baseline": {"class": names[majority], "miou": baseline["miou"], "pixel_acc": baseline["pixel_acc"]},
-        "checkpoint": str(checkpoint),
-        "architecture": spec.architecture,
-        "head": s.head,
-        "eval_mode": "slide" if slide else "whole",
-        "train_images": len(train_pairs),
-        "eval_images": len(eval_pairs),
-        "steps": step,
-        "time_s": round(time.time() - start, 1),
-        "config": {k: v for k, v in to_dict(cfg).items() if k in ("out", "data", "model", "optim", "train", "segment")},
-    }
-    if main:
-        (out / "segment.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} -" for n, v in result["per_class_iou"].items())
-    say(
-        f"mIoU {result['miou']:.4f} (constant predictor {baseline['miou']:.4f}), pixel acc {result['pixel_acc']:.4f} "
-        f"({baseline['pixel_acc']:.4f}); per class: {table}; wrote {out / 'segment.json'}",
-        main,
-    )
-    return summary

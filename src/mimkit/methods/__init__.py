@@ -10,7 +10,6 @@ from .cmae import CMAE
 from .conmim import ConMIM
 from .mae import MAE
 from .simmim import SimMIM
-from .tokenizer import TokenizerTraining
 
 METHODS: dict[str, type[Method]] = {
     "mae": MAE,
@@ -20,11 +19,19 @@ METHODS: dict[str, type[Method]] = {
     "beit": BEiT,
     "cim-respix": CIMResPix,
     "cim-revdet": CIMRevDet,
-    "tokenizer": TokenizerTraining,
 }
 
 
+def option_sections() -> dict[str, type]:
+    """{config section: options dataclass} of every registered method (what `mimkit.config` reads them with)."""
+    return {cls.section_name(): cls.Options for cls in METHODS.values()}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
 def build_method(cfg) -> Method:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method '{cfg.method}' (known: {', '.join(sorted(METHODS))})")
-    return METHODS[cfg.method](cfg)
+    return method_class(cfg.method)(cfg)

@@ -2,27 +2,50 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
 from ..data.views import View
 
 
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
 class Method(nn.Module):
     """An `nn.Module` that owns every trainable part it needs and offers:
 
+    - `Options`: its options dataclass, read from the config section `section` (default: the method's name);
     - `views`: what the data pipeline delivers per image (the batch holds one tensor per view name);
     - `forward(batch) -> (loss, metrics)`: one step's scalar loss and a dict of detached scalar tensors to log;
     - `after_step(step, total_steps)`: post-optimizer work such as EMA updates;
     - `encoder`: the module that is evaluated and exported (a timm model);
     - `visualize(batch) -> (B, 3, H, W*k)`: rows of pictures a person should look at (normalised pixels);
-    - `on_epoch_end(ctx) -> dict`: optional per-epoch work (held-out metrics...); the dict is logged;
-    - `export(out_dir, cfg) -> Path`: writes what goes downstream (default: the timm encoder as a Hub folder).
+    - `no_weight_decay()`: parameter names without weight decay beyond the 1-D ones; `lr_scale(name)`: a
+      parameter's lr relative to the run's (default 1);
+    - optional, declared on the class: `needs_tokenizer` (the run needs `tokenizer.path`), `on_epoch_end(ctx)`
+      (per-epoch work; the dict it returns is logged), `export_meta()` (extra keys for the export's metadata).
     """
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    section: ClassVar[str | None] = None  # config section of the options; None = `name`
+    Options: ClassVar[type] = NoOptions
+    needs_tokenizer: ClassVar[bool] = False
     views: tuple[View, ...] = ()
     encoder: nn.Module
+
+    @classmethod
+    def section_name(cls) -> str:
+        return cls.section or cls.name
+
+    @classmethod
+    def options(cls, cfg) -> Any:
+        """This method's options from `cfg` (the section registered for it)."""
+        return getattr(cfg, cls.section_name())
 
     def after_step(self, step: int, total_steps: int) -> None:
         pass
@@ -31,21 +54,17 @@ class Method(nn.Module):
         """ctx has epoch, step, splits, cfg and device. Return scalars to log (default: nothing)."""
         return {}
 
-    def export(self, out_dir, cfg):
-        from ..export import export_encoder
-
-        return export_encoder(
-            self.encoder,
-            out_dir,
-            image_size=cfg.data.image_size,
-            mean=cfg.data.mean,
-            std=cfg.data.std,
-            mimkit_meta={"method": cfg.method},
-        )
+    def export_meta(self) -> dict:
+        """Method-specific metadata stored beside the exported encoder (default: none)."""
+        return {}
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that must not get weight decay, beyond the 1-D ones (biases, norms)."""
         return set()
+
+    def lr_scale(self, name: str) -> float:
+        """The learning rate of parameter `name` relative to the run's (e.g. a separately paced generator)."""
+        return 1.0
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, PositiveFloat, PositiveInt, Probability
 from ..data.views import View
-from ..masking import blockwise_masking
+from ..masking import block_mask_count, blockwise_masking
 from ..models import vit as V
 from ..models.tokenizer import check_grid, load_tokenizer
 from .base import Method
+
+
+@dataclass
+class BEiTOptions:
+    # the masked count: num_masking_patches (BEiT's --num_mask_patches), or round(mask_ratio * N), or when both are
+    # None BEiT's 75 of 196 scaled to the grid, round(75 * N / 196); blockwise masks may hold fewer (as BEiT's)
+    num_masking_patches: PositiveInt | None = None
+    mask_ratio: Probability | None = None
+    min_block_patches: PositiveInt = 16  # smallest block (capped at the target count on small grids)
+    max_block_patches: PositiveInt | None = None
+    min_aspect: PositiveFloat = 0.3
+
+
+LAYER_SCALE = 0.1  # BEiT's --layer_scale_init_value for ViT-B (1e-5 for ViT-L): used when model.layer_scale is None
 
 
 def check_mask_ratio(key: str, ratio: float, num_patches: int) -> None:
@@ -33,16 +49,19 @@ class BEiT(Method):
     """BEiT: blockwise masks, a mask token in the encoder, cross-entropy on a frozen tokenizer's visual tokens."""
 
     name = "beit"
+    Options = BEiTOptions
+    needs_tokenizer = True
 
-    def __init__(self, cfg: Config, tokenizer=None):
+    def __init__(self, cfg: Config, tokenizer=None, options: BEiTOptions | None = None):
+        """`tokenizer`/`options`: given when BEiT is a part of another method (CIM's generator)."""
         super().__init__()
-        o = cfg.beit
+        o = options or self.options(cfg)
         self.cfg = o
         self._mean, self._std = cfg.data.mean, cfg.data.std
-        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True)
+        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
         self.grid = V.grid_size(self.encoder)
         self.num_patches = self.grid[0] * self.grid[1]
-        check_mask_ratio("beit.mask_ratio", o.mask_ratio, self.num_patches)
+        self.num_masked = block_mask_count(self.num_patches, o.num_masking_patches, o.mask_ratio, "beit")
         if tokenizer is None:
             tokenizer = require_tokenizer(cfg, self.name)
         self.tokenizer = tokenizer  # frozen; its weights travel in the checkpoint
@@ -52,17 +71,19 @@ class BEiT(Method):
         self.views = (View("image", cfg.data.image_size), View("tokens", tok_size, "lanczos", normalize="unit"))
         dim = self.encoder.embed_dim
         self.lm_head = nn.Linear(dim, self.tokenizer.vocab_size)
-        self.mask_token = V.new_mask_token(dim)  # after lm_head: the seeded initial weights stay as they were
-        nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
-        nn.init.zeros_(self.lm_head.bias)
+        self.mask_token = V.new_mask_token(dim)
+        # BEiT's initialisation of its whole pre-training model: trunc-normal 0.02 cut at +-1 std, depth rescaling
+        V.init_beit_encoder(self.encoder)
+        V.init_beit_weights(self.lm_head)
 
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device) -> torch.Tensor:
-        """-> (B, N) bool, 1 = masked: BEiT's blockwise masking (at most round(ratio * N) patches)."""
+        """-> (B, N) bool, 1 = masked: BEiT's blockwise masking (at most `num_masked` patches)."""
         o = self.cfg
         return blockwise_masking(
-            batch_size, self.grid, o.mask_ratio, o.min_block_patches, o.min_aspect, o.max_block_patches, device=device
-        )
+            batch_size, self.grid, self.num_masked, o.min_block_patches, o.min_aspect, o.max_block_patches,
+            device=device,
+        )  # fmt: skip
 
     @torch.no_grad()
     def targets(self, tok_images: torch.Tensor) -> torch.Tensor:
@@ -98,8 +119,9 @@ class BEiT(Method):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        names = {"encoder.cls_token", "encoder.pos_embed", "mask_token"}
-        return names | {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+        """BEiT's: the class token and absolute position embedding only (besides every 1-D parameter); the mask
+        token and the relative position tables are decayed, as in BEiT's pre-training (its no_weight_decay)."""
+        return {"encoder.cls_token", "encoder.pos_embed"}
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:

@@ -5,103 +5,196 @@ One step: tokenize the image (frozen) -> mask ~50% of the tokens -> the generato
 cross-entropy) -> sample replacements from its softmax -> decode the *whole* token map with the tokenizer
 (so kept and replaced regions share the decoder's artefacts) -> the enhancer sees only that image. The corrupted
 image is built without gradient: the enhancer's loss never reaches the generator.
+
+The two variants differ only in what the enhancer predicts: an objective (`ResPix`, `RevDet`) supplies the head,
+targets, loss, logged metrics, held-out baselines and picture; `CIMResPix` / `CIMRevDet` plug one into the shared
+steps (tokenize, mask, generate, sample, corrupt by decoding, enhance).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from ..data.pipeline import ViewDataset, collate, prepare_batch
 from ..masking import random_masking
 from ..models import vit as V
+from ..models.cim import PixelShuffleHead, TokenLogitHead, generator_model, sliding_window_targets, window_stats
 from ..targets import normalize_patches, patchify, unpatchify
 from .base import Method
-from .beit import BEiT, check_mask_ratio, require_tokenizer
+from .beit import BEiT, BEiTOptions, check_mask_ratio, require_tokenizer
+
+__all__ = ["CIMOptions", "CIMResPix", "CIMRevDet", "ResPix", "RevDet", "sliding_window_targets", "window_stats"]
 
 
-def sliding_window_targets(imgs: torch.Tensor, window: int, eps: float = 1e-6) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H, W): each pixel standardised by the mean and (biased) variance of the
-    `window` x `window` neighbourhood centred on it, per channel; borders use the pixels inside the image."""
-    mean, var = window_stats(imgs, window)
-    return (imgs - mean) / (var + eps).sqrt()
+@dataclass
+class CIMOptions:
+    """CIM's generator, corruption and enhancer (cim-respix / cim-revdet). Values the paper does not give are
+    marked UNVERIFIED: see docs/methods.md."""
+
+    # a constant loss weight does nothing under Adam (see docs/methods.md, CIM): the balance is a learning rate now
+    renamed: ClassVar[dict] = {"enhancer_weight": "cim.generator_lr_scale (a loss weight had no effect under Adam)"}
+    mask_ratio: float = 0.5  # share of tokens the generator must fill (paper ablation: ~50%)
+    mask_mode: Literal["random", "block"] = "random"  # random | BEiT's blockwise masks
+    # beit: a timm Beit with shared relative position bias and LayerScale (the paper's "small BEiT");
+    # vit: a plain ViT with fixed sin-cos positions and no LayerScale (mimkit's generator before)
+    generator: Literal["beit", "vit"] = "beit"
+    generator_depth: PositiveInt = 4  # a *small* BEiT: paper ablation favours 4-6 layers
+    generator_dim: PositiveInt = 192  # UNVERIFIED width; keep it well below the enhancer's
+    generator_heads: PositiveInt = 3
+    generator_patch: PositiveInt | None = None  # pixels per token; default: the ViT enhancer's patch / model.patch_size
+    generator_layer_scale: NonNegFloat = 0.1  # the beit generator's LayerScale init (BEiT's ViT-B value); 0 = off
+    # the generator's lr relative to the run's (the enhancer's); 1 = one optimizer and one lr for both (the paper)
+    generator_lr_scale: PositiveFloat = 1.0
+    sample: Literal["softmax", "argmax"] = "softmax"  # softmax (paper) | argmax (ablation)
+    temperature: PositiveFloat = 1.0  # UNVERIFIED
+    target_norm: Literal["window", "patch", "none"] = "window"  # ResPix targets: window (paper) | patch (MAE) | none
+    window: PositiveInt = 9  # UNVERIFIED sliding-window size (odd)
+    cnn_output_stride: Literal[8, 16, 32] = 32  # CNN enhancers (dilation keeps small images' maps large enough)
+    vocab_size: NonNegInt = 0  # 0 = the tokenizer's codebook size; otherwise must equal it
+    eval_images: NonNegInt = 256  # held-out images for the epoch-end check against trivial baselines
 
 
-def window_stats(imgs: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local mean and biased variance over a centred window (stride 1, zero padding not counted)."""
-    pad = window // 2
-    x = imgs.float()
-    mean = F.avg_pool2d(x, window, stride=1, padding=pad, count_include_pad=False)
-    sq = F.avg_pool2d(x * x, window, stride=1, padding=pad, count_include_pad=False)
-    return mean, (sq - mean * mean).clamp_min(0)
+class ResPix:
+    """CIM-ResPix: the enhancer restores every pixel of the original image (not only the replaced ones). Targets:
+    each pixel standardised by its `cim.window` neighbourhood (the paper's sliding-window normalisation), by its
+    patch (MAE's norm_pix) or raw; MSE over all pixels and channels."""
+
+    name = "respix"
+
+    def __init__(self, o: CIMOptions, patch: int, grid: tuple[int, int]):
+        self.norm, self.window, self.patch, self.grid = o.target_norm, o.window, patch, grid
+
+    def vit_head(self, dim: int) -> nn.Module:
+        return nn.Linear(dim, self.patch**2 * 3)  # p*p*3 pixels per patch token
+
+    def cnn_map_fits(self, side: int) -> bool:
+        return True  # any map whose stride tiles the image: PixelShuffle brings it back to full size
+
+    def cnn_head(self, channels: int, stride: int) -> nn.Module:
+        return PixelShuffleHead(channels, stride)
+
+    def from_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*3) -> (B, 3, H, W)."""
+        return unpatchify(out, self.patch, self.grid)
+
+    def targets(self, imgs: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, 3, H, W) targets (`replaced` is not needed: every pixel counts)."""
+        if self.norm == "window":
+            return sliding_window_targets(imgs, self.window)
+        if self.norm == "patch":
+            return unpatchify(normalize_patches(patchify(imgs.float(), self.patch)), self.patch, self.grid)
+        return imgs.float()
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out.float(), target)
+
+    def metrics(self, out: torch.Tensor, target: torch.Tensor) -> dict:
+        return {}
+
+    def baselines(self, out: torch.Tensor, target: torch.Tensor) -> dict:
+        """MSE against predicting 0 in target space (each pixel's window mean, for window targets)."""
+        return {"respix_mse": F.mse_loss(out, target).item(), "window_mean_mse": target.pow(2).mean().item()}
+
+    def picture(self, out: torch.Tensor, imgs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The reconstruction in the images' normalised space: window targets are de-normalised with the original
+        image's window statistics; other targets are shown as predicted."""
+        if self.norm != "window":
+            return out
+        win_mean, win_var = window_stats(imgs, self.window)
+        return out * (win_var + 1e-6) ** 0.5 + win_mean
 
 
-class CNNHead(nn.Module):
-    """From a CNN feature map (B, C, h, w) to the token grid (RevDet logits) or to pixels (ResPix)."""
+class RevDet:
+    """CIM-RevDet: for every visual token, was it replaced? The label is "id changed" (ELECTRA's convention: a
+    masked token resampled to its original id is original), BCE over all token positions."""
 
-    def __init__(self, channels: int, stride: int, grid: tuple[int, int], out: str):
-        super().__init__()
-        self.grid, self.out, self.stride = grid, out, stride
-        if out == "revdet":
-            self.proj = nn.Conv2d(channels, 1, kernel_size=1)
-        else:  # SimMIM's light decoder: a 1x1 conv to stride^2 * 3 channels, then PixelShuffle
-            self.proj = nn.Sequential(nn.Conv2d(channels, stride**2 * 3, kernel_size=1), nn.PixelShuffle(stride))
+    name = "revdet"
 
-    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        if self.out == "revdet":
-            if tuple(fmap.shape[-2:]) != self.grid:  # e.g. stride 32 maps (7x7) up to a 14x14 token grid
-                fmap = F.interpolate(fmap, size=self.grid, mode="bilinear", align_corners=False)
-            return self.proj(fmap).flatten(1)  # (B, N)
-        return self.proj(fmap)  # (B, 3, H, W)
+    def __init__(self, o: CIMOptions, patch: int, grid: tuple[int, int]):
+        self.grid = grid
+
+    def vit_head(self, dim: int) -> nn.Module:
+        return nn.Linear(dim, 1)  # one logit per patch token
+
+    def cnn_map_fits(self, side: int) -> bool:
+        return side <= self.grid[0]  # one logit per token: a finer map than the token grid has no token to match
+
+    def cnn_head(self, channels: int, stride: int) -> nn.Module:
+        return TokenLogitHead(channels, self.grid)
+
+    def from_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, N, 1) -> (B, N)."""
+        return out.squeeze(-1)
+
+    def targets(self, imgs: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
+        return replaced.float()
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(out.float(), target)
+
+    def metrics(self, out: torch.Tensor, target: torch.Tensor) -> dict:
+        return {"revdet_acc": ((out > 0) == target.bool()).float().mean()}
+
+    def baselines(self, out: torch.Tensor, target: torch.Tensor) -> dict:
+        """Accuracy against predicting "original" everywhere."""
+        return {"revdet_acc": ((out > 0) == target.bool()).float().mean().item(),
+                "all_original_acc": 1.0 - target.mean().item()}  # fmt: skip
+
+    def picture(self, out: torch.Tensor, imgs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The replaced-probability map per token, white = "replaced" once the caller un-normalises."""
+        prob = torch.sigmoid(out).view(-1, 1, *self.grid)
+        prob = F.interpolate(prob, size=imgs.shape[-2:], mode="nearest").expand(-1, 3, -1, -1)
+        return (prob - mean) / std
 
 
 class CIM(Method):
     """CIM: a BEiT generator corrupts, an enhancer restores pixels (ResPix) or spots replaced tokens (RevDet)."""
 
     name = "cim"
-    objective = ""  # set by the registered variants below
+    section = "cim"  # both variants read the `cim` section
+    Options = CIMOptions
+    needs_tokenizer = True
+    Objective: ClassVar[type]  # ResPix | RevDet, set by the registered variants below
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = cfg.cim
+        o = self.options(cfg)
         self.cfg, self._mean, self._std = o, cfg.data.mean, cfg.data.std
         # made once on the module's device (non-persistent: not in the state dict); used every step
         self.register_buffer("pixel_mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
-        if o.sample not in ("softmax", "argmax"):
-            raise ConfigError(f"cim.sample must be softmax or argmax, got '{o.sample}'")
-        if o.temperature <= 0:
-            raise ConfigError(f"cim.temperature must be > 0, got {o.temperature}")
-        if o.target_norm not in ("window", "patch", "none"):
-            raise ConfigError(f"cim.target_norm must be window, patch or none, got '{o.target_norm}'")
-        if o.window < 1 or o.window % 2 == 0:
+        if o.window % 2 == 0:
             raise ConfigError(f"cim.window must be a positive odd number, got {o.window}")
         size = cfg.data.image_size
         self.enhancer, self.is_vit = self.build_enhancer(cfg)
         self.patch = o.generator_patch or (V.patch_size(self.enhancer) if self.is_vit else cfg.model.patch_size)
+        if self.patch is None:
+            raise ConfigError(f"a CNN enhancer ({cfg.model.name}) has no patch: set cim.generator_patch (pixels/token)")
         if self.is_vit and self.patch != V.patch_size(self.enhancer):
             raise ConfigError(f"cim.generator_patch {self.patch} differs from the ViT enhancer's patch")
+        if size % self.patch:
+            raise ConfigError(f"data.image_size {size} is not divisible by cim.generator_patch {self.patch}")
+        check_mask_ratio("cim.mask_ratio", o.mask_ratio, (size // self.patch) ** 2)
         # the generator: a small BEiT over the same tokenizer (its cross-entropy is the generator loss)
         tokenizer = require_tokenizer(cfg, "cim")
         if tokenizer.vocab_size != o.vocab_size and o.vocab_size:
             raise ConfigError(f"cim.vocab_size {o.vocab_size} != the tokenizer's codebook size {tokenizer.vocab_size}")
-        gen_cfg = copy.deepcopy(cfg)
-        gen_cfg.model.name, gen_cfg.model.patch_size = "vit_small_patch16_224", self.patch
-        gen_cfg.model.embed_dim, gen_cfg.model.depth, gen_cfg.model.num_heads = (
-            o.generator_dim, o.generator_depth, o.generator_heads,
-        )  # fmt: skip
-        gen_cfg.model.drop_path, gen_cfg.model.layer_scale = 0.0, None
-        gen_cfg.beit.mask_ratio = o.mask_ratio
-        self.generator = BEiT(gen_cfg, tokenizer=tokenizer)
+        gen_options = BEiTOptions(mask_ratio=o.mask_ratio)  # BEiT's block shapes when cim.mask_mode=block
+        # BEiT reads its encoder from `cfg.model`: a new Config with that one section replaced (the rest shared)
+        gen_cfg = dataclasses.replace(cfg, model=generator_model(cfg.model, o, self.patch))
+        self.generator = BEiT(gen_cfg, tokenizer=tokenizer, options=gen_options)
         self.grid = V.grid_size(self.generator.encoder)
         self.num_patches = self.grid[0] * self.grid[1]
-        check_mask_ratio("cim.mask_ratio", o.mask_ratio, self.num_patches)
         self.views = self.generator.views  # the image and the same crop at the tokenizer's input size
+        self.objective = self.Objective(o, self.patch, self.grid)
         self.head = self.build_head(cfg, size)
 
     # ---- construction ------------------------------------------------------------------------------------
@@ -122,17 +215,16 @@ class CIM(Method):
 
     def build_head(self, cfg: Config, size: int) -> nn.Module:
         if self.is_vit:
-            out = 1 if self.objective == "revdet" else self.patch**2 * 3
-            return nn.Linear(self.enhancer.embed_dim, out)
+            return self.objective.vit_head(self.enhancer.embed_dim)
         with torch.no_grad():
             fmap = self.enhancer.forward_features(torch.zeros(1, 3, size, size))
-        stride = size // fmap.shape[-1]
-        if size % fmap.shape[-1] or (self.objective == "revdet" and fmap.shape[-1] > self.grid[0]):
+        side = fmap.shape[-1]
+        if size % side or not self.objective.cnn_map_fits(side):
             raise ConfigError(
-                f"model.name '{cfg.model.name}' gives a {fmap.shape[-2]}x{fmap.shape[-1]} feature map at {size} px, "
+                f"model.name '{cfg.model.name}' gives a {fmap.shape[-2]}x{side} feature map at {size} px, "
                 f"which does not fit the {self.grid[0]}x{self.grid[1]} token grid (set cim.cnn_output_stride 8|16|32)"
             )
-        return CNNHead(fmap.shape[1], stride, self.grid, self.objective)
+        return self.objective.cnn_head(fmap.shape[1], size // side)
 
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device) -> torch.Tensor:
@@ -141,6 +233,10 @@ class CIM(Method):
             return self.generator.mask(batch_size, device)
         _, mask, _ = random_masking(batch_size, self.num_patches, self.cfg.mask_ratio, device)
         return mask.bool()
+
+    def generate(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), (B, N) -> (M, V) the generator's logits at the M masked positions."""
+        return self.generator.predict(self.generator.encode(imgs, mask), mask)
 
     @torch.no_grad()
     def corrupt(self, ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -165,41 +261,29 @@ class CIM(Method):
         return (pixels - self.pixel_mean) / self.pixel_std
 
     def enhance(self, corrupted_imgs: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> RevDet logits (B, N) or ResPix predictions (B, 3, H, W)."""
+        """(B, 3, H, W) -> the objective's prediction: RevDet logits (B, N) or ResPix pixels (B, 3, H, W)."""
         feats = self.enhancer.forward_features(corrupted_imgs)
         if not self.is_vit:
             return self.head(feats)
-        out = self.head(feats[:, self.enhancer.num_prefix_tokens :])
-        if self.objective == "revdet":
-            return out.squeeze(-1)
-        return unpatchify(out, self.patch, self.grid)
-
-    def pixel_targets(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> targets: sliding-window (default), per-patch normalised, or raw normalised pixels."""
-        if self.cfg.target_norm == "window":
-            return sliding_window_targets(imgs, self.cfg.window)
-        if self.cfg.target_norm == "patch":
-            return unpatchify(normalize_patches(patchify(imgs.float(), self.patch)), self.patch, self.grid)
-        return imgs.float()
+        return self.objective.from_tokens(self.head(feats[:, self.enhancer.num_prefix_tokens :]))
 
     def enhancer_loss(self, out: torch.Tensor, imgs: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
-        """RevDet: BCE over all token positions; ResPix: MSE over all pixels and channels."""
-        if self.objective == "revdet":
-            return F.binary_cross_entropy_with_logits(out.float(), replaced.float())
-        return F.mse_loss(out.float(), self.pixel_targets(imgs))
+        """The objective's loss on the enhancer's output `out` for the original images and the replaced map."""
+        return self.objective.loss(out, self.objective.targets(imgs, replaced))
 
     # ---- contract ----------------------------------------------------------------------------------------
     def forward(self, batch: dict):
         imgs = batch["image"]
         ids = self.generator.targets(batch["tokens"])
         mask = self.mask(imgs.shape[0], imgs.device)
-        gen_logits = self.generator.predict(self.generator.encode(imgs, mask), mask)
+        gen_logits = self.generate(imgs, mask)
         masked_ids = ids[mask]  # once: boolean indexing waits on the device
         gen_loss = self.generator.loss(gen_logits, masked_ids)
         _, replaced, corrupted_imgs = self.corrupt(ids, mask, gen_logits.detach())
         out = self.enhance(corrupted_imgs)
-        enh_loss = self.enhancer_loss(out, imgs, replaced)
-        loss = gen_loss + self.cfg.enhancer_weight * enh_loss
+        target = self.objective.targets(imgs, replaced)
+        enh_loss = self.objective.loss(out, target)
+        loss = gen_loss + enh_loss  # no loss weight: the two share no parameter (see generator_lr_scale)
         metrics = {
             "loss": loss.detach(),
             "gen_loss": gen_loss.detach(),
@@ -207,17 +291,23 @@ class CIM(Method):
             "gen_acc": (gen_logits.detach().argmax(-1) == masked_ids).float().mean(),
             "replaced_frac": replaced.float().mean(),
         }
-        if self.objective == "revdet":
-            metrics["revdet_acc"] = ((out.detach() > 0) == replaced).float().mean()
-        return loss, metrics
+        return loss, metrics | self.objective.metrics(out.detach(), target)
 
     @property
     def encoder(self) -> nn.Module:
         return self.enhancer
 
     def no_weight_decay(self) -> set[str]:
-        names = {n for n, _ in self.named_parameters() if n.endswith(("cls_token", "pos_embed", "mask_token"))}
-        return names | {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+        """The generator's are BEiT's rule; the enhancer's tokens, position tables and relative position bias."""
+        names = {f"generator.{n}" for n in self.generator.no_weight_decay()}
+        for n, _ in self.enhancer.named_parameters():
+            if n.endswith(("cls_token", "pos_embed")) or "relative_position_bias_table" in n:
+                names.add(f"enhancer.{n}")
+        return names
+
+    def lr_scale(self, name: str) -> float:
+        """`cim.generator_lr_scale` for the generator's parameters, 1 for the enhancer and its head."""
+        return self.cfg.generator_lr_scale if name.startswith("generator.") else 1.0
 
     @torch.no_grad()
     def infer(self, batch: dict) -> tuple[torch.Tensor, ...]:
@@ -225,21 +315,14 @@ class CIM(Method):
         imgs = batch["image"]
         ids = self.generator.targets(batch["tokens"])
         mask = self.mask(imgs.shape[0], imgs.device)
-        logits = self.generator.predict(self.generator.encode(imgs, mask), mask)
-        _, replaced, corrupted_imgs = self.corrupt(ids, mask, logits)
+        _, replaced, corrupted_imgs = self.corrupt(ids, mask, self.generate(imgs, mask))
         return mask, replaced, corrupted_imgs, self.enhance(corrupted_imgs).float()
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict:
-        """Enhancer quality against trivial baselines on one batch: RevDet accuracy vs predicting 'original'
-        everywhere, ResPix MSE vs predicting each pixel's window mean (which is 0 in target space)."""
-        imgs = batch["image"]
-        mask, replaced, corrupted_imgs, out = self.infer(batch)
-        if self.objective == "revdet":
-            return {"revdet_acc": ((out > 0) == replaced).float().mean().item(),
-                    "all_original_acc": 1.0 - replaced.float().mean().item()}  # fmt: skip
-        target = self.pixel_targets(imgs)
-        return {"respix_mse": F.mse_loss(out, target).item(), "window_mean_mse": target.pow(2).mean().item()}
+        """Enhancer quality against the objective's trivial baseline on one batch (see ResPix/RevDet.baselines)."""
+        _, replaced, _, out = self.infer(batch)
+        return self.objective.baselines(out, self.objective.targets(batch["image"], replaced))
 
     @torch.no_grad()
     def on_epoch_end(self, ctx) -> dict:
@@ -258,19 +341,11 @@ class CIM(Method):
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:
-        """Rows of original | masked | corrupted | enhancer output (ResPix reconstruction, or RevDet's
-        replaced-probability map with the true replaced tokens outlined in the corrupted panel's frame)."""
+        """Rows of original | masked | corrupted | the objective's picture of the enhancer output."""
         imgs = batch["image"]
         mask, replaced, corrupted_imgs, out = self.infer(batch)
-        size = imgs.shape[-2:]
-        cells = F.interpolate(mask.view(-1, 1, *self.grid).float(), size=size, mode="nearest")
-        if self.objective == "revdet":
-            prob = torch.sigmoid(out).view(-1, 1, *self.grid)
-            prob = F.interpolate(prob, size=size, mode="nearest").expand(-1, 3, -1, -1)
-            panel = (prob - self.pixel_mean) / self.pixel_std  # white = "replaced" once the caller un-normalises
-        else:
-            mean, var = window_stats(imgs, self.cfg.window) if self.cfg.target_norm == "window" else (0.0, 1.0)
-            panel = out * (var + 1e-6) ** 0.5 + mean if self.cfg.target_norm == "window" else out
+        cells = F.interpolate(mask.view(-1, 1, *self.grid).float(), size=imgs.shape[-2:], mode="nearest")
+        panel = self.objective.picture(out, imgs, self.pixel_mean, self.pixel_std)
         return torch.cat([imgs, imgs * (1 - cells), corrupted_imgs, panel], dim=3)
 
 
@@ -278,11 +353,11 @@ class CIMResPix(CIM):
     """CIM-ResPix: the enhancer restores every original pixel (sliding-window normalised targets)."""
 
     name = "cim-respix"
-    objective = "respix"
+    Objective = ResPix
 
 
 class CIMRevDet(CIM):
     """CIM-RevDet: the enhancer predicts, for every visual token, whether the generator replaced it."""
 
     name = "cim-revdet"
-    objective = "revdet"
+    Objective = RevDet

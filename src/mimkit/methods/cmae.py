@@ -1,12 +1,13 @@
 """CMAE, seed variant (Mao, Yin, Chang, Zhou; arXiv 2205.10546): MAE with a slimmer decoder, plus two tasks for
 the encoder alone, contrastive learning between two crops and token position prediction, on ContrastiveCrop inputs.
 
-Only the paper's abstract is public, so everything below the three ideas is mimkit's reconstruction, with each
-choice a config key (`cmae.*`, docs/design.md "CMAE"):
+The paper's text is public (arXiv 2205.10546), but only its abstract and front matter could be read when this was
+written, and no code exists; so everything below the three ideas of the abstract is mimkit's reconstruction, with
+each choice a config key (`cmae.*`, docs/methods.md "CMAE" says which rows rest on guesses):
 - reconstruction: MAE's own steps (mask, encode, decode, targets, loss: this class extends `MAE`);
 - contrastive: the MAE pass's visible tokens of crop 1, pooled, projected and predicted (online) against the whole
   crop 2 through the target encoder (EMA copy, or the online encoder) and a projector; symmetric InfoNCE over the
-  batch, stop-gradient on the target;
+  batch, stop-gradient on the target; both crops recoloured as ContrastiveCrop's pipelines do (`cmae.color_*`);
 - position: a second pass of the encoder over crop 1's visible patch embeddings with their positions hidden (no
   position embedding, or those of random positions; the tokens come in random order), then a linear head
   classifies each token's patch index (cross-entropy over the N positions).
@@ -15,45 +16,79 @@ ContrastiveCrop is a data option for every method (`data.crop_mode=ccrop`, `mimk
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Probability
+from ..data.augment import ColorSpec, color_views
 from ..data.ccrop import outline_boxes
 from ..data.views import View
 from ..ema import cosine_momentum, ema_update, make_teacher
 from ..masking import gather_tokens
 from ..models import vit as V
-from .mae import MAE, init_mae_weights
+from .mae import MAE, MAEOptions, init_mae_weights
 
 TASKS = ("rec", "contrast", "pos")
 
 
+@dataclass
+class CMAEOptions(MAEOptions):
+    """CMAE (Mao et al., arXiv 2205.10546). Every [UNVERIFIED] key is a reconstruction choice (docs/methods.md,
+    "CMAE"); set a weight to 0 to switch its task off. MAE's keys (masking, decoder, norm-pix loss) with a slimmer
+    decoder than MAE's 4 x 192, then CMAE's own."""
+
+    decoder_dim: PositiveInt = 128
+    decoder_depth: PositiveInt = 2
+    decoder_heads: PositiveInt = 4
+    # loss = rec_weight * L_rec + contrast_weight * L_contrast + pos_weight * L_pos  [UNVERIFIED weights]
+    rec_weight: NonNegFloat = 1.0
+    contrast_weight: NonNegFloat = 0.1
+    pos_weight: NonNegFloat = 0.1
+    # contrastive: pooled visible tokens of the masked crop vs the whole second crop through the target encoder
+    target_encoder: Literal["ema", "shared"] = "ema"  # momentum copy (mimkit.ema) | the online encoder; both no-grad
+    momentum: Probability = 0.996  # EMA momentum at step 0, raised by a cosine to momentum_final
+    momentum_final: Probability = 1.0
+    temperature: PositiveFloat = 0.2  # InfoNCE over the batch, symmetric [UNVERIFIED: MoCo's 0.2]
+    pool: Literal["avg", "cls"] = "avg"  # mean of patch tokens | class token
+    proj_hidden: PositiveInt = 1024  # projector D -> hidden -> proj_dim (predictor proj_dim -> hidden -> proj_dim)
+    proj_dim: PositiveInt = 256
+    predictor: bool = True  # a predictor on the online side (MoCo v3 / BYOL)
+    # token position prediction: a second encoder pass over the visible patches with positions hidden, a linear
+    # head classifies each token's patch index. drop: no position embedding | permute: those of random positions
+    pos_hiding: Literal["drop", "permute", "none"] = "drop"
+    # colour of the contrastive pair [UNVERIFIED for CMAE; every ContrastiveCrop pipeline does it]: jitter and
+    # grayscale drawn independently for each crop, on the device. both: crop 1 (the MAE pass: its reconstruction
+    # target is the recoloured crop too) and crop 2 | target: crop 2 only | none: neither (colour then identifies
+    # the pair). Only with contrast_weight > 0 (without the pair, CMAE's MAE pass sees MAE's input).
+    color_views: Literal["both", "target", "none"] = "both"
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # ContrastiveCrop's ColorJitter
+    color_jitter_p: Probability = 0.8
+    color_grayscale_p: Probability = 0.2
+    color_blur_p: Probability = 0.0  # ContrastiveCrop's ImageNet pipelines: 0.5 (sigma 0.1-2 px at 224, scaled)
+
+
 def check_options(o) -> None:
     """Reject settings that cannot train or that would make a task trivial; errors name the key."""
-    weights = {t: getattr(o, f"{t}_weight") for t in TASKS}
-    for t, w in weights.items():
-        if w < 0:
-            raise ConfigError(f"cmae.{t}_weight must be >= 0, got {w}")
-    if not any(weights.values()):
+    if not any(getattr(o, f"{t}_weight") for t in TASKS):
         raise ConfigError("cmae.rec_weight, cmae.contrast_weight and cmae.pos_weight are all 0: no task to train")
-    if o.target_encoder not in ("ema", "shared"):
-        raise ConfigError(f"cmae.target_encoder must be 'ema' or 'shared', got '{o.target_encoder}'")
-    for key in ("momentum", "momentum_final"):
-        if not 0.0 <= getattr(o, key) <= 1.0:
-            raise ConfigError(f"cmae.{key} must be in [0, 1], got {getattr(o, key)}")
-    if o.temperature <= 0:
-        raise ConfigError(f"cmae.temperature must be > 0, got {o.temperature}")
-    if o.pool not in ("avg", "cls"):
-        raise ConfigError(f"cmae.pool must be 'avg' or 'cls', got '{o.pool}'")
+    if min(o.color_jitter) < 0 or o.color_jitter[3] > 0.5:
+        raise ConfigError(f"cmae.color_jitter must be >= 0 with a hue strength <= 0.5, got {list(o.color_jitter)}")
     if o.pos_weight > 0 and o.pos_hiding == "none":
         raise ConfigError(
             "cmae.pos_hiding=none keeps the position embeddings on the tokens the position head classifies, which "
             "makes token position prediction trivial; use drop or permute (or cmae.pos_weight=0 to switch it off)"
         )
-    if o.pos_hiding not in ("drop", "permute", "none"):
-        raise ConfigError(f"cmae.pos_hiding must be 'drop' or 'permute', got '{o.pos_hiding}'")
+
+
+def color_spec(o) -> ColorSpec | None:
+    """The contrastive pair's colour perturbation from the options (None when it changes nothing)."""
+    if o.color_views == "none" or not (o.color_jitter_p or o.color_grayscale_p or o.color_blur_p):
+        return None
+    return ColorSpec(tuple(o.color_jitter), o.color_jitter_p, o.color_grayscale_p, o.color_blur_p)
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -65,11 +100,12 @@ class CMAE(MAE):
     """CMAE: MAE with a slimmer decoder + contrastive and token-position tasks on the encoder (ContrastiveCrop)."""
 
     name = "cmae"
+    Options = CMAEOptions
 
     def __init__(self, cfg: Config):
-        o = cfg.cmae
+        o = self.options(cfg)
         check_options(o)
-        super().__init__(cfg, o)
+        super().__init__(cfg)
         self.weights = {t: getattr(o, f"{t}_weight") for t in TASKS}
         self.pixel_mean, self.pixel_std = tuple(cfg.data.mean), tuple(cfg.data.std)
         dim = self.encoder.embed_dim
@@ -79,7 +115,12 @@ class CMAE(MAE):
         self.target_projector = self.target_vit = None
         if self.weights["contrast"]:
             size = cfg.data.image_size
-            self.views = (View("image", size), View("target", size, crop_group=1))  # two independent crops
+            color = color_spec(o)
+            online = color if o.color_views == "both" else None
+            target = color if o.color_views in ("both", "target") else None
+            self.views = (View("image", size, color=online), View("target", size, crop_group=1, color=target))
+            self.register_buffer("data_mean", torch.tensor(cfg.data.mean), persistent=False)
+            self.register_buffer("data_std", torch.tensor(cfg.data.std), persistent=False)
             self.projector = mlp(dim, o.proj_hidden, o.proj_dim)
             self.predictor = mlp(o.proj_dim, o.proj_hidden, o.proj_dim) if o.predictor else nn.Identity()
             init_mae_weights(self.projector)
@@ -145,7 +186,14 @@ class CMAE(MAE):
         return loss, acc.detach()
 
     # ---- contract ----------------------------------------------------------------------------------------
+    def recolor(self, batch: dict) -> dict:
+        """The contrastive pair's views with their colour perturbation (`cmae.color_views`), on the device."""
+        if not self.weights["contrast"]:
+            return batch
+        return color_views(batch, self.views, self.data_mean, self.data_std)
+
     def forward(self, batch: dict, noise: torch.Tensor | None = None):
+        batch = self.recolor(batch)
         imgs = batch["image"]
         ids_keep, mask, ids_restore = self.mask(imgs.shape[0], imgs.device, noise)
         losses, metrics = {}, {}

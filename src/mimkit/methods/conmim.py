@@ -9,17 +9,19 @@ the *same* image (InfoNCE, intra-image negatives only). What goes downstream is 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError
-from ..data.augment import ColorAugment
+from ..config import Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
+from ..data.augment import ColorAugment, scale_sigma
 from ..data.views import View
 from ..ema import cosine_momentum, ema_update, make_teacher
-from ..masking import blockwise_masking, coarse_random_masking
+from ..masking import block_mask_count, blockwise_masking, coarse_random_masking, mask_cell
 from ..models import vit as V
 from .base import Method
 
@@ -38,63 +40,93 @@ def projector(dim: int, hidden: int, out: int) -> nn.Sequential:
     )
 
 
-def check_config(o, num_patches: int, grid: tuple[int, int]) -> None:
-    """ConfigError naming the `conmim.*` key for every value the method cannot run with."""
-    if o.mask_mode not in ("block", "coarse"):
-        raise ConfigError(f"conmim.mask_mode must be 'block' or 'coarse', got '{o.mask_mode}'")
-    if o.export_encoder not in ("teacher", "student"):
-        raise ConfigError(f"conmim.export_encoder must be 'teacher' or 'student', got '{o.export_encoder}'")
-    for key in ("momentum", "momentum_final", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-        v = getattr(o, key)
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"conmim.{key} must be in [0, 1], got {v:g}")
-    if o.temperature <= 0:
-        raise ConfigError(f"conmim.temperature must be > 0, got {o.temperature:g}")
-    if o.mask_bank < 0:
-        raise ConfigError(f"conmim.mask_bank must be >= 0 (0 = new masks every step), got {o.mask_bank}")
-    for key in ("proj_hidden", "proj_dim", "mask_min_patches", "mask_cell"):
-        if getattr(o, key) < 1:
-            raise ConfigError(f"conmim.{key} must be >= 1, got {getattr(o, key)}")
+@dataclass
+class ConMIMOptions:
+    renamed: ClassVar[dict] = {"mask_min_patches": "conmim.min_block_patches",
+                               "mask_cell": "conmim.mask_patch_size (in pixels now)"}  # fmt: skip
+    mask_mode: Literal["block", "coarse"] = "block"  # BEiT's rectangles (the reference) | random cells (random_mps32)
+    # block: masked patches per image (the reference's --num_mask_patches 75 of 196); None = round(75 * N / 196)
+    num_masking_patches: PositiveInt | None = None
+    # block: round(mask_ratio * N) patches instead of num_masking_patches; coarse: the fraction of cells masked,
+    # ceil(ratio * cells) (None = the reference's --mask_ratio default, 0.75)
+    mask_ratio: float | None = None
+    min_block_patches: PositiveInt = 16  # block: smallest rectangle, in patches (BEiT's name)
+    mask_patch_size: PositiveInt | None = None  # coarse: cell side in pixels, a multiple of the patch; None = 2 patches
+    mask_bank: NonNegInt = 0  # block: > 0 draws masks on the device from this many precomputed (x8 flips) ones
+    temperature: PositiveFloat = 0.1  # InfoNCE temperature on L2-normalised projections
+    momentum: Probability = 0.996  # teacher EMA momentum at the first step, raised by a cosine to momentum_final
+    momentum_final: Probability = 1.0
+    proj_hidden: PositiveInt = 1024  # per-token MLP projector width (the paper: 4096 for ViT-B/L; costly on small ViTs)
+    proj_dim: PositiveInt = 256  # projection size (the paper: 256)
+    export_encoder: Literal["teacher", "student"] = "teacher"  # which ViT goes downstream (the reference: teacher)
+    center_teacher: bool = False  # subtract the teacher's per-position batch mean (not in the reference; see docs)
+    # the strong perturbation of the teacher's view (batched, on the device; see mimkit.data.augment)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: Probability = 0.8
+    grayscale_p: Probability = 0.2
+    blur_p: Probability = 0.1
+    # in pixels of a 224 px view (the reference's PIL radius at 224), scaled to data.image_size: the same blur
+    # relative to the image at any size (0.014-0.29 px at 32 px)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: Probability = 0.2
+
+
+LAYER_SCALE = 0.1  # the reference's --layer_scale_init_value (ViT-S/B; 1e-5 for ViT-L), when model.layer_scale is None
+COARSE_RATIO = 0.75  # the reference's --mask_ratio default, used by its random_mps32 masks
+
+
+def check_config(o, num_patches: int, grid: tuple[int, int], cell: int) -> int:
+    """ConfigError naming the `conmim.*` key for every value the method cannot run with (ranges and choices are
+    checked by the config schema). -> the masked count per image (block) or cells (coarse)."""
     if min(o.jitter) < 0 or o.jitter[3] > 0.5:
         raise ConfigError(f"conmim.jitter must be >= 0 with a hue strength <= 0.5, got {list(o.jitter)}")
     if not 0 < o.blur_sigma[0] <= o.blur_sigma[1]:
         raise ConfigError(f"conmim.blur_sigma must be 0 < low <= high, got {list(o.blur_sigma)}")
     if o.mask_mode == "block":
-        units, masked, what = num_patches, int(round(o.mask_ratio * num_patches)), "patches"
-    else:
-        if grid[0] % o.mask_cell or grid[1] % o.mask_cell:
-            raise ConfigError(f"conmim.mask_cell {o.mask_cell} does not divide the {grid[0]}x{grid[1]} patch grid")
-        units = (grid[0] // o.mask_cell) * (grid[1] // o.mask_cell)
-        masked, what = math.ceil(o.mask_ratio * units), "mask cells"  # as coarse_random_masking
-    if o.mask_ratio <= 0.0 or masked < 1:
-        raise ConfigError(f"conmim.mask_ratio {o.mask_ratio:g} masks no patch of {units} {what}")
-    if o.mask_ratio >= 1.0 or masked >= units:
-        raise ConfigError(f"conmim.mask_ratio {o.mask_ratio:g} leaves no visible patch of {units} {what}")
+        return block_mask_count(num_patches, o.num_masking_patches, o.mask_ratio, "conmim")
+    if o.num_masking_patches is not None:
+        raise ConfigError("conmim.num_masking_patches is for mask_mode=block; coarse masks take conmim.mask_ratio")
+    if grid[0] % cell or grid[1] % cell:
+        raise ConfigError(f"conmim.mask_patch_size ({cell} patches) does not tile the {grid[0]}x{grid[1]} grid")
+    units = (grid[0] // cell) * (grid[1] // cell)
+    ratio = COARSE_RATIO if o.mask_ratio is None else o.mask_ratio
+    masked = math.ceil(ratio * units)  # as coarse_random_masking
+    if ratio <= 0.0 or masked < 1:
+        raise ConfigError(f"conmim.mask_ratio {ratio:g} masks no patch of {units} mask cells")
+    if ratio >= 1.0 or masked >= units:
+        raise ConfigError(f"conmim.mask_ratio {ratio:g} leaves no visible patch of {units} mask cells")
+    return masked
 
 
 class ConMIM(Method):
     """ConMIM: masked patches contrasted against an EMA teacher's patches of the same image."""
 
     name = "conmim"
+    Options = ConMIMOptions
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = cfg.conmim
+        o = self.options(cfg)
         self.cfg = o
         # one [0, 1] view: the teacher's strong perturbation is made from it on the device, then both are normalised
         self.views = (View("image", cfg.data.image_size, normalize="unit"),)
         self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
-        # vit_*: fixed sin-cos absolute positions, as MAE; beit_*: the reference's encoder (shared relative
-        # position bias, no absolute position, LayerScale via model.*)
-        vit = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True)
+        # beit_*: the reference's encoder (shared relative position bias, no absolute position); vit_*: fixed sin-cos
+        # absolute positions, as MAE (mimkit's variant, docs/methods.md); LayerScale 0.1 unless model.layer_scale
+        vit = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
         self.grid = V.grid_size(vit)
         self.num_patches = self.grid[0] * self.grid[1]
-        check_config(o, self.num_patches, self.grid)
+        self.cell = mask_cell(o.mask_patch_size, V.patch_size(vit), "conmim.mask_patch_size")
+        self.num_masked = check_config(o, self.num_patches, self.grid, self.cell)
         self.student = nn.ModuleDict({"vit": vit, "proj": projector(vit.embed_dim, o.proj_hidden, o.proj_dim)})
         self.mask_token = V.new_mask_token(vit.embed_dim)
+        # the reference's initialisation (BEiT's): encoder and projector trunc-normal 0.02 cut at +-1 std
+        V.init_beit_encoder(vit)
+        V.init_beit_weights(self.student["proj"])
         self.teacher = make_teacher(self.student)  # same names, so the EMA matches parameters by name
-        self.augment = ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p, o.blur_sigma, o.solarize_p)
+        sigma = scale_sigma(o.blur_sigma, cfg.data.image_size)
+        self.augment = ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p, sigma, o.solarize_p)
         self.bank_seed = cfg.train.seed
         self.register_buffer("mask_bank", None, persistent=False)  # built on first use (conmim.mask_bank > 0)
 
@@ -103,18 +135,25 @@ class ConMIM(Method):
         """The timm ViT (or Beit) that is evaluated and exported: the EMA teacher's (default) or the student's."""
         return self.teacher["vit"] if self.cfg.export_encoder == "teacher" else self.student["vit"]
 
+    @property
+    def ccrop_encoder(self) -> nn.Module:
+        """The network whose heat maps place ContrastiveCrop's boxes: the online (student) ViT, as ContrastiveCrop
+        uses its online encoder (MoCo's query encoder), whichever ViT is exported."""
+        return self.student["vit"]
+
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device) -> torch.Tensor:
         """-> (B, N) bool, True = masked (BEiT blocks or coarse random cells)."""
         o = self.cfg
         if o.mask_mode == "coarse":
-            return coarse_random_masking(batch_size, self.grid, o.mask_ratio, o.mask_cell, device)
+            ratio = COARSE_RATIO if o.mask_ratio is None else o.mask_ratio
+            return coarse_random_masking(batch_size, self.grid, ratio, self.cell, device)
         if o.mask_bank > 0:
             if self.mask_bank is None:
                 self.mask_bank = self.build_mask_bank()
             self.mask_bank = self.mask_bank.to(device)  # no-op once there
             return self.mask_bank[torch.randint(0, self.mask_bank.shape[0], (batch_size,), device=device)]
-        return blockwise_masking(batch_size, self.grid, o.mask_ratio, o.mask_min_patches, device=device)
+        return blockwise_masking(batch_size, self.grid, self.num_masked, o.min_block_patches, device=device)
 
     def build_mask_bank(self) -> torch.Tensor:
         """(8 * conmim.mask_bank, N) bool: BEiT block masks and their flips and transposes (4 on a non-square
@@ -123,7 +162,8 @@ class ConMIM(Method):
         is a Python loop on the host (docs/benchmarks.md)."""
         o, (gh, gw) = self.cfg, self.grid
         rng = np.random.default_rng([self.bank_seed, 0xC0])
-        m = blockwise_masking(o.mask_bank, self.grid, o.mask_ratio, o.mask_min_patches, generator=rng).view(-1, gh, gw)
+        m = blockwise_masking(o.mask_bank, self.grid, self.num_masked, o.min_block_patches, generator=rng)
+        m = m.view(-1, gh, gw)
         variants = [m, m.flip(1), m.flip(2), m.flip(1).flip(2)]
         if gh == gw:
             variants += [v.transpose(1, 2) for v in variants]
@@ -190,15 +230,12 @@ class ConMIM(Method):
         ema_update(self.teacher, self.student, m)
 
     def no_weight_decay(self) -> set[str]:
-        names = {"mask_token", "student.vit.cls_token", "student.vit.pos_embed"}
-        return names | {n for n, _ in self.student.named_parameters(prefix="student") if "relative_position" in n}
+        """The reference's (BEiT's optim_factory with the model's no_weight_decay): the class token and absolute
+        position embedding only, besides every 1-D parameter; the mask token and relative position table decay."""
+        return {"student.vit.cls_token", "student.vit.pos_embed"}
 
-    def export(self, out_dir, cfg):
-        from ..export import export_encoder
-
-        meta = {"method": cfg.method, "encoder": cfg.conmim.export_encoder}
-        size, mean, std = cfg.data.image_size, cfg.data.mean, cfg.data.std
-        return export_encoder(self.encoder, out_dir, image_size=size, mean=mean, std=std, mimkit_meta=meta)
+    def export_meta(self) -> dict:
+        return {"encoder": self.cfg.export_encoder}
 
     @torch.no_grad()
     def similarity_maps(self, x: torch.Tensor, num_queries: int = 3):

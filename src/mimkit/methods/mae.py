@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, NonNegFloat, PositiveInt
 from ..data.views import View
 from ..masking import gather_tokens, random_masking
 from ..models import vit as V
 from ..models.decoder import MaskedDecoder
 from ..targets import normalize_patches, patchify, unpatchify
 from .base import Method
+
+
+@dataclass
+class MAEOptions:
+    mask_ratio: float = 0.75
+    decoder_dim: PositiveInt = 192  # MAE's ViT-B: 512 x 8 blocks; small ViTs on small images need far less
+    decoder_depth: PositiveInt = 4
+    decoder_heads: PositiveInt = 3
+    norm_pix_loss: bool = True
+    norm_pix_eps: NonNegFloat = 1e-6  # MAE's value; flat images (documents, digits) want a larger one
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -30,11 +42,11 @@ class MAE(Method):
     """MAE: the encoder sees a random 25% of patches; a light decoder regresses the pixels of the rest."""
 
     name = "mae"
+    Options = MAEOptions
 
-    def __init__(self, cfg: Config, options=None):
-        """`options`: the section with MAE's keys (default `cfg.mae`; CMAE passes `cfg.cmae`)."""
+    def __init__(self, cfg: Config):
         super().__init__()
-        o = cfg.mae if options is None else options
+        o = self.options(cfg)
         if not 0.0 < o.mask_ratio < 1.0:
             raise ConfigError(f"{self.name}.mask_ratio must be in (0, 1), got {o.mask_ratio}")
         self.cfg = o

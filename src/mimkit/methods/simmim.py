@@ -3,43 +3,57 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, PositiveInt
 from ..data.views import View
-from ..masking import coarse_random_masking
+from ..masking import coarse_random_masking, mask_cell
 from ..models import vit as V
 from ..targets import patchify, unpatchify
 from .base import Method
+
+
+@dataclass
+class SimMIMOptions:
+    mask_ratio: float = 0.6
+    mask_patch_size: PositiveInt | None = None  # pixels per mask cell, a multiple of the patch; None = 2 patches
+
+
+LAYER_SCALE = 0.1  # SimMIM's MODEL.VIT.INIT_VALUES: LayerScale when model.layer_scale is None (0 = off)
 
 
 class SimMIM(Method):
     """SimMIM: random 32-px cells masked with a learned token; a linear head regresses their raw pixels (L1)."""
 
     name = "simmim"
+    Options = SimMIMOptions
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = cfg.simmim
+        o = self.options(cfg)
         self.cfg = o
         self.views = (View("image", cfg.data.image_size),)
-        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size)
+        # vit_*: timm's ViT with fixed sin-cos positions; beit_*: SimMIM's own ViT-B (shared relative position bias,
+        # no absolute position); both with LayerScale 0.1 unless model.layer_scale says otherwise
+        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
         self.patch = V.patch_size(self.encoder)
         self.grid = V.grid_size(self.encoder)
-        cell_px = o.mask_patch_size or 2 * self.patch
-        if cell_px % self.patch:
-            raise ConfigError(f"simmim.mask_patch_size {cell_px} is not a multiple of the patch {self.patch}")
-        self.cell = cell_px // self.patch
+        self.cell = mask_cell(o.mask_patch_size, self.patch, "simmim.mask_patch_size")
         if self.grid[0] % self.cell or self.grid[1] % self.cell:
-            raise ConfigError(f"simmim.mask_patch_size {cell_px} does not tile the {cfg.data.image_size} px image")
+            px = self.cell * self.patch
+            raise ConfigError(f"simmim.mask_patch_size {px} does not tile the {cfg.data.image_size} px image")
         cells = (self.grid[0] // self.cell) * (self.grid[1] // self.cell)
         if not 0.0 < o.mask_ratio < 1.0 or math.ceil(o.mask_ratio * cells) >= cells:
             raise ConfigError(f"simmim.mask_ratio {o.mask_ratio} leaves no masked or no visible cell of {cells}")
         dim = self.encoder.embed_dim
         self.mask_token = V.new_mask_token(dim)
-        # SimMIM's decoder is a 1x1 conv to p*p*3 channels + PixelShuffle: a per-token Linear is the same map
+        # SimMIM's ViT initialises as BEiT's (its VisionTransformerForSimMIM cuts the trunc-normal at +-1 std)
+        V.init_beit_encoder(self.encoder)
+        # SimMIM's decoder is a 1x1 conv to p*p*3 channels + PixelShuffle: a per-token Linear is the same map, and
+        # keeps PyTorch's default initialisation as the conv does
         self.head = nn.Linear(dim, self.patch**2 * 3)
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -70,7 +84,9 @@ class SimMIM(Method):
         return loss, {"loss": loss.detach()}
 
     def no_weight_decay(self) -> set[str]:
-        return {"encoder.cls_token", "encoder.pos_embed", "mask_token"}
+        """SimMIM's for its ViT: the encoder's class token and absolute position embedding (besides every 1-D
+        parameter); the mask token and relative position tables are decayed (only its Swin exempts the mask token)."""
+        return {"encoder.cls_token", "encoder.pos_embed"}
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:

@@ -8,12 +8,14 @@ so its state dict is a plain timm checkpoint.
 
 from __future__ import annotations
 
+import math
 import re
 
 import timm
 import torch
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from ..config import ConfigError
 from .pos_embed import sincos_2d
@@ -64,27 +66,32 @@ def resolve_patch_size(name: str, patch_size: int | None) -> int:
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
-def create_encoder(model_cfg, img_size: int, sincos_pos: bool = True, allow_beit: bool = False):
+def create_encoder(
+    model_cfg, img_size: int, sincos_pos: bool = True, allow_beit: bool = False, layer_scale: float | None = None
+):
     """A headless encoder from a ModelConfig: `create_vit` for vit_*/deit_* names; with `allow_beit`, a timm
     Beit for beit_* names (methods whose encoder sees every patch: BEiT, SimMIM, ConMIM, CIM). The patch size is
-    `model.patch_size`, or when that is None the one the name says (`resolve_patch_size`)."""
+    `model.patch_size`, or when that is None the one the name says (`resolve_patch_size`). LayerScale's initial
+    value is `model.layer_scale`, or when that is None the method's own default `layer_scale` (BEiT, SimMIM and
+    ConMIM: 0.1, their ViT-B value); None or 0 = no LayerScale."""
     sizes = {"depth": model_cfg.depth, "embed_dim": model_cfg.embed_dim, "num_heads": model_cfg.num_heads}
+    init_values = model_cfg.layer_scale if model_cfg.layer_scale is not None else layer_scale
     if model_cfg.name.startswith("beit_"):
         if not allow_beit:
             raise ConfigError(
                 f"model.name '{model_cfg.name}': this method drops masked tokens, which relative position bias "
                 "does not allow; use a vit_* encoder"
             )
-        return create_beit(model_cfg, img_size, **sizes)
-    if model_cfg.layer_scale is not None:
-        sizes["init_values"] = model_cfg.layer_scale
+        return create_beit(model_cfg, img_size, init_values, **sizes)
+    if init_values is not None:
+        sizes["init_values"] = init_values
     patch = resolve_patch_size(model_cfg.name, model_cfg.patch_size)
     return create_vit(model_cfg.name, img_size, patch, model_cfg.drop_path, sincos_pos, **sizes)
 
 
-def create_beit(model_cfg, img_size: int, **sizes) -> Beit:
+def create_beit(model_cfg, img_size: int, init_values: float | None = None, **sizes) -> Beit:
     """A headless timm Beit with BEiT's pre-training choices: shared relative position bias, no absolute
-    position embedding, LayerScale (all in `model.*`)."""
+    position embedding (`model.rel_pos_bias`, `model.abs_pos_embed`), LayerScale initialised at `init_values`."""
     if model_cfg.rel_pos_bias not in ("shared", "per_layer", "none"):
         raise ConfigError(f"model.rel_pos_bias must be shared, per_layer or none, got '{model_cfg.rel_pos_bias}'")
     if not timm.is_model(model_cfg.name):
@@ -100,7 +107,7 @@ def create_beit(model_cfg, img_size: int, **sizes) -> Beit:
         img_size=img_size,
         patch_size=patch,
         drop_path_rate=model_cfg.drop_path,
-        init_values=model_cfg.layer_scale,
+        init_values=init_values,
         use_abs_pos_emb=model_cfg.abs_pos_embed,
         use_rel_pos_bias=model_cfg.rel_pos_bias == "per_layer",
         use_shared_rel_pos_bias=model_cfg.rel_pos_bias == "shared",
@@ -159,10 +166,50 @@ def encode_visible(vit: VisionTransformer, patches: torch.Tensor) -> torch.Tenso
     return run_blocks(vit, x)
 
 
-def new_mask_token(dim: int) -> torch.nn.Parameter:
-    """(1, 1, dim) learned [MASK] embedding, trunc-normal std 0.02 (BEiT, SimMIM, ConMIM)."""
-    token = torch.nn.Parameter(torch.zeros(1, 1, dim))
-    torch.nn.init.trunc_normal_(token, std=0.02)
+def beit_trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """BEiT's truncated normal: N(0, std) cut at +-1 std (its `trunc_normal_` passes a=-std, b=std), so the
+    values' standard deviation is about 0.54 std. timm's default cuts at +-2 absolute, i.e. not at all for 0.02."""
+    return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+
+
+@torch.no_grad()
+def init_beit_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BEiT's `_init_weights` on every submodule: Linear and Conv2d weights `beit_trunc_normal_`, biases 0,
+    LayerNorm weight 1 and bias 0 (BEiT's, SimMIM's and ConMIM's pre-training models; their heads included)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            beit_trunc_normal_(m.weight, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def init_beit_encoder(vit: nn.Module, std: float = 0.02) -> None:
+    """A timm ViT or Beit initialised as BEiT's pre-training model (unilm beit/modeling_pretrain.py): every
+    Linear/Conv2d as `init_beit_weights`, class token and a learned absolute position embedding trunc-normal,
+    attention q/v biases 0, then `fix_init_weight`: block l's (1-based) attn.proj and mlp.fc2 weights divided by
+    sqrt(2 l). LayerScale keeps its initial value, relative position tables stay 0, a fixed sin-cos table stays."""
+    init_beit_weights(vit, std)
+    beit_trunc_normal_(vit.cls_token, std)
+    pos = getattr(vit, "pos_embed", None)
+    if isinstance(pos, nn.Parameter) and pos.requires_grad:
+        beit_trunc_normal_(pos, std)
+    for layer_id, block in enumerate(vit.blocks, start=1):
+        for name in ("q_bias", "v_bias"):
+            bias = getattr(block.attn, name, None)
+            if isinstance(bias, nn.Parameter):
+                nn.init.zeros_(bias)
+        block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+        block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
+def new_mask_token(dim: int, std: float = 0.02) -> nn.Parameter:
+    """(1, 1, dim) learned [MASK] embedding, trunc-normal std 0.02 cut at +-1 std (BEiT, SimMIM, ConMIM)."""
+    token = nn.Parameter(torch.zeros(1, 1, dim))
+    beit_trunc_normal_(token, std)
     return token
 
 

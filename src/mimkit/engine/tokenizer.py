@@ -9,6 +9,8 @@ such). The export is a tokenizer folder (`mimkit.models.tokenizer.save_tokenizer
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 
@@ -17,13 +19,18 @@ from ..data import Splits
 from ..data.folder import seeded_subset
 from ..data.pipeline import ViewDataset, eval_loader, prepare_batch
 from ..data.views import View
+from ..methods.base import Method
 from ..models.tokenizer import ImageTokenizer, VQTokenizer, codebook_stats, load_tokenizer, psnr, save_tokenizer
 from ..models.tokenizer.vqvae import code_counts
-from .base import Method
+from .logging import say
+from .loop import Runtime
+from .pretrain import PretrainTask, pretrain
 
 
 class TokenizerTraining(Method):
-    """Image tokenizer (VQ-VAE, EMA codebook, dead-code restarts): images -> grids of discrete tokens."""
+    """Image tokenizer (VQ-VAE, EMA codebook, dead-code restarts): images -> grids of discrete tokens. Not a
+    pre-training method (its `encoder` is no timm model, and it is not in the registry); it honours the method
+    contract so that the pre-training task can train it."""
 
     name = "tokenizer"
 
@@ -149,7 +156,7 @@ class TokenizerTraining(Method):
                 "use another --out or the same settings"
             ) from None
 
-    def export(self, out_dir, cfg):
+    def export_folder(self, out_dir, cfg):
         meta = {"method": self.name, "data": cfg.data.path, "image_size": cfg.data.image_size}
         if self.last_eval:
             meta.update(psnr=self.last_eval["psnr"], eval_usage=self.last_eval["eval_usage"])
@@ -182,3 +189,38 @@ def method_from_tokenizer(path, image_size: int | None = None) -> tuple[Tokenize
     if cfg.data.image_size % tok.downsample:
         raise ConfigError(f"--image-size {cfg.data.image_size} is not a multiple of the tokenizer's {tok.downsample}")
     return TokenizerTraining(cfg, tokenizer=tok).eval(), cfg
+
+
+class TokenizerTask(PretrainTask):
+    """`mimkit tokenizer train`: the pre-training task over a TokenizerTraining module. Judged by held-out PSNR
+    and codebook usage; the export is a tokenizer folder, `<out>/tokenizer` (what tokenizer.path takes)."""
+
+    kind = "tokenizer"
+    resume_keys = ("data.image_size",)  # other tokenizer.* sizes: TokenizerTraining.load_state_dict says so
+
+    def __init__(self, cfg: Config, rt: Runtime):
+        super().__init__(cfg, rt, build=TokenizerTraining)
+
+    def identity(self) -> dict:
+        return {}
+
+    def trained_what(self) -> str:
+        t = self.cfg.tokenizer
+        return f"VQ tokenizer ({t.vocab_size} codes, {t.downsample}x downsampling)"
+
+    def report(self, steps: int) -> dict:
+        from pathlib import Path
+
+        out = Path(self.cfg.out)
+        self.module.eval()
+        metrics = self.module.final_report(self.splits, self.cfg, self.rt.device)  # prints the psnr line
+        tok_dir = self.module.export_folder(out / "tokenizer", self.cfg)
+        summary = {"method": "tokenizer", "steps": steps, "tokenizer": str(tok_dir), **metrics}
+        say(f"tokenizer exported to '{tok_dir}' (use it with tokenizer.path={out} or {tok_dir})")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def train_tokenizer(cfg: Config) -> dict:
+    """`mimkit tokenizer train`: train, then export and report on rank 0."""
+    return pretrain(cfg, TokenizerTask)

@@ -1,0 +1,214 @@
+"""Pre-training as a task of the one loop: a method (or any module with the method contract, e.g. the tokenizer
+trainer) on seeded crops of the training images; ContrastiveCrop boxes, the method's epoch-end work and the k-NN
+monitor after each epoch; at the end, the export and the k-NN of the encoder against its random initialisation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config, config_from_dict
+from ..data import Splits, describe, load_splits
+from ..data.ccrop import check_boxes, estimate_boxes, update_due
+from ..data.device_cache import DeviceCache
+from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
+from ..eval import FeatureEval
+from ..export import export_encoder
+from ..methods import Method, build_method
+from . import distributed as D
+from .checkpoint import load_checkpoint
+from .logging import say
+from .loop import Runtime, Task, start_runtime, train
+from .optim import build_optimizer
+
+
+@dataclass
+class EpochContext:
+    """What `Method.on_epoch_end` may use."""
+
+    epoch: int
+    step: int
+    splits: Splits
+    cfg: Config
+    device: torch.device
+    main: bool
+
+
+class PretrainTask(Task):
+    kind = "pretrain"
+    resume_keys = ("model.name", "model.patch_size", "data.image_size")
+
+    def __init__(self, cfg: Config, rt: Runtime, build=build_method):
+        """`build(cfg)` makes the trained module (default: the registered method `cfg.method`), after seeding."""
+        super().__init__(cfg, rt)
+        self.splits = load_splits(cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
+        torch.manual_seed(cfg.train.seed)
+        self.module = build(cfg).to(rt.device)
+        self.model = self.module
+        self.batch_size = cfg.train.batch_size
+        self.dataset = ViewDataset(self.splits.train, self.module.views, cfg.data, seed=cfg.train.seed)
+        self.sampler = EpochBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, rt.rank, rt.world)
+        self.num_images = len(self.dataset)
+        self.cache = DeviceCache(self.dataset, rt.device) if cfg.data.device_cache else None  # may refuse the size
+        # made once on the device: a per-batch host->device copy of two small tensors would block the host
+        self.mean = torch.tensor(cfg.data.mean, device=rt.device)
+        self.std = torch.tensor(cfg.data.std, device=rt.device)
+        self.loader = None
+        if rt.device.type == "cuda" and cfg.train.channels_last:
+            self.module.to(memory_format=torch.channels_last)  # NHWC convolutions (CNN enhancers, tokenizers)
+        torch.manual_seed(cfg.train.seed * 1000 + rt.rank + 1)  # masks differ across ranks; model init did not
+
+    # ---- the loop's questions ------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        return {"method": self.cfg.method}
+
+    def describe(self, steps_per_epoch: int, effective_batch: int, lr: float) -> str:
+        cfg = self.cfg
+        return (
+            f"{describe(cfg, self.splits)}; {self.trained_what()} at {cfg.data.image_size}px; {self.rt.world} "
+            f"process(es) on {self.rt.device}; {cfg.train.epochs} epochs x {steps_per_epoch} steps; effective "
+            f"batch {effective_batch}, lr {lr:.3g}"
+        )
+
+    def trained_what(self) -> str:
+        patch = getattr(getattr(self.module.encoder, "patch_embed", None), "patch_size", None)
+        return f"method {self.cfg.method}, model {self.cfg.model.name}" + (f"/{patch[0]}" if patch else "")
+
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    def batches(self, epoch: int, start: int):
+        self.sampler.start(epoch, start)
+        if self.loader is None:
+            if self.cache is not None:  # cropped on the device from the decoded images, same keys from `sampler`
+                self.loader = self.cache.loader(self.sampler, self.mean, self.std)
+            else:
+                self.loader = train_loader(self.dataset, self.sampler, self.cfg.data.num_workers,
+                                           pin=self.rt.device.type == "cuda")  # fmt: skip
+        for raw in self.loader:
+            if self.cache is not None:
+                yield raw
+            else:
+                batch = prepare_batch(raw, self.module.views, self.rt.device, self.mean, self.std)
+                batch["bad"] = raw["bad"]
+                yield batch
+
+    def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        m = self.module
+        return build_optimizer(m, self.cfg.optim, lr, m.no_weight_decay(), self.rt.device, lr_scale=m.lr_scale)
+
+    def step(self, model, batch):
+        bad = batch.pop("bad", [])
+        loss, metrics = model(batch)
+        return loss, metrics, bad
+
+    def after_step(self, step: int, total: int) -> None:
+        self.module.after_step(step, total)
+
+    def end_epoch(self, epoch: int, step: int, last: bool) -> dict:
+        cfg, rt = self.cfg, self.rt
+        logged = {}
+        if self.dataset.boxes is not None and update_due(cfg.data, epoch, cfg.train.epochs):
+            logged["ccrop_box_area"] = self.update_ccrop_boxes()
+        logged.update(self.module.on_epoch_end(EpochContext(epoch, step, self.splits, cfg, rt.device, rt.main)))
+        if cfg.eval.knn_every and epoch % cfg.eval.knn_every == 0 and self.splits.query is not None:
+            if rt.main:
+                top1 = self.feature_eval().knn(self.module.encoder)["top1"]
+                logged["knn_top1"] = top1
+                say(f"epoch {epoch}: k-NN top-1 {top1:.4f}", rt.main)
+        return logged if rt.main else {}
+
+    def state_dict(self) -> dict:
+        return {"ccrop_boxes": self.dataset.boxes.clone()} if self.dataset.boxes is not None else {}
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        if self.dataset.boxes is not None and "ccrop_boxes" in state:
+            self.dataset.boxes.copy_(check_boxes(state["ccrop_boxes"], len(self.dataset), path))
+
+    def bad_file_names(self, indices: list[int]) -> list[str]:
+        return [self.splits.train.describe(i) for i in indices]
+
+    # ---- epoch-end work ------------------------------------------------------------------------------------
+    def feature_eval(self) -> FeatureEval:
+        cfg = self.cfg
+        return FeatureEval(self.splits.memory, self.splits.query, cfg.data, cfg.data.image_size, self.rt.device,
+                           cfg.eval)  # fmt: skip
+
+    def update_ccrop_boxes(self) -> float:
+        """Re-estimate every training image's ContrastiveCrop box with the current encoder (each rank a shard, then
+        summed), in place in the dataset's shared tensor so that (persistent) loader workers see them.
+        -> mean box area (fraction of the image)."""
+        rt = self.rt
+        with rt.autocast():
+            boxes, rate = estimate_boxes(self.module.encoder, self.dataset.source, self.cfg.data, rt.device,
+                                         rank=rt.rank, world=rt.world)  # fmt: skip
+        if rt.world > 1:  # each rank estimated a shard
+            boxes = D.all_reduce_sum(boxes.to(rt.device)).cpu()
+        self.dataset.boxes.copy_(boxes)
+        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean().item()
+        say(f"ContrastiveCrop: {len(boxes)} boxes re-estimated ({rate * rt.world:.0f} img/s), mean area {area:.3f}",
+            rt.main)  # fmt: skip
+        return area
+
+    # ---- after the loop ------------------------------------------------------------------------------------
+    def report(self, steps: int) -> dict:
+        """Export the encoder to out/encoder and, on labeled data, compare its k-NN accuracy with the same encoder
+        at random initialisation. -> the summary written to out/summary.json."""
+        cfg, out = self.cfg, Path(self.cfg.out)
+        self.module.eval()
+        enc_dir = export_method(self.module, cfg, out / "encoder")
+        summary = {"method": cfg.method, "steps": steps, "encoder": str(enc_dir), "pool": cfg.eval.pool}
+        say(f"encoder exported to '{enc_dir}' (timm.create_model('local-dir:{enc_dir}', pretrained=True))")
+        if cfg.eval.final_knn and self.splits.query is not None:
+            fe = self.feature_eval()
+            trained = fe.knn(self.module.encoder)
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.train.seed)
+                random_init = build_method(cfg).to(self.rt.device).eval()
+            baseline = fe.knn(random_init.encoder)
+            summary["knn_top1"] = trained["top1"]
+            summary["knn_top1_random_init"] = baseline["top1"]
+            say(f"k-NN top-1 (k={cfg.eval.knn_k}, {cfg.eval.pool} pooling, {len(self.splits.memory)} memory / "
+                f"{len(self.splits.query)} query images):")  # fmt: skip
+            say(f"  pre-trained encoder  {trained['top1']:.4f}")
+            say(f"  random-init encoder  {baseline['top1']:.4f}")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def export_method(method: Method, cfg: Config, out_dir) -> Path:
+    """The method's encoder as a timm Hub folder, with the run's preprocessing and the method's metadata. The
+    export's pooling is the one mimkit's k-NN reported (`eval.pool`), so a plain timm forward gives those features."""
+    meta = {"method": cfg.method, **method.export_meta()}
+    return export_encoder(method.encoder, out_dir, image_size=cfg.data.image_size, mean=cfg.data.mean,
+                          std=cfg.data.std, mimkit_meta=meta, global_pool=cfg.eval.pool)  # fmt: skip
+
+
+def pretrain(cfg: Config, task_cls: type[PretrainTask] | None = None) -> dict:
+    """`mimkit pretrain` (or another pre-training-like task, e.g. the tokenizer's): train, then export and report
+    on rank 0. -> the summary (empty on other ranks)."""
+    try:
+        rt = start_runtime(cfg)
+        task = (task_cls or PretrainTask)(cfg, rt)
+        result = train(task)
+        summary = task.report(result["steps"]) if rt.main else {}
+        D.barrier()
+        return summary
+    finally:
+        D.shutdown()
+
+
+def method_from_checkpoint(path: str | Path, device="cpu") -> tuple[Method, Config, dict]:
+    """Rebuild a method (and its config) from a pre-training checkpoint, weights loaded."""
+    state = load_checkpoint(path)
+    if state.get("kind", "pretrain") != "pretrain":
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"'{path}' is a {state['kind']} checkpoint, not a pre-training one")
+    cfg = config_from_dict(state["config"])
+    method = build_method(cfg)
+    method.load_state_dict(state["model"])
+    return method.to(device).eval(), cfg, state

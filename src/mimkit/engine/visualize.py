@@ -1,0 +1,56 @@
+"""`mimkit visualize`: rows of pictures of what a trained method does, from a pre-training checkpoint or a tokenizer
+folder, on images of `data` (the evaluation split when there is one; with ContrastiveCrop boxes, the training
+images whose boxes the checkpoint holds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig, config_from_dict
+from ..data import load_splits
+from ..data.ccrop import check_boxes
+from ..data.pipeline import ViewDataset, collate, prepare_batch
+from ..viz import save_grid, unnormalize
+from .checkpoint import load_checkpoint
+from .pretrain import method_from_checkpoint
+
+
+def visualize(checkpoint: str, data_path: str, out: str, num: int = 8, seed: int = 0, scale: int = 0,
+              image_size: int | None = None) -> tuple[Path, int, str]:  # fmt: skip
+    """-> (the PNG written, rows, what a row shows)."""
+    state = {}
+    if Path(checkpoint).is_dir():  # a tokenizer folder: original | reconstruction
+        from .tokenizer import method_from_tokenizer
+
+        method, cfg = method_from_tokenizer(checkpoint, image_size)
+    elif load_checkpoint(checkpoint).get("kind") == "tokenizer":  # a tokenizer training run's checkpoint
+        from .tokenizer import TokenizerTraining
+
+        state = load_checkpoint(checkpoint)
+        cfg = config_from_dict(state["config"])
+        method = TokenizerTraining(cfg)
+        method.load_state_dict(state["model"])
+        method.eval()
+    else:
+        method, cfg, state = method_from_checkpoint(checkpoint)
+    data = DataConfig(**{**cfg.data.__dict__, "path": data_path})
+    boxes = state.get("ccrop_boxes")  # ContrastiveCrop: whole training images, with their boxes
+    if boxes is not None:
+        source = load_splits(data, cfg.train.seed).train  # the subset the boxes index
+        check_boxes(boxes, len(source), checkpoint)
+    else:
+        splits = load_splits(data, seed)
+        source = splits.query if splits.query is not None else splits.train
+    picks = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:num].tolist()
+    crop = "center" if boxes is None else "full"
+    ds = ViewDataset(source, method.views, data, seed=seed, train=False, eval_crop=crop)
+    batch = prepare_batch(collate([ds[i] for i in picks]), method.views, "cpu", data.mean, data.std)
+    if boxes is not None:
+        batch["ccrop_box"] = boxes[picks]
+    torch.manual_seed(seed)
+    rows = unnormalize(method.visualize(batch), data.mean, data.std)
+    path = save_grid(rows, out, scale=scale or max(1, 128 // rows.shape[2]))
+    what = method.visualize.__doc__.strip().splitlines()[0].split(",")[0].split("(")[0].strip().rstrip(".")
+    return path, len(picks), what

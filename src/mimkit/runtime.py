@@ -1,0 +1,58 @@
+"""Where and how a run computes: device and precision resolution, and what kind of encoder a model is."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+VIT_PREFIXES = ("vit_", "deit_", "deit3_", "beit_", "beitv2_", "eva02_")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a torch.device ('auto'/'cuda': this process's local GPU)."""
+    if name == "auto":
+        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    if name != "cpu" and name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got '{name}'")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device '{name}' asked for, but no CUDA device is available")
+        index = local_rank() if name == "cuda" else int(name[5:])
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device '{name}': only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """-> the autocast dtype, or None for fp32. auto: bf16 on a CUDA device that has it (else fp16), fp32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for `dtype` (None: a no-op context)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def is_vit(model: nn.Module | str) -> bool:
+    """True for a timm ViT-family model (or its name): patch tokens, not a convolutional feature map."""
+    if isinstance(model, str):
+        return model.startswith(VIT_PREFIXES)
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks")

@@ -1,0 +1,144 @@
+"""The one training loop on a task small enough to check by hand: accumulation equals one big batch (also across
+processes with DDP's no_sync, under torchrun's and SLURM's variables), the non-finite guard never writes a bad
+state, the run lock refuses a second run, a corrupt last.pt falls back to prev.pt."""
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from mimkit.config import build_config
+from mimkit.data.pipeline import EpochBatchSampler
+from mimkit.engine.loop import Runtime, Task, train
+from mimkit.errors import CheckpointError, TrainingError
+
+
+class ToyTask(Task):
+    """Least squares on 128 fixed points, SGD: its trajectory depends only on the batches and the schedule."""
+
+    kind = "toy"
+
+    def __init__(self, cfg, rt, poison_step: int | None = None):
+        super().__init__(cfg, rt)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(128, 8, generator=g)
+        self.y = self.x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(128, 1, generator=g)
+        torch.manual_seed(0)
+        self.model = nn.Linear(8, 1)
+        self.batch_size = cfg.train.batch_size
+        self.sampler = EpochBatchSampler(128, self.batch_size, cfg.train.seed, rt.rank, rt.world)
+        self.poison_step, self.steps = poison_step, 0
+
+    def describe(self, *args) -> str:
+        return "toy"
+
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    def batches(self, epoch, start):
+        self.sampler.start(epoch, start)
+        for keys in self.sampler:
+            idx = [i for _, i in keys]
+            yield self.x[idx], self.y[idx]
+
+    def build_optimizer(self, lr):
+        return torch.optim.SGD(self.model.parameters(), lr=lr)
+
+    def step(self, model, batch):
+        x, y = batch
+        loss = ((model(x) - y) ** 2).mean()
+        if self.poison_step is not None and self.steps == self.poison_step:
+            loss = loss * float("inf")
+        self.steps += 1
+        return loss, {"loss": loss.detach()}, []
+
+
+def toy_config(out, *extra):
+    return build_config(dotted=[f"out={out}", "train.epochs=2", "optim.lr=0.05", "optim.warmup_epochs=0",
+                                "train.log_every=1", "train.device=cpu", "train.stop_signals=", *extra])  # fmt: skip
+
+
+def run_toy(out, *extra, rt=None, **kwargs) -> nn.Module:
+    cfg = toy_config(out, *extra)
+    task = ToyTask(cfg, rt or Runtime(torch.device("cpu"), None), **kwargs)
+    train(task)
+    return task.model
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    big = run_toy(tmp_path / "big", "train.batch_size=64")
+    small = run_toy(tmp_path / "accum", "train.batch_size=16", "optim.accum_steps=4")
+    for a, b in zip(big.parameters(), small.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(big.weight, run_toy(tmp_path / "one", "train.batch_size=16").weight, atol=1e-3)
+
+
+def _ddp_worker(rank: int, out: str, port: int, launcher: str, result: str) -> None:
+    env = {"torchrun": {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"},
+           "slurm": {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+                     "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "7"}}[launcher]  # fmt: skip
+    os.environ.update(env, MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from mimkit.engine import distributed as D
+    from mimkit.engine.loop import start_runtime
+
+    cfg = toy_config(out, "train.batch_size=16", "optim.accum_steps=2")
+    rt = start_runtime(cfg)
+    assert rt.world == 2 and rt.rank == rank
+    task = ToyTask(cfg, rt)
+    train(task)
+    if rank == 0:
+        torch.save(task.model.state_dict(), result)
+    D.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_processes_with_accumulation_equal_one_big_batch(tmp_path, launcher):
+    """2 processes x 2 micro-batches of 16 (DDP, no_sync on the first) == 1 process x 64; the process group comes
+    from torchrun's variables or, without them, from SLURM's."""
+    big = run_toy(tmp_path / "big", "train.batch_size=64")
+    result = str(tmp_path / "ddp.pt")
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "ddp"), free_port(), launcher, result), nprocs=2)
+    state = torch.load(result, weights_only=True)
+    assert torch.allclose(state["weight"], big.weight, atol=1e-6) and torch.allclose(state["bias"], big.bias, atol=1e-6)
+    assert not (tmp_path / "ddp" / ".mimkit.lock").exists()
+
+
+def test_non_finite_loss_is_never_applied_or_saved(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="non-finite loss at step 3"):
+        run_toy(out, "train.batch_size=16", "train.checkpoint_every=1", poison_step=2)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["run"]["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_second_run_into_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".mimkit.lock").write_text(f'{{"pid": 1, "host": "{socket.gethostname()}"}}')  # pid 1 is alive
+    with pytest.raises(CheckpointError, match="another run \\(pid 1"):
+        run_toy(out, "train.batch_size=16")
+    (out / ".mimkit.lock").write_text(f'{{"pid": 999999999, "host": "{socket.gethostname()}"}}')  # gone: stale
+    run_toy(out, "train.batch_size=16")
+    assert not (out / ".mimkit.lock").exists()
+
+
+def test_corrupt_last_falls_back_to_previous_and_stale_temp_files_go(tmp_path, capsys):
+    out = tmp_path / "run"
+    whole = run_toy(tmp_path / "whole", "train.batch_size=16", "train.epochs=3")
+    run_toy(out, "train.batch_size=16", "train.epochs=3")  # last.pt: epoch 3, prev.pt: epoch 2
+    ckpt = out / "checkpoints"
+    assert (ckpt / "prev.pt").exists()
+    (ckpt / "last.pt").write_bytes(b"\0" * 100)  # zeroed
+    (ckpt / ".last.pt.abc.tmp").write_bytes(b"junk")  # what a kill during a write leaves
+    resumed = run_toy(out, "train.batch_size=16", "train.epochs=3")
+    assert "resuming from the previous checkpoint" in capsys.readouterr().out
+    assert not (ckpt / ".last.pt.abc.tmp").exists()
+    assert torch.allclose(resumed.weight, whole.weight, atol=1e-6)
