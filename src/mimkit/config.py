@@ -81,6 +81,7 @@ class DataConfig:
     device_cache_max_gb: PositiveFloat = 4.0  # refuse to build a device cache larger than this (N x 3 x H x W bytes)
     # exact: the worker loader's crops, drawn on the host | fast: drawn per batch on the device
     device_crops: Literal["exact", "fast"] = "exact"
+    decode: Literal["cpu", "gpu"] = "cpu"  # gpu: JPEG bytes decoded in batches on the device (torchvision decode_jpeg)
 
 
 @dataclass
@@ -95,6 +96,11 @@ class ModelConfig:
     layer_scale: float | None = None  # LayerScale init (BEiT: 0.1 for ViT-B, 1e-5 for ViT-L); None = off
     # beit_* encoders only (BEiT, SimMIM's ViT): relative position bias shared | per_layer | none; absolute pos
     rel_pos_bias: Literal["shared", "per_layer", "none"] = "shared"
+    # start from weights: a mimkit/timm export folder, a timm checkpoint file, or an official MAE checkpoint (with
+    # its decoder); hf-hub:ID only downloads when named. What loaded is printed; strict unless init_strict=false
+    init: str | None = None
+    init_strict: bool = True
+    grad_checkpointing: bool = False  # recompute each block in the backward pass: memory for compute (ViT-L/H)
     abs_pos_embed: bool = False
 
 
@@ -142,6 +148,14 @@ class TrainConfig:
     ema_decay: Probability = 0.9999
     stop_signals: str = "SIGTERM,SIGUSR1"  # finish the step, checkpoint and exit 3 on these ("" = ignore)
     channels_last: bool = True  # CUDA: convolution weights in NHWC (faster cuDNN kernels for CNNs); ignored on CPU
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    wandb: bool = False  # Weights & Biases beside JSONL and TensorBoard; the run id is kept for resumed runs
+    wandb_project: str = "mimkit"
+    wandb_mode: Literal["offline", "online"] = "offline"  # compute nodes rarely reach the internet: sync later
 
 
 @dataclass
@@ -229,6 +243,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     sections: dict[str, Any] = field(default_factory=lambda: {k: cls() for k, cls in method_sections().items()})

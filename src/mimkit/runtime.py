@@ -56,3 +56,14 @@ def is_vit(model: nn.Module | str) -> bool:
     if isinstance(model, str):
         return model.startswith(VIT_PREFIXES)
     return hasattr(model, "patch_embed") and hasattr(model, "blocks")
+
+
+def enable_grad_checkpointing(model: nn.Module) -> int:
+    """timm's per-block gradient checkpointing on every timm model inside `model` (model.grad_checkpointing):
+    activations are recomputed in the backward pass instead of kept. -> how many models it was set on."""
+    count = 0
+    for m in model.modules():
+        if callable(getattr(m, "set_grad_checkpointing", None)) and hasattr(m, "pretrained_cfg"):
+            m.set_grad_checkpointing(True)
+            count += 1
+    return count

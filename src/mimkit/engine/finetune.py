@@ -26,6 +26,7 @@ from ..data.classify import ClassificationDataset, collate_labeled, finetune_tra
 from ..data.folder import ImageSource
 from ..data.keyed import KeyedDataset, item_seed, keyed_loader
 from ..data.pipeline import EpochBatchSampler
+from ..runtime import enable_grad_checkpointing
 from . import distributed as D
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import say
@@ -50,6 +51,8 @@ class FinetuneTask(Task):
         self.num_classes = len(self.train_src.classes)
         torch.manual_seed(cfg.train.seed)
         self.model = build_classifier(self.spec, cfg, self.num_classes).to(rt.device)
+        if cfg.model.grad_checkpointing:
+            enable_grad_checkpointing(self.model)
         if rt.device.type == "cuda" and cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.mixup, self.criterion = mixup_and_criterion(cfg, self.num_classes)

@@ -18,11 +18,15 @@ class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl`; mirrors scalars to TensorBoard. `run_id` names the
     run across resumes (kept in the checkpoint; a tracker such as W&B continues the same run with it)."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True, run_id: str | None = None):
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool = True, run_id: str | None = None,
+                 wandb: dict | None = None):  # fmt: skip
+        """`wandb`: {"project", "mode", "config"} to log to Weights & Biases too (None: off)."""
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.writer = None
+        self.writer = self.wandb = None
+        if enabled and wandb is not None:
+            self.wandb = start_wandb(out, self.run_id, **wandb)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -44,15 +48,32 @@ class MetricsLog:
         clean = {k: (round(v, 7) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        scalars = {k: v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, int | float)}
         if self.writer is not None:
-            for k, v in record.items():
-                if k not in ("step", "epoch") and isinstance(v, int | float):
-                    self.writer.add_scalar(k, v, record["step"])
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, record["step"])
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({**scalars, "epoch": record.get("epoch")}, step=record["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(out: Path, run_id: str, project: str, mode: str, config: dict):
+    """A W&B run with the mimkit run's id, so a resumed run continues it (resume='allow'); offline by default
+    (compute nodes rarely reach the internet: `wandb sync out/wandb/...` later)."""
+    try:
+        import wandb
+    except ImportError:
+        from ..errors import ConfigError
+
+        raise ConfigError("log.wandb=true needs the wandb package (pip install wandb)") from None
+    return wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(out), name=out.name,
+                      config=config)  # fmt: skip
 
 
 class Progress:

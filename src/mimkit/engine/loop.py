@@ -167,7 +167,9 @@ def train(task: Task) -> dict:
         window.load(resume["window"])
         restore_rng(resume["rng"], rt.device)
     folder.start(fresh=resume is None)  # run lock, stale temp files, metrics truncated to the checkpoint
-    log = MetricsLog(out, enabled=rt.main, tensorboard=True, run_id=resume.get("run_id") if resume else None)
+    wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "config": to_dict(cfg)}
+    log = MetricsLog(out, enabled=rt.main, tensorboard=cfg.log.tensorboard,
+                     run_id=resume.get("run_id") if resume else None, wandb=wandb if cfg.log.wandb else None)
     log.truncate_after(pos.step if resume is not None else -1)
     if rt.main:
         dump_yaml(cfg, out / "config.yaml")

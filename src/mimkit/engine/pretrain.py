@@ -18,6 +18,7 @@ from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train
 from ..eval import FeatureEval
 from ..export import export_encoder
 from ..methods import Method, build_method
+from ..runtime import enable_grad_checkpointing
 from . import distributed as D
 from .checkpoint import load_checkpoint
 from .logging import say
@@ -47,6 +48,8 @@ class PretrainTask(Task):
         self.splits = load_splits(cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
         torch.manual_seed(cfg.train.seed)
         self.module = build(cfg).to(rt.device)
+        if cfg.model.grad_checkpointing:
+            enable_grad_checkpointing(self.module)
         self.model = self.module
         self.batch_size = cfg.train.batch_size
         self.dataset = ViewDataset(self.splits.train, self.module.views, cfg.data, seed=cfg.train.seed)

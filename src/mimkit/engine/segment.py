@@ -42,7 +42,7 @@ from ..data.segmentation import (
     synthetic_pairs,
 )
 from ..models.seg_heads import SegmentationModel, resize
-from ..runtime import is_vit
+from ..runtime import enable_grad_checkpointing, is_vit
 from . import distributed as D
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .logging import say
@@ -243,6 +243,8 @@ class SegmentTask(Task):
         if self.train_counts.sum() == 0:
             raise ConfigError(f"the training masks of '{cfg.data.path}' hold no labelled pixel (all ignore_index)")
         self.model = build_segmenter(self.spec, cfg).to(rt.device)
+        if cfg.model.grad_checkpointing:
+            enable_grad_checkpointing(self.model)
         if rt.device.type == "cuda" and cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         enc = self.model.encoder

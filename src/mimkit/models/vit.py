@@ -13,9 +13,11 @@ import re
 
 import timm
 import torch
+from timm.models import checkpoint_seq
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError
 from .pos_embed import sincos_2d
@@ -156,7 +158,10 @@ def run_blocks(vit: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """(B, P + K, D) prefix + patch tokens -> (B, P + K, D) after the blocks and final norm."""
     x = vit.pos_drop(tokens)
     x = vit.norm_pre(x)
-    x = vit.blocks(x)
+    if vit.grad_checkpointing and torch.is_grad_enabled():  # model.grad_checkpointing: recompute in backward
+        x = checkpoint_seq(vit.blocks, x)
+    else:
+        x = vit.blocks(x)
     return vit.norm(x)
 
 
@@ -237,7 +242,10 @@ def _beit_blocks(model: Beit, patches: torch.Tensor) -> torch.Tensor:
     x = model.pos_drop(x)
     rel_pos_bias = model.rel_pos_bias() if model.rel_pos_bias is not None else None
     for blk in model.blocks:
-        x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        if model.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
+        else:
+            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
     return model.norm(x)
 
 
