@@ -262,11 +262,11 @@ def test_imagenet_recipes_hold_the_values_the_docs_quote(tmp_path, recipe):
     cfg = build_config(files=[recipe])
     assert cfg.method == "cim-respix" and cfg.data.image_size == 224
     assert (cfg.train.epochs, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs) == (300, 1.5e-3, 0.05, 10)
-    assert (cfg.cim.mask_mode, cfg.cim.mask_ratio, cfg.cim.generator, cfg.cim.generator_depth) == ("random", 0.5,
-                                                                                                   "beit", 4)  # fmt: skip
+    o = cfg.cim
+    assert (o.mask_mode, o.mask_ratio, o.generator, o.generator_depth) == ("random", 0.5, "beit", 4)
     assert cfg.train.batch_size * 8 == 2048 and cfg.tokenizer.path is None
     dalle_shaped = make_tokenizer(tmp_path / "tok", image_size=112, vocab_size=64, downsample=8)
-    small = ["model.depth=1"] if cfg.model.name.startswith("vit_") else []  # the ViT-B's width, one block
+    small = ["cim.generator_depth=1"] + (["model.depth=1"] if cfg.model.name.startswith("vit_") else [])  # widths kept
     m = build_method(build_config(files=[recipe], dotted=[f"tokenizer.path={dalle_shaped}", *small]))
     assert m.grid == (14, 14) and m.patch == 16 and [v.size for v in m.views] == [224, 112]
     assert isinstance(m.generator.encoder, Beit) and m.generator.encoder.embed_dim == cfg.cim.generator_dim
