@@ -341,7 +341,8 @@ class CIM(Method):
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:
-        """Rows of original | masked | corrupted | the objective's picture of the enhancer output."""
+        """Rows of original | masked | corrupted | enhancer output: ResPix's reconstruction or RevDet's probability
+        that each token was replaced, white = replaced (the objective's `picture`)."""
         imgs = batch["image"]
         mask, replaced, corrupted_imgs, out = self.infer(batch)
         cells = F.interpolate(mask.view(-1, 1, *self.grid).float(), size=imgs.shape[-2:], mode="nearest")
