@@ -51,7 +51,7 @@ class CIMOptions:
     generator_heads: PositiveInt = 3
     generator_patch: PositiveInt | None = None  # pixels per token; default: the ViT enhancer's patch / model.patch_size
     generator_layer_scale: NonNegFloat = 0.1  # the beit generator's LayerScale init (BEiT's ViT-B value); 0 = off
-    # the generator's lr relative to the run's (the enhancer's); 1 = one optimizer and one lr for both (the paper)
+    # the generator's lr relative to the run's (the enhancer's); 1 = one lr for both (joint training; UNVERIFIED)
     generator_lr_scale: PositiveFloat = 1.0
     sample: Literal["softmax", "argmax"] = "softmax"  # softmax (paper) | argmax (ablation)
     temperature: PositiveFloat = 1.0  # UNVERIFIED
