@@ -173,9 +173,12 @@ def train(task: Task) -> dict:
     log.truncate_after(pos.step if resume is not None else -1)
     if rt.main:
         dump_yaml(cfg, out / "config.yaml")
-    if resume is not None:
-        say(f"resuming from '{folder.resumed_from}' at step {pos.step} (epoch {pos.epoch + 1}, batch {pos.batch})",
-            rt.main)  # fmt: skip
+    if resume is not None and pos.epoch >= cfg.train.epochs:
+        say(f"'{folder.resumed_from}' holds a finished run ({pos.step} steps, {pos.epoch} epochs): nothing to train; "
+            "reporting again (raise --epochs to train on)", rt.main)  # fmt: skip
+    elif resume is not None:
+        say(f"resuming from '{folder.resumed_from}' at step {pos.step} (epoch {pos.epoch + 1} of {cfg.train.epochs}, "
+            f"batch {pos.batch})", rt.main)  # fmt: skip
     say(task.describe(steps_per_epoch, effective_batch, lr_peak), rt.main)
     left_out = task.num_images - micro_per_epoch * task.batch_size * rt.world
     if left_out > 0:
