@@ -48,9 +48,8 @@ def main() -> None:
                 results[name].append(rate(trees[name], Path(tmp) / f"{name}-{r}", args.threads))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(
-        f"median img/s: this {med['this']:.1f}, other {med['other']:.1f}; ratio this/other {med['this'] / med['other']:.3f}"
-    )
+    ratio = med["this"] / med["other"]
+    print(f"median img/s: this {med['this']:.1f}, other {med['other']:.1f}; ratio this/other {ratio:.3f}")
     print(json.dumps({"rounds": args.rounds, "threads": args.threads, **{k: v for k, v in results.items()}}))
 
 
