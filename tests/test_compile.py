@@ -1,4 +1,4 @@
-"""`train.compile`: the compiled method (torch.compile of the module, as engine/train.py does) computes eager's loss
+"""`train.compile`: the compiled method (torch.compile of the module, as engine/loop.py does) computes eager's loss
 and gradients.
 
 Masks: Inductor lowers `torch.rand` to its own generator, so a compiled step draws other MAE masks than an eager
