@@ -46,6 +46,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 if str(BENCH) not in sys.path:  # the sibling benchmark modules, also when imported from the tests
     sys.path.insert(0, str(BENCH))
+if importlib.util.find_spec("mimkit") is None:  # the device machine: this checkout, not installed
+    sys.path.insert(0, str(REPO / "src"))
 
 STAGES = ("smoke", "speed", "ladder", "methods")
 DEFAULT_WORK = "/tmp/mimkit-gpu-evidence"
@@ -215,8 +217,8 @@ def environment_facts() -> dict:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             q = ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"]
             smi = subprocess.run(q, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
-            if smi:
-                f["driver"], f["max_sm_clock"], f["power_limit"] = [s.strip() for s in smi[0].split(",")][:3]
+            values = [v.strip() for v in smi[0].split(",")] if smi else []
+            f.update(zip(("driver", "max_sm_clock", "power_limit"), values))
     return f
 
 
@@ -362,9 +364,9 @@ def torch_threads(n: int):
 
 def run_stage(ev: Evidence, args) -> int:
     try:
-        ev.facts = environment_facts()
+        ev.facts = attempt(ev, "environment", environment_facts) or {}
         ev.record("environment", **ev.facts)
-        ev.say(f"{ev.facts.get('gpu', 'no GPU')}; torch {ev.facts['torch']}; deadline in {ev.left():.0f} s")
+        ev.say(f"{ev.facts.get('gpu', 'no GPU')}; torch {ev.facts.get('torch')}; deadline in {ev.left():.0f} s")
         if args.stage == "smoke":
             attempt(ev, "cuda-tests", lambda: smoke(ev, args))
         else:

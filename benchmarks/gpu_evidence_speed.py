@@ -5,7 +5,7 @@ Parts, in priority order; each is skipped when the stage's deadline would not le
   matmul                 the bf16 matrix-product rate of this GPU, measured: 8192^3, median of 20 after warm-up
   mae                    MAE ViT-B/16 @224 (batch 256, decoder 8x512) and ViT-Tiny/4 @32 (batch 1024, 4x192)
                          beside transformers' ViTMAE, eager (throughput.py's interleaved rounds)
-  mae-compiled           the same, torch.compile
+  mae-compiled           the ViT-B/16 pair, torch.compile (mae-tiny-compiled: the ViT-Tiny pair, later)
   data                   the data paths alone on CIFAR-10 (dataloader.py): Pillow workers, the device cache with
                          host-drawn and device-drawn crops, GPU JPEG decoding
   methods-tiny, methods-base                    every method as `mimkit pretrain` builds it (sections.py), eager,
@@ -29,8 +29,8 @@ from types import SimpleNamespace
 
 import torch
 
-PARTS = ("matmul", "mae", "mae-compiled", "data", "methods-tiny", "methods-base", "methods-tiny-compiled",
-         "methods-base-compiled")  # fmt: skip
+PARTS = ("matmul", "mae", "mae-compiled", "data", "methods-tiny", "methods-base", "mae-tiny-compiled",
+         "methods-tiny-compiled", "methods-base-compiled")  # fmt: skip
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Plan:
     matmul_n: int
     matmul_reps: int
     mae_sizes: dict  # label -> (throughput.Size, batch)
+    mae_parts: dict  # part -> the mae_sizes labels it times
     method_sizes: dict  # "tiny" / "base" -> (sections' size key, batch)
     compiled_methods: list[str] | None  # None: every method
     data_batch: int
@@ -58,13 +59,15 @@ def make_plan(dry_run: bool) -> Plan:
 
     if dry_run:
         toy = Size("toy ViT-Tiny @16, dec 1x32", "vit_tiny_patch16_224", 16, 4, 192, 12, 3, 32, 1, 2, 2, 2)
-        return Plan(torch.device("cpu"), None, 1, 1, 1, 256, 2, {"toy": (toy, 2)}, {"tiny": ("toy", 2)},
+        mae_parts = {"mae": ["toy"], "mae-compiled": ["toy"], "mae-tiny-compiled": []}
+        return Plan(torch.device("cpu"), None, 1, 1, 1, 256, 2, {"toy": (toy, 2)}, mae_parts, {"tiny": ("toy", 2)},
                     ["mae"], 8, 2, 1, {})  # fmt: skip
     gpu = torch.device("cuda")
-    need = {"matmul": 20, "mae": 60, "mae-compiled": 240, "data": 90, "methods-tiny": 60, "methods-base": 120,
-            "methods-tiny-compiled": 50, "methods-base-compiled": 90}  # fmt: skip
+    need = {"matmul": 20, "mae": 60, "mae-compiled": 150, "data": 90, "methods-tiny": 60, "methods-base": 120,
+            "mae-tiny-compiled": 100, "methods-tiny-compiled": 50, "methods-base-compiled": 90}  # fmt: skip
+    mae_parts = {"mae": ["base", "tiny"], "mae-compiled": ["base"], "mae-tiny-compiled": ["tiny"]}
     return Plan(gpu, torch.bfloat16, 20, 5, 3, 8192, 20, {"base": (SIZES["base"], 256), "tiny": (SIZES["tiny"], 1024)},
-                {"tiny": ("tiny", 1024), "base": ("base", 128)}, None, 1024, 20, 8, need)  # fmt: skip
+                mae_parts, {"tiny": ("tiny", 1024), "base": ("base", 128)}, None, 1024, 20, 8, need)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -204,13 +207,14 @@ class Speed:
         self.ev.record("matmul", n=p.matmul_n, tflops_measured=round(self.rate / 1e12, 4),
                        tflops_datasheet=self.peak and self.peak / 1e12, device=name)  # fmt: skip
 
-    def mae(self, compiled: bool) -> None:
+    def mae(self, part: str) -> None:
         """mimkit's MAE beside transformers' ViTMAE, each size in turn (interleaved rounds within a size)."""
         from throughput import IMPLS, measure_many, train_flops_mae
 
-        part = "mae-compiled" if compiled else "mae"
-        for label, (s, batch) in self.plan.mae_sizes.items():
-            need = self.plan.need_s.get(part, 0) / len(self.plan.mae_sizes)
+        compiled, labels = "compiled" in part, self.plan.mae_parts[part]
+        for label in labels:
+            s, batch = self.plan.mae_sizes[label]
+            need = self.plan.need_s.get(part, 0) / len(labels)
             if self.ev.left() < need:
                 self.ev.skip(f"{part} {label}", f"needs about {need:.0f} s, {self.ev.left():.0f} s left")
                 continue
@@ -353,8 +357,9 @@ def speed(ev, args, data: Path | None) -> None:
     sp = Speed(ev, plan)
     run = {
         "matmul": sp.matmul,
-        "mae": lambda: sp.mae(False),
-        "mae-compiled": lambda: sp.mae(True),
+        "mae": lambda: sp.mae("mae"),
+        "mae-compiled": lambda: sp.mae("mae-compiled"),
+        "mae-tiny-compiled": lambda: sp.mae("mae-tiny-compiled"),
         "data": (lambda: sp.data(data)) if data else None,
         "methods-tiny": lambda: sp.methods("tiny", False),
         "methods-base": lambda: sp.methods("base", False),
@@ -365,8 +370,10 @@ def speed(ev, args, data: Path | None) -> None:
         for part in [p for p in PARTS if p in chosen]:
             if run[part] is None:
                 ev.skip(part, "no --data")
-            elif part.startswith("methods-") and part.split("-")[1] not in plan.method_sizes:
-                ev.skip(part, "dry run: only the tiny size is built on the CPU")
+            elif (part.startswith("methods-") and part.split("-")[1] not in plan.method_sizes) or (
+                part.startswith("mae") and not plan.mae_parts[part]
+            ):
+                ev.skip(part, "dry run: one toy size on the CPU")
             else:
                 per_model = part.endswith("compiled") and part.startswith("methods")  # weighed inside
                 attempt(ev, part, run[part], need_s=0 if per_model else plan.need_s.get(part, 0))
