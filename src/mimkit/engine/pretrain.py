@@ -47,7 +47,14 @@ class PretrainTask(Task):
         super().__init__(cfg, rt)
         self.splits = load_splits(cfg.data, cfg.train.seed, cfg.eval.max_eval_images)
         torch.manual_seed(cfg.train.seed)
-        self.module = build(cfg).to(rt.device)
+        self.module = build(cfg)
+        if cfg.model.init:  # continue from existing weights (strict unless model.init_strict=false)
+            from ..models.init_weights import describe_init, load_initial_weights
+
+            report = load_initial_weights(self.module, cfg.model.init, cfg.model.init_strict)
+            for line in describe_init(report):
+                say(line, rt.main)
+        self.module.to(rt.device)
         if cfg.model.grad_checkpointing:
             enable_grad_checkpointing(self.module)
         self.model = self.module
