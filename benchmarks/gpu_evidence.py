@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         else:  # a part stuck past the deadline is stopped, so the summary is still written before the tool's kill
             signal.signal(signal.SIGALRM, past_deadline)
             signal.alarm(int(ev.left()) + 15)
+            stack.callback(signal.alarm, 0)
         return run_stage(ev, args)
 
 

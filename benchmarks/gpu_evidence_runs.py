@@ -217,7 +217,7 @@ def method_runs(names: str) -> int:
     from mimkit.methods import METHODS
 
     chosen = [m for m in METHODS if m != "tokenizer"] if names == "all" else names.split(",")
-    return len(chosen) + any(m == "beit" or m.startswith("cim") for m in chosen)
+    return len(chosen) + any(getattr(METHODS.get(m), "needs_tokenizer", False) for m in chosen)
 
 
 def methods(ev, args, data: Path) -> None:

@@ -10,7 +10,8 @@ Parts, in priority order; each is skipped when the stage's deadline would not le
                          host-drawn and device-drawn crops, GPU JPEG decoding
   methods-tiny, methods-base                    every method as `mimkit pretrain` builds it (sections.py), eager,
                                                 interleaved rounds; BEiT beside transformers' BEiT
-  methods-tiny-compiled, methods-base-compiled  the same compiled, one method at a time
+  mae-tiny-compiled                             the ViT-Tiny MAE pair compiled
+  methods-tiny-compiled, methods-base-compiled  every method compiled, one at a time
 MFU = training FLOPs per image x images/s, over (a) the matmul rate measured in this run and (b) the datasheet's
 dense bf16 peak. FLOPs are counted by torch.utils.flop_counter over one eager step of the model just timed
 (matrix products, convolutions, attention; element-wise work and the optimizer are not counted); MAE's are also
@@ -59,15 +60,21 @@ def make_plan(dry_run: bool) -> Plan:
 
     if dry_run:
         toy = Size("toy ViT-Tiny @16, dec 1x32", "vit_tiny_patch16_224", 16, 4, 192, 12, 3, 32, 1, 2, 2, 2)
-        mae_parts = {"mae": ["toy"], "mae-compiled": ["toy"], "mae-tiny-compiled": []}
-        return Plan(torch.device("cpu"), None, 1, 1, 1, 256, 2, {"toy": (toy, 2)}, mae_parts, {"tiny": ("toy", 2)},
-                    ["mae"], 8, 2, 1, {})  # fmt: skip
-    gpu = torch.device("cuda")
-    need = {"matmul": 20, "mae": 60, "mae-compiled": 150, "data": 90, "methods-tiny": 60, "methods-base": 120,
-            "mae-tiny-compiled": 100, "methods-tiny-compiled": 50, "methods-base-compiled": 90}  # fmt: skip
-    mae_parts = {"mae": ["base", "tiny"], "mae-compiled": ["base"], "mae-tiny-compiled": ["tiny"]}
-    return Plan(gpu, torch.bfloat16, 20, 5, 3, 8192, 20, {"base": (SIZES["base"], 256), "tiny": (SIZES["tiny"], 1024)},
-                mae_parts, {"tiny": ("tiny", 1024), "base": ("base", 128)}, None, 1024, 20, 8, need)  # fmt: skip
+        return Plan(
+            device=torch.device("cpu"), dtype=None, steps=1, warmup=1, rounds=1, matmul_n=256, matmul_reps=2,
+            mae_sizes={"toy": (toy, 2)}, mae_parts={"mae": ["toy"], "mae-compiled": ["toy"], "mae-tiny-compiled": []},
+            method_sizes={"tiny": ("toy", 2)}, compiled_methods=["mae"], data_batch=8, data_batches=2, workers=1,
+            need_s={},
+        )  # fmt: skip
+    return Plan(
+        device=torch.device("cuda"), dtype=torch.bfloat16, steps=20, warmup=5, rounds=3, matmul_n=8192, matmul_reps=20,
+        mae_sizes={"base": (SIZES["base"], 256), "tiny": (SIZES["tiny"], 1024)},
+        mae_parts={"mae": ["base", "tiny"], "mae-compiled": ["base"], "mae-tiny-compiled": ["tiny"]},
+        method_sizes={"tiny": ("tiny", 1024), "base": ("base", 128)}, compiled_methods=None, data_batch=1024,
+        data_batches=20, workers=8,
+        need_s={"matmul": 20, "mae": 60, "mae-compiled": 150, "data": 90, "methods-tiny": 60, "methods-base": 120,
+                "mae-tiny-compiled": 100, "methods-tiny-compiled": 50, "methods-base-compiled": 90},  # guesses
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -87,7 +94,6 @@ def matmul_rate(device: torch.device, n: int, reps: int) -> float:
     for i in range(reps):
         a, b = sets[i % 2]
         sync(device)
-        t = time.perf_counter()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -96,6 +102,7 @@ def matmul_rate(device: torch.device, n: int, reps: int) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1000)
         else:
+            t = time.perf_counter()
             torch.matmul(a, b, out=out)
             times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times)
@@ -197,6 +204,21 @@ class Speed:
         self.ev.record(part, **rec)
         self.rows[kind].append(rec)
 
+    def measure(self, part: str, builds: dict, s, batch: int, compiled: bool) -> dict:
+        """throughput.measure_many over `builds` (interleaved rounds); when that fails, each build alone, so one
+        broken method costs its own row only. -> {name: result}."""
+        from throughput import measure_many
+
+        try:
+            return measure_many(builds, *self.timing(s, batch, compiled), rounds=self.plan.rounds)
+        except Exception as e:  # noqa: BLE001
+            name = next(iter(builds))
+            self.ev.fail(f"{part} {name}" if len(builds) == 1 else f"{part} (interleaved)", e)
+            torch._dynamo.reset()
+            if len(builds) == 1:
+                return {}
+            return {k: v for n, b in builds.items() for k, v in self.measure(part, {n: b}, s, batch, compiled).items()}
+
     def matmul(self) -> None:
         from throughput import PEAK_BF16
 
@@ -209,7 +231,7 @@ class Speed:
 
     def mae(self, part: str) -> None:
         """mimkit's MAE beside transformers' ViTMAE, each size in turn (interleaved rounds within a size)."""
-        from throughput import IMPLS, measure_many, train_flops_mae
+        from throughput import IMPLS, train_flops_mae
 
         compiled, labels = "compiled" in part, self.plan.mae_parts[part]
         for label in labels:
@@ -219,7 +241,7 @@ class Speed:
                 self.ev.skip(f"{part} {label}", f"needs about {need:.0f} s, {self.ev.left():.0f} s left")
                 continue
             builds = {impl: Captured(IMPLS[impl]) for impl in ("mimkit", "transformers")}
-            res = measure_many(builds, *self.timing(s, batch, compiled), rounds=self.plan.rounds)
+            res = self.measure(f"{part} {label}", builds, s, batch, compiled)
             ref = res.get("transformers", {}).get("img_per_s")
             for impl, r in res.items():
                 counted = counted_flops(builds[impl], s, batch, self.plan) if "skipped" not in r else None
@@ -231,7 +253,6 @@ class Speed:
     def methods(self, size_key: str, compiled: bool) -> None:
         """Every method's step at one size: eager in one interleaved call; compiled one method at a time."""
         import sections
-        from throughput import measure_many
 
         from mimkit.methods import METHODS
 
@@ -260,7 +281,7 @@ class Speed:
                         f"{part} {next(iter(group))}", f"needs about {need:.0f} s, {self.ev.left():.0f} s left"
                     )
                     continue
-                res = measure_many(group, *self.timing(s, batch, compiled), rounds=self.plan.rounds)
+                res = self.measure(part, group, s, batch, compiled)
                 for name, r in res.items():
                     if (size_key, name) not in self.flops and "skipped" not in r:
                         self.flops[(size_key, name)] = counted_flops(group[name], s, batch, self.plan)

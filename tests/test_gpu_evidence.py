@@ -63,10 +63,21 @@ def test_speed_dry_run_times_every_part(tmp_path):
         assert title in summary
 
 
-def gpu_evidence_speed_plan():
+def gpu_evidence_speed_plan(dry_run: bool = True):
     import gpu_evidence_speed
 
-    return gpu_evidence_speed.make_plan(dry_run=True)
+    return gpu_evidence_speed.make_plan(dry_run=dry_run)
+
+
+def test_the_gpu_plan_weighs_every_part():
+    """The real plan (never run here): every part has a time estimate and every MAE size it names exists."""
+    from gpu_evidence_speed import PARTS
+
+    plan = gpu_evidence_speed_plan(dry_run=False)
+    assert set(plan.need_s) == set(PARTS)
+    assert set(plan.mae_parts) == {p for p in PARTS if p.startswith("mae")}
+    assert all(label in plan.mae_sizes for labels in plan.mae_parts.values() for label in labels)
+    assert plan.mae_sizes["base"][0].timm_name == "vit_base_patch16_224" and plan.mae_sizes["base"][1] == 256
 
 
 def test_ladder_dry_run_pretrains_probes_and_finetunes_both_arms(tmp_path):
@@ -138,3 +149,28 @@ def test_unpack_refuses_paths_outside_the_destination(tmp_path):
     with pytest.raises(SystemExit, match="outside its folder"):
         pack_cifar10.unpack(evil, tmp_path / "dest")
     assert not (tmp_path / "escape.jpg").exists()
+
+
+def test_a_broken_method_costs_only_its_own_row(tmp_path, monkeypatch):
+    import sections
+
+    real = sections.method_builder
+
+    def builder(method, *args):
+        if method != "simmim":
+            return real(method, *args)
+
+        def build(_s):
+            raise RuntimeError("simmim is broken here")
+
+        return build
+
+    monkeypatch.setattr(sections, "method_builder", builder)
+    code, rows, summary, _ = run_stage(tmp_path, "speed", "--parts", "methods-tiny")
+    assert code == 1
+    failed = {r["part"] for r in rows if "error" in r}
+    assert failed == {"methods-tiny (interleaved)", "methods-tiny simmim"}
+    assert {r["name"] for r in part(rows, "methods-tiny") if "img_per_s" in r} == EVERY_METHOD - {"simmim"} | {
+        "beit, token ids given"
+    }
+    assert "simmim is broken here" in summary
