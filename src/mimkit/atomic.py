@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,9 +14,12 @@ from torch import nn
 from . import __version__
 
 
-def write_weights_folder(module: nn.Module, out_dir: str | Path, config: dict, config_name: str) -> Path:
-    """`module`'s state dict as model.safetensors + `config` as JSON, written into a temporary folder beside
-    `out_dir` and renamed over it, so a crash never leaves a half-written folder."""
+def write_weights_folder(
+    module: nn.Module, out_dir: str | Path, config: dict, config_name: str, texts: dict[str, str] | None = None
+) -> Path:
+    """`module`'s state dict as model.safetensors + `config` as JSON (+ `texts`: {file name: content}, e.g. a
+    model card), written into a temporary folder beside `out_dir` and renamed over it, so a crash never leaves a
+    half-written folder."""
     out_dir = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +27,8 @@ def write_weights_folder(module: nn.Module, out_dir: str | Path, config: dict, c
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "mimkit": __version__})
         (tmp / config_name).write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
@@ -33,3 +39,17 @@ def write_weights_folder(module: nn.Module, out_dir: str | Path, config: dict, c
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def replace_text(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path` and rename it over `path`: readers see the old file or the
+    new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
