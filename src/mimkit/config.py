@@ -93,7 +93,7 @@ class ModelConfig:
     depth: PositiveInt | None = None
     embed_dim: PositiveInt | None = None
     num_heads: PositiveInt | None = None
-    layer_scale: float | None = None  # LayerScale init (BEiT: 0.1 for ViT-B, 1e-5 for ViT-L); None = off
+    layer_scale: float | None = None  # LayerScale init; None: the method's default (BEiT, SimMIM, ConMIM 0.1); 0: off
     # beit_* encoders only (BEiT, SimMIM's ViT): relative position bias shared | per_layer | none; absolute pos
     rel_pos_bias: Literal["shared", "per_layer", "none"] = "shared"
     # start from weights: a mimkit/timm export folder, a timm checkpoint file, or an official MAE checkpoint (with
@@ -188,6 +188,7 @@ class FinetuneConfig:
     randaug: str = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; "" = off
     reprob: Probability = 0.25  # random erasing probability
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    head_init_scale: PositiveFloat = 1e-3  # new head: trunc-normal 0.02 x this (BEiT/ConMIM; = MAE's N(0, 2e-5))
     eval_every: NonNegInt = 1  # epochs between evaluations on the val/test split (the last epoch is always evaluated)
     max_eval_images: PositiveInt | None = None  # subset of the val/test split (None = all)
 

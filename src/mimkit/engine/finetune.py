@@ -28,7 +28,7 @@ from ..data.keyed import KeyedDataset, item_seed, keyed_loader
 from ..data.pipeline import EpochBatchSampler
 from ..runtime import enable_grad_checkpointing
 from . import distributed as D
-from .downstream import EncoderSpec, build_model, encoder_spec
+from .downstream import EncoderSpec, build_model, encoder_spec, init_head
 from .logging import say
 from .loop import Runtime, Task, start_runtime, train
 
@@ -185,10 +185,7 @@ def build_classifier(spec: EncoderSpec, cfg: Config, num_classes: int) -> nn.Mod
         spec, cfg.data.image_size, num_classes=num_classes, global_pool=pool, drop_path_rate=cfg.model.drop_path,
         **({"fc_norm": None} if "fc_norm" in spec.model_args else {}),  # timm's rule: avg pooling -> fc_norm (MAE)
     )
-    head = model.get_classifier()
-    if isinstance(head, nn.Linear):
-        nn.init.trunc_normal_(head.weight, std=2e-5)
-        nn.init.zeros_(head.bias)
+    init_head(model.get_classifier(), cfg.finetune.head_init_scale)
     return model
 
 

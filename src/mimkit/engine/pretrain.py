@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config, config_from_dict
 from ..data import Splits, describe, load_splits
-from ..data.ccrop import check_boxes, estimate_boxes, update_due
+from ..data.ccrop import box_encoder, check_boxes, estimate_boxes, update_due
 from ..data.device_cache import DeviceCache
 from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
 from ..eval import FeatureEval
@@ -153,7 +153,7 @@ class PretrainTask(Task):
         -> mean box area (fraction of the image)."""
         rt = self.rt
         with rt.autocast():
-            boxes, rate = estimate_boxes(self.module.encoder, self.dataset.source, self.cfg.data, rt.device,
+            boxes, rate = estimate_boxes(box_encoder(self.module), self.dataset.source, self.cfg.data, rt.device,
                                          rank=rt.rank, world=rt.world)  # fmt: skip
         if rt.world > 1:  # each rank estimated a shard
             boxes = D.all_reduce_sum(boxes.to(rt.device)).cpu()

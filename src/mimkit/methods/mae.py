@@ -108,7 +108,9 @@ class MAE(Method):
         return loss, {"loss": loss.detach()}
 
     def no_weight_decay(self) -> set[str]:
-        return {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.pos_embed"}
+        """MAE decays every parameter of 2+ dims, the class and mask tokens included (main_pretrain.py through
+        timm's add_weight_decay); its position tables are frozen."""
+        return {"encoder.pos_embed", "decoder.pos_embed"}
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, noise=None):
