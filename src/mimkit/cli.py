@@ -335,10 +335,17 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.pretrain import export_method, method_from_checkpoint
+    from .engine.pretrain import data_name, export_method, method_from_checkpoint
 
-    method, cfg, _ = method_from_checkpoint(args.checkpoint)
-    out = export_method(method, cfg, args.out)
+    method, cfg, state = method_from_checkpoint(args.checkpoint)
+    card = {"method": cfg.method, "data": data_name(cfg.data.path), "epochs": state["run"]["epoch"],
+            "steps": state["run"]["step"]}
+    summary = Path(args.checkpoint).parent.parent / "summary.json"  # the run's final k-NN, when it has one
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        if "knn" in s:
+            card["knn"] = s["knn"]
+    out = export_method(method, cfg, args.out, card)
     print(
         f"exported the {cfg.method} encoder to '{out}'; load it with "
         f"timm.create_model('local-dir:{out}', pretrained=True)"

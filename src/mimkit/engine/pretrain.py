@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, config_from_dict
+from ..config import Config, ConfigError, config_from_dict
 from ..data import Splits, describe, load_splits
 from ..data.ccrop import box_encoder, check_boxes, estimate_boxes, update_due
 from ..data.device_cache import DeviceCache
+from ..data.gpu_decode import GPUDecodeLoader
 from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
 from ..eval import FeatureEval
-from ..export import export_encoder
+from ..export import export_encoder, write_model_card
 from ..methods import Method, build_method
 from ..runtime import enable_grad_checkpointing
 from . import distributed as D
@@ -62,6 +63,8 @@ class PretrainTask(Task):
         self.dataset = ViewDataset(self.splits.train, self.module.views, cfg.data, seed=cfg.train.seed)
         self.sampler = EpochBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, rt.rank, rt.world)
         self.num_images = len(self.dataset)
+        if cfg.data.device_cache and cfg.data.decode == "gpu":
+            raise ConfigError("data.device_cache and data.decode=gpu both decode on the device: choose one")
         self.cache = DeviceCache(self.dataset, rt.device) if cfg.data.device_cache else None  # may refuse the size
         # made once on the device: a per-batch host->device copy of two small tensors would block the host
         self.mean = torch.tensor(cfg.data.mean, device=rt.device)
@@ -95,11 +98,15 @@ class PretrainTask(Task):
         if self.loader is None:
             if self.cache is not None:  # cropped on the device from the decoded images, same keys from `sampler`
                 self.loader = self.cache.loader(self.sampler, self.mean, self.std)
+            elif self.cfg.data.decode == "gpu":  # JPEG bytes from workers, decoded and cropped on the device
+                self.loader = GPUDecodeLoader(self.dataset, self.sampler, self.rt.device, self.mean, self.std,
+                                              self.cfg.data.num_workers)  # fmt: skip
             else:
                 self.loader = train_loader(self.dataset, self.sampler, self.cfg.data.num_workers,
                                            pin=self.rt.device.type == "cuda")  # fmt: skip
+        on_device = self.cache is not None or self.cfg.data.decode == "gpu"
         for raw in self.loader:
-            if self.cache is not None:
+            if on_device:
                 yield raw
             else:
                 batch = prepare_batch(raw, self.module.views, self.rt.device, self.mean, self.std)
@@ -169,7 +176,10 @@ class PretrainTask(Task):
         at random initialisation. -> the summary written to out/summary.json."""
         cfg, out = self.cfg, Path(self.cfg.out)
         self.module.eval()
-        enc_dir = export_method(self.module, cfg, out / "encoder")
+        card = {"method": cfg.method, "data": data_name(cfg.data.path), "train_images": self.num_images,
+                "epochs": cfg.train.epochs, "steps": steps,
+                "effective_batch": self.batch_size * self.rt.world * cfg.optim.accum_steps}  # fmt: skip
+        enc_dir = export_method(self.module, cfg, out / "encoder", card)
         summary = {"method": cfg.method, "steps": steps, "encoder": str(enc_dir), "pool": cfg.eval.pool}
         say(f"encoder exported to '{enc_dir}' (timm.create_model('local-dir:{enc_dir}', pretrained=True))")
         if cfg.eval.final_knn and self.splits.query is not None:
@@ -181,6 +191,10 @@ class PretrainTask(Task):
             baseline = fe.knn(random_init.encoder)
             summary["knn_top1"] = trained["top1"]
             summary["knn_top1_random_init"] = baseline["top1"]
+            card["knn"] = {"top1": trained["top1"], "top1_random_init": baseline["top1"], "k": cfg.eval.knn_k,
+                           "memory": len(self.splits.memory), "query": len(self.splits.query)}  # fmt: skip
+            summary["knn"] = card["knn"]  # what `mimkit export` puts on its card
+            write_model_card(enc_dir, card)
             say(f"k-NN top-1 (k={cfg.eval.knn_k}, {cfg.eval.pool} pooling, {len(self.splits.memory)} memory / "
                 f"{len(self.splits.query)} query images):")  # fmt: skip
             say(f"  pre-trained encoder  {trained['top1']:.4f}")
@@ -189,12 +203,17 @@ class PretrainTask(Task):
         return summary
 
 
-def export_method(method: Method, cfg: Config, out_dir) -> Path:
+def data_name(path: str) -> str:
+    """What a model card says about the data: the folder's or file's name, not the user's full path."""
+    return path if path == "demo" else Path(path.rstrip("/")).name
+
+
+def export_method(method: Method, cfg: Config, out_dir, card: dict | None = None) -> Path:
     """The method's encoder as a timm Hub folder, with the run's preprocessing and the method's metadata. The
     export's pooling is the one mimkit's k-NN reported (`eval.pool`), so a plain timm forward gives those features."""
     meta = {"method": cfg.method, **method.export_meta()}
     return export_encoder(method.encoder, out_dir, image_size=cfg.data.image_size, mean=cfg.data.mean,
-                          std=cfg.data.std, mimkit_meta=meta, global_pool=cfg.eval.pool)  # fmt: skip
+                          std=cfg.data.std, mimkit_meta=meta, global_pool=cfg.eval.pool, card=card)  # fmt: skip
 
 
 def pretrain(cfg: Config, task_cls: type[PretrainTask] | None = None) -> dict:
