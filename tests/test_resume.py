@@ -86,6 +86,7 @@ SEGMENT = ["segment", "--checkpoint", "none", "--data", "demo", "--epochs", "2",
            "32", "--max-images", "64", *TINY[1:5], "data.num_workers=0", "train.log_every=1",
            "segment.max_eval_images=9", "segment.base_size=32", "train.checkpoint_every=1"]  # fmt: skip
 PRETRAIN = [*ARGS[:-2], "train.checkpoint_every=2", "eval.final_knn=false"]
+PRETRAIN[PRETRAIN.index("--epochs") + 1] = "2"
 
 
 def interrupted_run(cmd, out, sig, min_lines, env):
@@ -105,8 +106,9 @@ def interrupted_run(cmd, out, sig, min_lines, env):
 @pytest.mark.parametrize(
     "task, argv, sig, min_lines, code",
     [
-        ("finetune", FINETUNE, signal.SIGKILL, 8, -signal.SIGKILL),
-        ("segment", SEGMENT, signal.SIGKILL, 5, -signal.SIGKILL),
+        # killed once the first mid-epoch checkpoint of epoch 2 was written (it precedes the next step's line)
+        ("finetune", FINETUNE, signal.SIGKILL, 10, -signal.SIGKILL),  # 6 steps + 1 evaluation line per epoch
+        ("segment", SEGMENT, signal.SIGKILL, 7, -signal.SIGKILL),  # 4 steps + 1 evaluation line per epoch
         ("pretrain", PRETRAIN, signal.SIGTERM, 12, 3),  # pre-emption: finish the step, checkpoint, exit 3
     ],
 )
