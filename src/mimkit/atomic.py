@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -35,8 +36,16 @@ def write_weights_folder(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            from .errors import CheckpointError
+
+            need = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise CheckpointError(
+                f"no space left in '{out_dir.parent}' for '{out_dir.name}' (about {need / 2**20:.0f} MiB); "
+                f"{'the previous folder is unchanged' if out_dir.exists() else 'nothing was written'}"
+            ) from None
         raise
     return out_dir
 

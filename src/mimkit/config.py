@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -300,14 +301,19 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(number):  # NaN passes every range comparison; no setting means infinity
+            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

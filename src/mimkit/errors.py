@@ -22,3 +22,11 @@ class CheckpointError(MimkitError):
 
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class DivergedError(TrainingError):
+    """A loss or gradient was not finite at `step`; nothing after the step before it was saved."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step

@@ -95,6 +95,7 @@ def export_encoder(
     if card is not None:
         parameters = sum(t.numel() for t in encoder.state_dict().values())
         texts[EXPORT_CARD] = model_card(config, card, out_dir.resolve(), parameters)
+    check_finite(encoder_state(encoder), f"the encoder to export to '{out_dir}'")  # never pass on diverged weights
     return write_weights_folder(encoder, out_dir, config, config_name=EXPORT_CONFIG, texts=texts)
 
 
@@ -341,6 +342,11 @@ def create_timm_model(architecture: str, args: dict, where: str) -> nn.Module:
     except (TypeError, ValueError, RuntimeError, AssertionError, KeyError, AttributeError, IndexError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{where}: timm cannot build {architecture} with {args}: {first}") from None
+    except Exception as e:  # noqa: BLE001 — a Hub architecture (--allow-download) without a network, a proxy...
+        if ":" not in architecture:
+            raise
+        fetched = f"could not fetch the configuration of {architecture} ({type(e).__name__})"
+        raise ConfigError(f"{where}: {fetched}") from None
 
 
 def load_exported(path: str | Path, allow_download: bool = False) -> nn.Module:

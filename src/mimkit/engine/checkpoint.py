@@ -74,12 +74,25 @@ def load_checkpoint(path: str | Path, expect_method: str | None = None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — truncated, zeroed, a pickle with code in it...
-        raise CheckpointError(f"checkpoint '{path}' is not a mimkit checkpoint that loads safely: {e}") from None
+        # torch's own text advises weights_only=False, which is wrong advice for a file that may be crafted
+        raise CheckpointError(
+            f"checkpoint '{path}' is damaged or not a mimkit checkpoint: it does not load as tensors and plain values "
+            f"({type(e).__name__}); it was not executed"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint '{path}' is not a mimkit checkpoint (no 'model'/'config' entries)")
     if expect_method is not None and state.get("method") != expect_method:
         method = state.get("method")
         raise CheckpointError(f"checkpoint '{path}' was written by method '{method}', not '{expect_method}'")
+    return state
+
+
+def load_usable(path: Path) -> dict:
+    """A checkpoint that loads and whose weights are all finite (a NaN weight cannot continue a run)."""
+    state = load_checkpoint(path)
+    bad = first_non_finite(state["model"]) if isinstance(state.get("model"), dict) else None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint '{path}' holds a non-finite weight ('{bad}')")
     return state
 
 
@@ -131,12 +144,15 @@ class RunFolder:
         if not self.last.exists() and not self.prev.exists():
             return None
         try:
-            state = load_checkpoint(self.last)
+            state = load_usable(self.last)
             self.resumed_from = self.last
         except CheckpointError as e:
             if not self.prev.exists():
                 raise
-            state = load_checkpoint(self.prev)
+            try:
+                state = load_usable(self.prev)
+            except CheckpointError as e2:
+                raise CheckpointError(f"neither checkpoint can continue the run: {e}; {e2}") from None
             self.resumed_from = self.prev
             say(f"warning: {e}; resuming from the previous checkpoint '{self.prev}' instead", self.main)
         check_same_run(state, self.resumed_from, kind, cfg, resume_keys, identity)
@@ -201,6 +217,24 @@ class RunFolder:
             )
         if self.main:
             save_atomic(state, self.last, keep_previous=True)
+
+    def after_divergence(self, bad_step: int) -> str:
+        """After a non-finite step: when the newest checkpoint is the state the diverged update started from, its
+        weights may already be what overflows (a huge but finite step), so it moves aside and the one before it
+        becomes `last.pt`. -> what the run folder now holds, for the message."""
+        if not self.main:
+            return "rank 0 says what the run folder holds"
+        if not self.last.exists():
+            return "no checkpoint was written yet"
+        step = torch.load(self.last, map_location="cpu", weights_only=True)["run"]["step"]
+        if step < bad_step - 1 or not self.prev.exists():
+            return f"'{self.last}' holds step {step}, the last state saved before it"
+        aside = self.last.with_name(f"diverged-step{step}.pt")
+        os.replace(self.last, aside)
+        os.replace(self.prev, self.last)
+        prev_step = torch.load(self.last, map_location="cpu", weights_only=True)["run"]["step"]
+        return (f"'{self.last}' now holds step {prev_step}, the checkpoint before the one of step {step} that the "
+                f"diverged update started from (moved to '{aside}')")  # fmt: skip
 
     def record_bad_files(self, epoch: int, names: list[str]) -> None:
         if self.main:

@@ -19,7 +19,7 @@ class MetricsLog:
     run across resumes (kept in the checkpoint; a tracker such as W&B continues the same run with it)."""
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool = True, run_id: str | None = None,
-                 wandb: dict | None = None):  # fmt: skip
+                 wandb: dict | None = None, purge_step: int | None = None):  # fmt: skip
         """`wandb`: {"project", "mode", "config"} to log to Weights & Biases too (None: off)."""
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
@@ -31,7 +31,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out / "tensorboard"))
+                # a resumed run drops the events it will log again, as metrics.jsonl drops its lines
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard is a dependency, but a trimmed install still trains
                 self.writer = None
 

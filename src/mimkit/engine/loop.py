@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
 from ..config import Config, dump_yaml, to_dict
-from ..errors import TrainingError
+from ..errors import DivergedError, TrainingError
 from ..runtime import autocast, resolve_device, resolve_precision
 from . import distributed as D
 from .checkpoint import RunFolder, capture_rng, restore_rng
@@ -169,7 +169,8 @@ def train(task: Task) -> dict:
     folder.start(fresh=resume is None)  # run lock, stale temp files, metrics truncated to the checkpoint
     wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "config": to_dict(cfg)}
     log = MetricsLog(out, enabled=rt.main, tensorboard=cfg.log.tensorboard,
-                     run_id=resume.get("run_id") if resume else None, wandb=wandb if cfg.log.wandb else None)
+                     run_id=resume.get("run_id") if resume else None, wandb=wandb if cfg.log.wandb else None,
+                     purge_step=pos.step + 1 if resume is not None else None)  # fmt: skip
     log.truncate_after(pos.step if resume is not None else -1)
     if rt.main:
         dump_yaml(cfg, out / "config.yaml")
@@ -283,6 +284,9 @@ def train(task: Task) -> dict:
             save(finished=pos.epoch >= cfg.train.epochs)
             if stop.requested():
                 stop.exit(folder.last)
+    except DivergedError as e:
+        kept = folder.after_divergence(e.step)
+        raise TrainingError(f"{e}; {kept} (try a lower optim.blr, optim.clip_grad, or train.precision=fp32)") from None
     finally:
         bar.close()
         log.close()
@@ -375,10 +379,10 @@ class Window:
     def check_finite(self, step: int, ckpt: Path) -> None:
         bad = int(D.all_reduce_max(self.bad_step).item())  # every rank stops together
         if bad >= 0:
-            raise TrainingError(
+            raise DivergedError(
                 f"non-finite loss at step {bad}; that update (a NaN or inf loss or gradient) was not applied and the "
-                f"run stopped before saving, so '{ckpt}' still holds the last good state (try a lower optim.blr, "
-                "optim.clip_grad, or train.precision=fp32)"
+                "run stopped before saving",
+                bad,
             )
 
     def flush(self, rt: Runtime) -> dict:
