@@ -170,7 +170,7 @@ def train(task: Task) -> dict:
     wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "config": to_dict(cfg)}
     log = MetricsLog(out, enabled=rt.main, tensorboard=cfg.log.tensorboard,
                      run_id=resume.get("run_id") if resume else None, wandb=wandb if cfg.log.wandb else None,
-                     purge_step=pos.step + 1 if resume is not None else None)  # fmt: skip
+                     purge_step=pos.step + 1)  # a fresh start purges a killed run's events too  # fmt: skip
     log.truncate_after(pos.step if resume is not None else -1)
     if rt.main:
         dump_yaml(cfg, out / "config.yaml")
