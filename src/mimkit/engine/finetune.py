@@ -62,7 +62,6 @@ class FinetuneTask(Task):
         self.batch_size = cfg.train.batch_size
         self.sampler = EpochBatchSampler(len(self.train_ds), self.batch_size, cfg.train.seed, rt.rank, rt.world)
         self.num_images = len(self.train_ds)
-        self.loader = None
         self.history: list[dict] = []
 
     def identity(self) -> dict:
@@ -78,15 +77,13 @@ class FinetuneTask(Task):
             f"on {self.rt.device}"
         )
 
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch()
+    def make_loader(self):
+        pin = self.rt.device.type == "cuda"
+        return keyed_loader(self.train_ds, self.sampler, self.cfg.data.num_workers, pin, collate_labeled)
 
     def batches(self, epoch: int, start: int):
-        self.sampler.start(epoch, start)
-        if self.loader is None:
-            self.loader = keyed_loader(self.train_ds, self.sampler, self.cfg.data.num_workers,
-                                       self.rt.device.type == "cuda", collate_labeled)  # fmt: skip
-        for b, (images, labels, bad) in enumerate(self.loader, start=start):
+        """(images, labels, unreadable, (epoch, batch)): the key seeds the batch's mixup."""
+        for b, (images, labels, bad) in enumerate(super().batches(epoch, start), start=start):
             yield images, labels, bad, (epoch, b)
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:

@@ -93,13 +93,23 @@ class Task:
     def describe(self, steps_per_epoch: int, effective_batch: int, lr: float) -> str:
         raise NotImplementedError
 
+    sampler = None  # an EpochBatchSampler (seeded order per epoch, sharded by rank, positioned for resume)
+    loader = None  # made once by `make_loader`, re-iterated every epoch (persistent workers)
+
     def batches_per_epoch(self) -> int:
         """Micro-batches per epoch and process."""
+        return self.sampler.batches_per_epoch()
+
+    def make_loader(self):
+        """An iterable of micro-batches in the order of `self.sampler`, re-iterable after `sampler.start`."""
         raise NotImplementedError
 
     def batches(self, epoch: int, start: int):
         """The micro-batches of `epoch` from position `start` (exact resume), as the loader delivers them."""
-        raise NotImplementedError
+        self.sampler.start(epoch, start)
+        if self.loader is None:
+            self.loader = self.make_loader()
+        yield from self.loader
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
         raise NotImplementedError

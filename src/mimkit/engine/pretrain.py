@@ -69,7 +69,6 @@ class PretrainTask(Task):
         # made once on the device: a per-batch host->device copy of two small tensors would block the host
         self.mean = torch.tensor(cfg.data.mean, device=rt.device)
         self.std = torch.tensor(cfg.data.std, device=rt.device)
-        self.loader = None
         if rt.device.type == "cuda" and cfg.train.channels_last:
             self.module.to(memory_format=torch.channels_last)  # NHWC convolutions (CNN enhancers, tokenizers)
         torch.manual_seed(cfg.train.seed * 1000 + rt.rank + 1)  # masks differ across ranks; model init did not
@@ -90,22 +89,17 @@ class PretrainTask(Task):
         patch = getattr(getattr(self.module.encoder, "patch_embed", None), "patch_size", None)
         return f"method {self.cfg.method}, model {self.cfg.model.name}" + (f"/{patch[0]}" if patch else "")
 
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch()
+    def make_loader(self):
+        if self.cache is not None:  # cropped on the device from the decoded images, same keys from `sampler`
+            return self.cache.loader(self.sampler, self.mean, self.std)
+        if self.cfg.data.decode == "gpu":  # JPEG bytes from workers, decoded and cropped on the device
+            return GPUDecodeLoader(self.dataset, self.sampler, self.rt.device, self.mean, self.std,
+                                   self.cfg.data.num_workers)  # fmt: skip
+        return train_loader(self.dataset, self.sampler, self.cfg.data.num_workers, pin=self.rt.device.type == "cuda")
 
     def batches(self, epoch: int, start: int):
-        self.sampler.start(epoch, start)
-        if self.loader is None:
-            if self.cache is not None:  # cropped on the device from the decoded images, same keys from `sampler`
-                self.loader = self.cache.loader(self.sampler, self.mean, self.std)
-            elif self.cfg.data.decode == "gpu":  # JPEG bytes from workers, decoded and cropped on the device
-                self.loader = GPUDecodeLoader(self.dataset, self.sampler, self.rt.device, self.mean, self.std,
-                                              self.cfg.data.num_workers)  # fmt: skip
-            else:
-                self.loader = train_loader(self.dataset, self.sampler, self.cfg.data.num_workers,
-                                           pin=self.rt.device.type == "cuda")  # fmt: skip
         on_device = self.cache is not None or self.cfg.data.decode == "gpu"
-        for raw in self.loader:
+        for raw in super().batches(epoch, start):
             if on_device:
                 yield raw
             else:

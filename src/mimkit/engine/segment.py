@@ -259,7 +259,6 @@ class SegmentTask(Task):
         self.sampler = EpochBatchSampler(len(train_ds), self.batch_size, cfg.train.seed, rt.rank, rt.world)
         self.num_images = len(train_ds)
         self.eval_loader = make_eval_loader(cfg, self.eval_pairs, self.model.divisor, rt.rank, rt.world)
-        self.loader = None
         self.mean = torch.tensor(self.spec.mean, device=rt.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.spec.std, device=rt.device).view(1, 3, 1, 1)
         self.majority = int(self.train_counts.argmax())
@@ -279,15 +278,8 @@ class SegmentTask(Task):
             f"({self.names[self.majority]}): mIoU {b['miou']:.4f}, pixel acc {b['pixel_acc']:.4f}"
         )
 
-    def batches_per_epoch(self) -> int:
-        return self.sampler.batches_per_epoch()
-
-    def batches(self, epoch: int, start: int):
-        self.sampler.start(epoch, start)
-        if self.loader is None:
-            self.loader = keyed_loader(self.train_ds, self.sampler, self.cfg.data.num_workers,
-                                       self.rt.device.type == "cuda")  # fmt: skip
-        yield from self.loader
+    def make_loader(self):
+        return keyed_loader(self.train_ds, self.sampler, self.cfg.data.num_workers, self.rt.device.type == "cuda")
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.segment, self.cfg.optim.weight_decay)
