@@ -90,6 +90,7 @@ def test_pretrain_export_eval_visualize(tmp_path, capsys, labeled_folder):
     from PIL import Image
 
     assert Image.open(png).size[0] > Image.open(png).size[1] / 3  # three panels side by side
+    assert "original | masked | reconstruction" in capsys.readouterr().out  # the headings drawn above the columns
     capsys.readouterr()
 
 

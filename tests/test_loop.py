@@ -145,3 +145,13 @@ def test_corrupt_last_falls_back_to_previous_and_stale_temp_files_go(tmp_path, c
     assert "resuming from the previous checkpoint" in capsys.readouterr().out
     assert not (ckpt / ".last.pt.abc.tmp").exists()
     assert torch.allclose(resumed.weight, whole.weight, atol=1e-6)
+
+
+def test_epoch_snapshots_keep_the_newest_n(tmp_path):
+    out = tmp_path / "run"
+    run_toy(out, "train.batch_size=16", "train.epochs=3", "train.keep_checkpoints=2", "train.checkpoint_every=3")
+    ckpt = out / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("epoch-*.pt")) == ["epoch-2.pt", "epoch-3.pt"]
+    for e in (2, 3):
+        state = torch.load(ckpt / f"epoch-{e}.pt", weights_only=True)
+        assert state["run"]["epoch"] == e and state["run"]["batch"] == 0

@@ -144,6 +144,7 @@ class TrainConfig:
     seed: int = 0
     log_every: PositiveInt = 10  # steps between metric lines (and the only host syncs of the loss)
     checkpoint_every: NonNegInt = 0  # steps between checkpoints; 0 = once per epoch
+    keep_checkpoints: NonNegInt = 0  # also keep the newest N epoch-end states as checkpoints/epoch-<E>.pt
     compile: bool = False
     ema: bool = False  # keep an EMA of the trained weights (timm ModelEmaV3); fine-tuning evaluates it too
     ema_decay: Probability = 0.9999

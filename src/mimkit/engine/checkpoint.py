@@ -207,8 +207,9 @@ class RunFolder:
             self.locked = False
 
     # ---- writing -------------------------------------------------------------------------------------------
-    def save(self, state: dict, model: nn.Module) -> None:
-        """Write `state` as the newest checkpoint (rank 0), unless a weight is not finite."""
+    def save(self, state: dict, model: nn.Module, keep_epochs: int = 0) -> None:
+        """Write `state` as the newest checkpoint (rank 0), unless a weight is not finite; at an epoch end with
+        `keep_epochs`, also as `epoch-<E>.pt` (a hard link), keeping the newest `keep_epochs` of those."""
         bad = first_non_finite(state["model"])
         if bad is not None:
             raise TrainingError(
@@ -217,6 +218,13 @@ class RunFolder:
             )
         if self.main:
             save_atomic(state, self.last, keep_previous=True)
+            if keep_epochs and state["run"]["batch"] == 0:
+                snapshot = self.last.with_name(f"epoch-{state['run']['epoch']}.pt")
+                snapshot.unlink(missing_ok=True)
+                os.link(self.last, snapshot)
+                kept = sorted(self.last.parent.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+                for old in kept[:-keep_epochs]:
+                    old.unlink()
 
     def after_divergence(self, bad_step: int) -> str:
         """After a non-finite step: when the newest checkpoint is the state the diverged update started from, its

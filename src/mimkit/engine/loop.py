@@ -225,7 +225,7 @@ def train(task: Task) -> dict:
         state.update(extra)
         if task.ema is not None:
             state["ema"] = task.ema.module.state_dict()
-        folder.save(state, task.model)
+        folder.save(state, task.model, cfg.train.keep_checkpoints)
 
     bar = Progress(total, pos.step, rt.main, cfg.train.log_every)
     bad_limit = task_bad_limit(cfg, task)

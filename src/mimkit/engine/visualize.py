@@ -4,6 +4,7 @@ images whose boxes the checkpoint holds)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -51,6 +52,17 @@ def visualize(checkpoint: str, data_path: str, out: str, num: int = 8, seed: int
         batch["ccrop_box"] = boxes[picks]
     torch.manual_seed(seed)
     rows = unnormalize(method.visualize(batch), data.mean, data.std)
-    path = save_grid(rows, out, scale=scale or max(1, 128 // rows.shape[2]))
-    what = method.visualize.__doc__.strip().splitlines()[0].split(",")[0].split("(")[0].strip().rstrip(".")
-    return path, len(picks), what
+    titles = column_titles(method.visualize.__doc__ or "", rows.shape[3] // rows.shape[2])
+    path = save_grid(rows, out, scale=scale or max(1, 128 // rows.shape[2]), titles=titles)
+    return path, len(picks), " | ".join(titles) if titles else f"{rows.shape[3] // rows.shape[2]} panels per row"
+
+
+def column_titles(doc: str, panels: int) -> list[str] | None:
+    """The column headings a method's `visualize` docstring names ("Rows of a | b (note) | c, remark"), or None
+    when they do not match the picture's panels one to one."""
+    text = " ".join(doc.split())
+    if not text.startswith("Rows of "):
+        return None
+    parts = text[len("Rows of ") :].split(" | ")
+    titles = [re.sub(r"\s*\(.*?\)", "", p).split(",")[0].split(":")[0].strip().rstrip(".") for p in parts]
+    return titles if len(titles) == panels and all(titles) else None
