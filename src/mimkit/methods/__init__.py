@@ -9,12 +9,14 @@ from .cim import CIMResPix, CIMRevDet
 from .cmae import CMAE
 from .conmim import ConMIM
 from .mae import MAE
+from .mocov3 import MoCoV3
 from .simmim import SimMIM
 
 METHODS: dict[str, type[Method]] = {
     "mae": MAE,
     "cmae": CMAE,
     "conmim": ConMIM,
+    "mocov3": MoCoV3,
     "simmim": SimMIM,
     "beit": BEiT,
     "cim-respix": CIMResPix,

@@ -1,0 +1,206 @@
+"""MoCo v3 (Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers").
+
+Two crops of each image, each colour-perturbed (an asymmetric pipeline: always blurred / rarely blurred, sometimes
+solarised). The base ViT's class token goes through a projector and a predictor (queries); a momentum copy of the
+ViT and projector gives the keys. Symmetric InfoNCE over the batch, the keys of every process as negatives:
+ctr(q1, k2) + ctr(q2, k1), each cross-entropy scaled by 2 * temperature. The patch projection can stay at its
+random initialisation (the paper's stability trick). What goes downstream is the base ViT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, ConfigError, PositiveFloat, PositiveInt, Probability
+from ..data.augment import ColorAugment
+from ..data.views import View
+from ..ema import cosine_momentum, ema_update, make_teacher
+from ..models import vit as V
+from .base import Method
+
+
+@dataclass
+class MoCoV3Options:
+    """The official ViT recipe's values (facebookresearch/moco-v3 main_moco.py, CONFIG.md) unless noted."""
+
+    temperature: PositiveFloat = 0.2  # --moco-t .2 (ViT)
+    momentum: Probability = 0.99  # momentum at step 0, raised by a half cosine to momentum_final (--moco-m-cos)
+    momentum_final: Probability = 1.0
+    # MLP widths: the paper's 4096 / 256 / 4096 cost more than a ViT-Tiny itself; 1024 suits ViT-Tiny/Small
+    proj_hidden: PositiveInt = 1024  # projector: 3 layers, Linear-BN-ReLU x 2, Linear-BN (no affine)
+    proj_dim: PositiveInt = 256
+    pred_hidden: PositiveInt = 1024  # predictor: 2 layers, Linear-BN-ReLU, Linear-BN (no affine)
+    freeze_patch_embed: bool = True  # random, frozen patch projection (--stop-grad-conv1)
+    sync_bn: bool = True  # under torch.distributed with NCCL, the MLPs' BatchNorm uses the global batch (SyncBN)
+    # per-view colour perturbation (BYOL's asymmetric pipeline, as main_moco.py); pairs are (view 1, view 2)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: Probability = 0.8
+    grayscale_p: Probability = 0.2
+    blur_p: tuple[Probability, Probability] = (1.0, 0.1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the view (the official: of the 224 px crop)
+    solarize_p: tuple[Probability, Probability] = (0.0, 0.2)
+
+
+def check_options(o: MoCoV3Options) -> None:
+    """ConfigError naming the `mocov3.*` key for values the schema's ranges cannot express."""
+    if min(o.jitter) < 0 or o.jitter[3] > 0.5:
+        raise ConfigError(f"mocov3.jitter must be >= 0 with a hue strength <= 0.5, got {list(o.jitter)}")
+    if not 0 < o.blur_sigma[0] <= o.blur_sigma[1]:
+        raise ConfigError(f"mocov3.blur_sigma must be 0 < low <= high, got {list(o.blur_sigma)}")
+
+
+def mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """MoCo v3's MLP: bias-free Linear layers, BN + ReLU between them, a BN without affine after the last."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        layers.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
+        layers += [nn.BatchNorm1d(out_dim, affine=False)] if last else [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def init_mocov3_vit(vit: nn.Module) -> None:
+    """The official ViT initialisation: xavier-uniform Linear layers with q, k and v treated as three matrices,
+    zero biases, a xavier-uniform patch projection (the one that stays frozen), class token ~ N(0, 1e-6)."""
+    for name, m in vit.named_modules():
+        if isinstance(m, nn.Linear):
+            if "qkv" in name:
+                bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    proj = vit.patch_embed.proj
+    bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    nn.init.zeros_(proj.bias)
+    nn.init.normal_(vit.cls_token, std=1e-6)
+
+
+@torch.no_grad()
+def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(N, d) this process's keys -> ((world * N, d) every process's keys in rank order, index of this process's
+    first key). One process: (k, 0). Equal N on every rank (the sampler's batches are full)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return k, 0
+    parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, k.contiguous())
+    return torch.cat(parts), k.shape[0] * dist.get_rank()
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ctr(q, k): (N, d) queries, (N, d) keys -> (loss, top-1 accuracy). Cosine logits of each query against the
+    keys of all processes / temperature; the positive of query i is key i of this process; the cross-entropy is
+    scaled by 2 * temperature (the official `contrastive_loss`)."""
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.float(), dim=1)
+    keys, offset = gather_keys(k)
+    logits = q @ keys.t() / temperature  # (N, world * N)
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    acc = (logits.detach().argmax(dim=1) == labels).float().mean()
+    return F.cross_entropy(logits, labels) * (2 * temperature), acc
+
+
+class MoCoV3(Method):
+    """MoCo v3: a ViT + projector + predictor against its momentum copy, InfoNCE between two crops."""
+
+    name = "mocov3"
+    Options = MoCoV3Options
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        o = self.options(cfg)
+        check_options(o)
+        self.cfg = o
+        size = cfg.data.image_size
+        # [0, 1] crops: colour is perturbed on the device, then both views are mean/std-normalised
+        self.views = (View("image", size, normalize="unit"), View("target", size, crop_group=1, normalize="unit"))
+        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
+        self.color = tuple(
+            ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p[i], o.blur_sigma, o.solarize_p[i])
+            for i in range(2)
+        )
+        vit = V.create_encoder(cfg.model, size)
+        init_mocov3_vit(vit)
+        if o.freeze_patch_embed:
+            vit.patch_embed.requires_grad_(False)
+        self.base = nn.ModuleDict({"vit": vit, "proj": mlp(3, vit.embed_dim, o.proj_hidden, o.proj_dim)})
+        self.predictor = mlp(2, o.proj_dim, o.pred_hidden, o.proj_dim)
+        self.momentum = make_teacher(self.base)  # same names: the EMA matches parameters by name
+        if o.sync_bn and dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)  # in place: the BN layers are children of children
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The base (online) timm ViT: evaluated and exported."""
+        return self.base["vit"]
+
+    def train(self, mode: bool = True):
+        """The momentum ViT stays in eval mode (no stochastic depth on the keys); its projector keeps training
+        mode, so its BatchNorm normalises with the batch's statistics, as the official code's does."""
+        super().train(mode)
+        self.momentum["vit"].eval()
+        return self
+
+    # ---- steps -------------------------------------------------------------------------------------------
+    def augment(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two crops (B, 3, H, W) in [0, 1] -> their colour-perturbed, mean/std-normalised views (no gradient)."""
+        with torch.autocast(x1.device.type, enabled=False):
+            return self.normalize(self.color[0](x1)), self.normalize(self.color[1](x2))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> mean/std-normalised (data.mean / data.std)."""
+        return (x - self.mean) / self.std
+
+    def encode(self, vit: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views (B, 3, H, W) in one pass of `vit` (no op mixes samples) -> two (B, D) class tokens."""
+        return vit.forward_features(torch.cat([x1, x2]))[:, 0].chunk(2)
+
+    def project(self, proj: nn.Module, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) per view -> (B, d) per view; one view at a time, so BatchNorm's statistics are per view."""
+        return proj(f1), proj(f2)
+
+    def predict(self, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, d) projections per view -> (B, d) queries per view."""
+        return self.predictor(z1), self.predictor(z2)
+
+    @torch.no_grad()
+    def targets(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views (B, 3, H, W) -> (B, d) keys per view from the momentum ViT and projector, no gradient."""
+        return self.project(self.momentum["proj"], *self.encode(self.momentum["vit"], x1, x2))
+
+    def loss(self, q1, q2, k1, k2) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric: ctr(q1, k2) + ctr(q2, k1), all (B, d) -> (loss, mean top-1 accuracy of the positives)."""
+        loss12, acc12 = contrastive_loss(q1, k2, self.cfg.temperature)
+        loss21, acc21 = contrastive_loss(q2, k1, self.cfg.temperature)
+        return loss12 + loss21, (acc12 + acc21) / 2
+
+    # ---- contract ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict):
+        x1, x2 = self.augment(batch["image"], batch["target"])
+        q1, q2 = self.predict(*self.project(self.base["proj"], *self.encode(self.base["vit"], x1, x2)))
+        k1, k2 = self.targets(x1, x2)
+        loss, acc = self.loss(q1, q2, k1, k2)
+        return loss, {"loss": loss.detach(), "contrast_acc": acc.detach()}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        m = cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
+        ema_update(self.momentum, self.base, m)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"base.vit.cls_token", "base.vit.pos_embed"}
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> torch.Tensor:
+        """Rows of crop 1 | its perturbed view | crop 2 | its perturbed view (what the two encoders see)."""
+        x1, x2 = batch["image"].float(), batch["target"].float()
+        v1, v2 = self.augment(x1, x2)
+        return torch.cat([self.normalize(x1), v1, self.normalize(x2), v2], dim=3)  # the caller un-normalises
