@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .device_cache import resize_crops
-from .pipeline import EpochBatchSampler, ViewDataset, load_first_readable, prepare_batch, to_uint8_chw
+from .pipeline import EpochBatchSampler, ViewDataset, load_first_readable, prepare_batch, to_uint8_chw, train_loader
 
 JPEG_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB) converts as Pillow's convert("RGB") does
 JPEG_END = b"\xff\xd9"
@@ -134,15 +134,7 @@ class GPUDecodeLoader:
         self.mean = torch.as_tensor(mean, device=self.device)  # once: a per-batch copy would wait on the device
         self.std = torch.as_tensor(std, device=self.device)
         self.cpu_decoded = self.device_decoded = 0
-        self.loader = DataLoader(
-            EncodedDataset(dataset),
-            batch_sampler=sampler,
-            num_workers=num_workers,
-            collate_fn=_items,
-            persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
-            generator=torch.Generator(),  # iterators would otherwise draw a seed from the global RNG (breaks resume)
-        )
+        self.loader = train_loader(EncodedDataset(dataset), sampler, num_workers, pin=False, collate_fn=_items)
 
     def __len__(self) -> int:
         return len(self.loader)

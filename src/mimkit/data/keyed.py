@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 
 def item_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
@@ -41,9 +41,3 @@ class KeyedDataset(Dataset):
                 random.setstate(py)
                 np.random.set_state(np_state)
 
-
-def keyed_loader(dataset: KeyedDataset, sampler, num_workers: int, pin: bool, collate_fn=None) -> DataLoader:
-    """Batches of `dataset` in the order of `sampler` (an EpochBatchSampler: re-iterable, positioned by
-    `start(epoch, batch)`), with workers that persist across epochs."""
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                      pin_memory=pin, persistent_workers=num_workers > 0, generator=torch.Generator())  # fmt: skip

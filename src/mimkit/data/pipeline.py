@@ -268,12 +268,14 @@ class EpochBatchSampler:
             yield [(self.epoch, i) for i in chunk]
 
 
-def train_loader(dataset: ViewDataset, sampler: EpochBatchSampler, num_workers: int, pin: bool) -> DataLoader:
+def train_loader(dataset, sampler: EpochBatchSampler, num_workers: int, pin: bool, collate_fn=collate) -> DataLoader:
+    """Batches of `dataset` in the order of `sampler` (re-iterable, positioned by `sampler.start(epoch, batch)`),
+    with workers that persist across epochs. Every training data path builds its loader here."""
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,

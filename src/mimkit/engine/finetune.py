@@ -24,8 +24,8 @@ from ..config import Config, ConfigError, to_dict
 from ..data import DataError
 from ..data.classify import ClassificationDataset, collate_labeled, finetune_transforms
 from ..data.folder import ImageSource
-from ..data.keyed import KeyedDataset, item_seed, keyed_loader
-from ..data.pipeline import EpochBatchSampler
+from ..data.keyed import KeyedDataset, item_seed
+from ..data.pipeline import EpochBatchSampler, train_loader
 from ..runtime import enable_grad_checkpointing
 from . import distributed as D
 from .downstream import EncoderSpec, build_model, encoder_spec, init_head
@@ -79,7 +79,7 @@ class FinetuneTask(Task):
 
     def make_loader(self):
         pin = self.rt.device.type == "cuda"
-        return keyed_loader(self.train_ds, self.sampler, self.cfg.data.num_workers, pin, collate_labeled)
+        return train_loader(self.train_ds, self.sampler, self.cfg.data.num_workers, pin, collate_labeled)
 
     def batches(self, epoch: int, start: int):
         """(images, labels, unreadable, (epoch, batch)): the key seeds the batch's mixup."""

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError, SegmentConfig, to_dict
 from ..data.folder import seeded_subset
-from ..data.keyed import KeyedDataset, keyed_loader
-from ..data.pipeline import EpochBatchSampler
+from ..data.keyed import KeyedDataset
+from ..data.pipeline import EpochBatchSampler, train_loader
 from ..data.segmentation import (
     SegmentationDataset,
     check_pairs,
@@ -279,7 +279,8 @@ class SegmentTask(Task):
         )
 
     def make_loader(self):
-        return keyed_loader(self.train_ds, self.sampler, self.cfg.data.num_workers, self.rt.device.type == "cuda")
+        pin = self.rt.device.type == "cuda"
+        return train_loader(self.train_ds, self.sampler, self.cfg.data.num_workers, pin, collate_fn=None)  # tuples
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.segment, self.cfg.optim.weight_decay)
