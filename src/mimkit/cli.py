@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="2ep", help="per method: epochs (e.g. 2ep) or wall-clock (e.g. 10min, 1h)")
     p.add_argument("--config", help="pre-training recipe shared by every method (YAML file or packaged name)")
     p.add_argument("--finetune-config", help="fine-tuning recipe (default: the packaged one for the data)")
+    p.add_argument(
+        "--tokenizer-budget",
+        help="the VQ tokenizer's budget when BEiT/CIM need one (default: a quarter "
+        "of a wall-clock budget, charged to BEiT and CIM; or the same epochs)",
+    )
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default: the recipe's)")
     p.add_argument("--evals", default="knn,linear,finetune", help="which evaluations to run")
     p.add_argument("--max-images", type=int, help="data.max_images: a fixed, seeded subset of the training images")
@@ -338,8 +343,12 @@ def cmd_export(args) -> int:
     from .engine.pretrain import data_name, export_method, method_from_checkpoint
 
     method, cfg, state = method_from_checkpoint(args.checkpoint)
-    card = {"method": cfg.method, "data": data_name(cfg.data.path), "epochs": state["run"]["epoch"],
-            "steps": state["run"]["step"]}
+    card = {
+        "method": cfg.method,
+        "data": data_name(cfg.data.path),
+        "epochs": state["run"]["epoch"],
+        "steps": state["run"]["step"],
+    }
     summary = Path(args.checkpoint).parent.parent / "summary.json"  # the run's final k-NN, when it has one
     if summary.is_file():
         s = json.loads(summary.read_text())
