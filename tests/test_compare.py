@@ -5,7 +5,7 @@ import json
 import pytest
 from helpers import TINY
 
-from mimkit.cli import main
+from mimkit.cli import build_parser, main
 from mimkit.config import ConfigError
 from mimkit.engine import compare
 from mimkit.engine.compare import method_list, parse_budget
@@ -63,8 +63,11 @@ def test_compare_runs_methods_writes_report_and_resumes(tmp_path, capsys, labele
     assert json.loads(res.read_text())["top1"] == report["methods"]["mae"]["knn"]
     assert report["methods"]["mae"]["epochs"] == 1 and report["methods"]["mae"]["steps"] == 3
     assert (out / "tokenizer" / "tokenizer" / "tokenizer.json").is_file()  # trained for cim-revdet
+    tok_run = json.loads((out / "tokenizer" / "summary.json").read_text())
+    assert report["tokenizer"] == {"epochs": 1, "seconds": tok_run["seconds"]} and "steps" in tok_run
     table = (out / "report.md").read_text()
     assert "| mae | 1 |" in table and "| cim-revdet | 1 |" in table and "random init (scratch)" in table
+    assert f"| (VQ tokenizer for BEiT/CIM) | 1 | {tok_run['seconds']} |" in table
     assert (out / "report.png").stat().st_size > 10_000
 
     def must_not_run(*_, **__):
@@ -84,3 +87,32 @@ def test_wall_clock_budget_is_turned_into_epochs(labeled_folder):
     few = compare.method_config(base, "mae", labeled_folder / "unused", ("seconds", 0.01))
     many = compare.method_config(base, "mae", labeled_folder / "unused", ("seconds", 3600))
     assert few.train.epochs == 1 and many.train.epochs > 10
+
+
+def test_tokenizer_budget_is_charged_to_the_methods_that_need_it(tmp_path, labeled_folder, monkeypatch):
+    assert compare.tokenizer_budget(("seconds", 400), None) == ("seconds", 100)
+    assert compare.tokenizer_budget(("seconds", 400), "30s") == ("seconds", 30)
+    assert compare.tokenizer_budget(("epochs", 3), None) == ("epochs", 3)
+    seen = {}
+    monkeypatch.setattr(compare, "ensure_tokenizer", lambda base, out, budget: (out, {"epochs": 1, "seconds": 90.0}))
+    monkeypatch.setattr(compare, "method_config", lambda base, name, out, budget: seen.setdefault(name, budget))
+    monkeypatch.setattr(compare, "run_one", lambda *a: {})
+    monkeypatch.setattr(compare, "run_scratch", lambda *a: {})
+    monkeypatch.setattr(compare, "write_report", lambda *a: None)
+    args = build_parser().parse_args(["compare", "--methods", "mae,beit", "--data", str(labeled_folder), "--out",
+                                     str(tmp_path / "cmp"), "--budget", "5min", *TINY])  # fmt: skip
+    results = compare.compare_from_args(args)
+    assert seen == {"mae": ("seconds", 300.0), "beit": ("seconds", 210.0)}
+    assert results["tokenizer"] == {"epochs": 1, "seconds": 90.0}
+
+
+def test_a_finished_run_keeps_the_epochs_it_ran(tmp_path, labeled_folder):
+    """A re-run under a wall-clock budget reports the epochs the finished run had, without timing it again."""
+    from mimkit.config import build_config, dump_yaml
+
+    run = tmp_path / "mae"
+    run.mkdir()
+    dump_yaml(build_config(dotted=[*TINY, "train.epochs=3"]), run / "config.yaml")
+    assert compare.finished_budget(run) is None  # not finished: no summary yet
+    (run / "summary.json").write_text("{}")
+    assert compare.finished_budget(run) == ("epochs", 3)

@@ -81,7 +81,7 @@ def compare_from_args(args) -> dict:
         own = budget
         if METHODS[name].needs_tokenizer and budget[0] == "seconds":  # the tokenizer's time is part of its budget
             own = ("seconds", max(budget[1] - tokenizer_seconds, 1.0))
-        cfg = method_config(base, name, out / name, own)
+        cfg = method_config(base, name, out / name, finished_budget(out / name) or own)
         results["methods"][name] = run_one(cfg, args, evals, out / name)
     results["scratch"] = run_scratch(base, args, evals, out / "scratch")
     write_report(out, results, evals)
@@ -116,6 +116,14 @@ def method_config(base: Config, method: str, out: Path, budget: tuple[str, float
     return cfg
 
 
+def finished_budget(run_dir: Path) -> tuple[str, int] | None:
+    """A finished pre-training's epochs, from its config.yaml: a re-run neither times it again nor reports
+    epochs it did not run."""
+    if (run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file():
+        return "epochs", build_config([run_dir / "config.yaml"]).train.epochs
+    return None
+
+
 def calibrate_epochs(cfg: Config, seconds: float, task_cls=PretrainTask, steps: int = 4) -> int:
     """Epochs of `cfg`'s task that fit in `seconds`: a few of its training steps (data included) are timed."""
     device = resolve_device(cfg.train.device)
@@ -140,17 +148,18 @@ def tokenizer_budget(budget: tuple[str, float], text: str | None) -> tuple[str, 
 def ensure_tokenizer(base: Config, out: Path, budget: tuple[str, float]) -> tuple[Path, dict]:
     """A VQ tokenizer for BEiT/CIM with tokens the size of the encoder's patches, trained on the same data.
     -> (its folder, {"epochs", "seconds"} it took)."""
-    folder, summary_file = out / "tokenizer", out / "summary.json"
-    if not (folder / "tokenizer.json").is_file() or not summary_file.is_file():
+    folder, summary_file = out / "tokenizer", out / "summary.json"  # the tokenizer run's summary, + its time
+    if not (folder / "tokenizer.json").is_file() or "seconds" not in load_json(summary_file):
         tok_base = copy.deepcopy(base)
         tok_base.tokenizer.downsample = resolve_patch_size(base.model.name, base.model.patch_size)
         cfg = method_config(tok_base, base.method, out, budget, task=TokenizerTask)
         say(f"training the VQ tokenizer BEiT/CIM read their targets from ({cfg.train.epochs} epoch(s)) in '{out}'")
         t0 = time.perf_counter()
-        train_tokenizer(cfg)
-        summary = {"epochs": cfg.train.epochs, "seconds": round(time.perf_counter() - t0, 1)}
+        summary = train_tokenizer(cfg) or {}
+        summary.update(epochs=cfg.train.epochs, seconds=round(time.perf_counter() - t0, 1))
         summary_file.write_text(json.dumps(summary, indent=2) + "\n")
-    return folder, json.loads(summary_file.read_text())
+    summary = load_json(summary_file)
+    return folder, {k: summary[k] for k in ("epochs", "seconds")}
 
 
 def run_one(cfg: Config, args, evals: list[str], run_dir: Path) -> dict:
@@ -214,9 +223,12 @@ def run_finetune(base: Config, args, checkpoint: str, out: Path) -> float:
     return result["top1"]
 
 
-def load_evals(run_dir: Path) -> dict:
-    f = run_dir / "evals.json"
+def load_json(f: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_evals(run_dir: Path) -> dict:
+    return load_json(run_dir / "evals.json")
 
 
 def save_evals(run_dir: Path, done: dict) -> None:
