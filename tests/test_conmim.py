@@ -127,6 +127,15 @@ def test_encoder_choice_and_coarse_masks():
     assert set(mask.sum(dim=(2, 4)).unique().tolist()) <= {0, 4} and (mask.sum(dim=(1, 2, 3, 4)) == 8).all()
 
 
+def test_absolute_positions_without_centering_warn_of_the_shortcut(recwarn):
+    with pytest.warns(UserWarning, match="conmim.center_teacher"):
+        make()  # a vit_* encoder: absolute positions
+    recwarn.clear()
+    make("conmim.center_teacher=true")
+    make("model.name=beit_base_patch16_224")  # relative position bias only
+    assert not [w for w in recwarn if "center_teacher" in str(w.message)]
+
+
 def test_beit_encoder_with_relative_position_bias(tmp_path):
     """The reference's encoder: timm Beit, shared relative position bias, no absolute position, LayerScale."""
     from mimkit.export import export_encoder

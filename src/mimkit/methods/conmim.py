@@ -9,6 +9,7 @@ the *same* image (InfoNCE, intra-image negatives only). What goes downstream is 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -115,6 +116,13 @@ class ConMIM(Method):
         # beit_*: the reference's encoder (shared relative position bias, no absolute position); vit_*: fixed sin-cos
         # absolute positions, as MAE (mimkit's variant, docs/methods.md); LayerScale 0.1 unless model.layer_scale
         vit = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
+        if getattr(vit, "pos_embed", None) is not None and not o.center_teacher:
+            warnings.warn(
+                "conmim: the encoder has absolute positions and conmim.center_teacher is off, so the loss can be "
+                "solved from position alone (pos_acc -> 1, docs/methods.md): use a beit_* model.name or "
+                "conmim.center_teacher=true",
+                stacklevel=2,
+            )
         self.grid = V.grid_size(vit)
         self.num_patches = self.grid[0] * self.grid[1]
         self.cell = mask_cell(o.mask_patch_size, V.patch_size(vit), "conmim.mask_patch_size")
