@@ -94,14 +94,15 @@ def device_cache(dataset: ViewDataset, args, device: torch.device, crops: str = 
 
 
 def jpeg_bytes(source, n: int) -> tuple[list[torch.Tensor], bool]:
-    """Up to n images as JPEG file bytes (uint8 tensors); -> (data, re-encoded?)."""
-    from torchvision.io import read_file
+    """Up to n images as JPEG file bytes (uint8 tensors), from any source (folder, tar shards, Parquet): the stored
+    bytes when every one is a JPEG, else each image re-encoded at quality 90; -> (data, re-encoded?)."""
+    from mimkit.data.gpu_decode import read_bytes
 
-    paths = source.paths[:n]
-    if paths and all(p.lower().endswith((".jpg", ".jpeg")) for p in paths):
-        return [read_file(p) for p in paths], False
+    raw = [read_bytes(source, i) for i in range(min(n, len(source)))]
+    if raw and all(b[:2] == b"\xff\xd8" for b in raw):
+        return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw], False
     data = []
-    for i in range(min(n, len(source))):
+    for i in range(len(raw)):
         buf = io.BytesIO()
         source.load(i).save(buf, format="JPEG", quality=90)
         data.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
