@@ -212,12 +212,13 @@ def ladder(ev, args, data: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def method_runs(names: str) -> int:
-    """Pre-training runs compare makes: the methods, plus the tokenizer when BEiT or CIM is among them."""
+def method_runs(names: str) -> float:
+    """Budgets compare spends: one per method (BEiT's and CIM's include their tokenizer's quarter of one, the
+    default of --tokenizer-budget)."""
     from mimkit.methods import METHODS
 
     chosen = [m for m in METHODS if m != "tokenizer"] if names == "all" else names.split(",")
-    return len(chosen) + any(getattr(METHODS.get(m), "needs_tokenizer", False) for m in chosen)
+    return float(len(chosen))
 
 
 def methods(ev, args, data: Path) -> None:
