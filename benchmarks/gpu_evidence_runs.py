@@ -212,13 +212,12 @@ def ladder(ev, args, data: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def method_runs(names: str) -> float:
+def method_runs(names: str) -> int:
     """Budgets compare spends: one per method (BEiT's and CIM's include their tokenizer's quarter of one, the
     default of --tokenizer-budget)."""
-    from mimkit.methods import METHODS
+    from mimkit.engine.compare import method_list
 
-    chosen = [m for m in METHODS if m != "tokenizer"] if names == "all" else names.split(",")
-    return float(len(chosen))
+    return len(method_list(names))
 
 
 def methods(ev, args, data: Path) -> None:

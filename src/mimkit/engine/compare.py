@@ -74,7 +74,7 @@ def compare_from_args(args) -> dict:
     results = {"budget": args.budget, "data": base.data.path, "model": model_name(base), "methods": {}}
     tokenizer_seconds = 0.0
     if any(METHODS[m].needs_tokenizer for m in methods) and not base.tokenizer.path:
-        tok_budget = tokenizer_budget(budget, getattr(args, "tokenizer_budget", None))
+        tok_budget = tokenizer_budget(budget, args.tokenizer_budget)
         folder, results["tokenizer"] = ensure_tokenizer(base, out / "tokenizer", tok_budget)
         base.tokenizer.path, tokenizer_seconds = str(folder), results["tokenizer"]["seconds"]
     for name in methods:
