@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import time
 from dataclasses import dataclass
 
@@ -27,8 +26,10 @@ from timing import mean_seconds
 from torch import nn
 
 from mimkit.config import Config
+from mimkit.cpu_bf16 import auto_cpu_precision, cpu_flags, cpu_name, matmul_rate
 from mimkit.methods.cmae import CMAE
 from mimkit.methods.mae import MAE
+from mimkit.runtime import prepare_for_precision
 
 
 @dataclass
@@ -51,6 +52,7 @@ SIZES = {
     "tiny": Size("ViT-Tiny/4 @32, dec 4x192", "vit_tiny_patch16_224", 32, 4, 192, 12, 3, 192, 4, 3, 128, 1024),
     "base": Size("ViT-Base/16 @224, dec 8x512", "vit_base_patch16_224", 224, 16, 768, 12, 12, 512, 8, 16, 16, 256),
 }
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
@@ -124,14 +126,18 @@ def lightly_mae(s: Size):
 
 
 IMPLS = {"mimkit": mimkit_mae, "transformers": transformers_mae, "lightly": lightly_mae}
+PEER_BUILDS = {transformers_mae, lightly_mae}  # run as their libraries ship; mimkit's rows get the loop's kernels
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def make_step(build, s: Size, batch: int, device, dtype, compile_: bool):
-    """-> one() running a full training step (forward, backward, AdamW) of the built model."""
+def make_step(build, s: Size, batch: int, device, dtype, compile_: bool, engine_kernels: bool = False):
+    """-> one() running a full training step (forward, backward, AdamW) of the built model. `engine_kernels`: the
+    kernel choices mimkit's loop makes for this device and precision (runtime.prepare_for_precision)."""
     torch.manual_seed(0)
     model, loss_fn = build(s)
     model.to(device).train()
+    if engine_kernels:
+        prepare_for_precision(model, device, dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     fn = torch.compile(loss_fn) if compile_ else loss_fn
     x = torch.randn(batch, 3, s.image, s.image, device=device)
@@ -149,13 +155,15 @@ def make_step(build, s: Size, batch: int, device, dtype, compile_: bool):
 def measure_many(builds: dict, s, batch: int, device, dtype, steps: int, warmup: int, compile_: bool,
                  rounds: int = 3) -> dict:  # fmt: skip
     """Time every build in turn, `rounds` times over (A B C A B C ...), `steps` steps per turn; -> per name the
-    median turn. Interleaving matters: on the 2-core VM whichever model ran first measured 10-15% slower than
+    median turn. A build may be `(build, dtype)`: that row at its own precision (with mimkit's kernel choices for
+    mimkit's rows). Interleaving matters: on the 2-core VM whichever model ran first measured 10-15% slower than
     when it ran second (clock and allocator warm-up), which is larger than the differences being measured."""
     cuda = device.type == "cuda"
     steppers, results, times, peaks = {}, {}, {}, {}
     for name, build in builds.items():
+        build, row_dtype = build if isinstance(build, tuple) else (build, dtype)
         try:
-            steppers[name] = make_step(build, s, batch, device, dtype, compile_)
+            steppers[name] = make_step(build, s, batch, device, row_dtype, compile_, build not in PEER_BUILDS)
         except ImportError as e:
             results[name] = {"skipped": f"{e.name} not installed"}
     for one in steppers.values():
@@ -339,7 +347,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps (default 2 on CPU, 10 on GPU)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median is reported")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp32,bf16"],
+                    help="auto: bf16 on a GPU; on a CPU the MAE table times fp32 and bf16 side by side and the other "
+                    "sections use what train.precision=auto picks")  # fmt: skip
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="append results as JSON lines to this file")
@@ -354,35 +364,54 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
-    dtype = {"fp32": None, "bf16": torch.bfloat16}.get(args.precision, torch.bfloat16 if gpu else None)
+    auto_cpu = None if gpu or args.precision != "auto" else auto_cpu_precision()
+    if args.precision == "auto":  # the other sections: one precision, the one a training run would use
+        dtype, table_precisions = (torch.bfloat16, ["bf16"]) if gpu else (auto_cpu[0], ["fp32", "bf16"])
+    else:
+        table_precisions = args.precision.split(",")
+        dtype = PRECISIONS[table_precisions[-1]]
     steps, warmup = args.steps or (30 if gpu else 10), args.warmup or (10 if gpu else 2)
-    name = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name() if gpu else cpu_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if gpu else None
     print(f"# device {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"precision {args.precision if dtype is None or args.precision != 'auto' else 'bf16'}; "
+          f"precision {args.precision}{f' (train.precision=auto picks {auto_cpu[1]})' if auto_cpu else ''}; "
           f"compile {args.compile}; steps {steps} (+{warmup} warm-up)")  # fmt: skip
+    rates = {}
+    if not gpu:  # the machine's limit, measured: each row's fraction of it stands for the GPU's MFU
+        rates = {p: matmul_rate(d, n=2048, reps=5) for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        flags = " ".join(sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+        print(f"# CPU flags: {flags or 'none of avx2/avx512/bf16/amx'}; measured 2048^3 matmul: fp32 "
+              f"{rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s "
+              f"({rates['bf16'] / rates['fp32']:.2f}x)")  # fmt: skip
     for size_name in args.sizes.split(",") if "mae" in args.methods.split(",") else []:
         s = SIZES[size_name]
         batch = args.batch_size or (s.batch_gpu if gpu else s.batch_cpu)
         flops = train_flops_mae(s)
         print(f"\n## MAE {s.name}, batch {batch}, mask 0.75; {flops / 1e9:.2f} train GFLOP/img")
-        print("| impl | img/s | ms/step | ratio vs transformers |" + (" MFU | peak GB |" if gpu else ""))
-        builds = {impl: IMPLS[impl] for impl in args.impls.split(",")}
+        print("| impl | precision | img/s | ms/step | vs transformers' best | vs mimkit fp32 |"
+              + (" MFU | peak GB |" if gpu else " % of the matmul rate |"))  # fmt: skip
+        builds = {(impl, p): (IMPLS[impl], PRECISIONS[p]) for impl in args.impls.split(",") for p in table_precisions}
         results = measure_many(builds, s, batch, device, dtype, steps, warmup, args.compile, args.rounds)
-        for impl in [k for k, r in results.items() if "skipped" in r]:
-            print(f"| {impl} | skipped ({results.pop(impl)['skipped']}) |")
-        ref = results.get("transformers", {}).get("img_per_s")
-        for impl, r in results.items():
+        for key in [k for k, r in results.items() if "skipped" in r]:
+            print(f"| {key[0]} | {key[1]} | skipped ({results.pop(key)['skipped']}) |")
+        ref = max((r["img_per_s"] for k, r in results.items() if k[0] == "transformers"), default=None)
+        fp32 = results.get(("mimkit", "fp32"), {}).get("img_per_s")
+        for (impl, prec), r in results.items():
             ratio = f"{r['img_per_s'] / ref:.2f}x" if ref else "-"
-            row = f"| {impl} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {ratio} |"
+            own = f"{r['img_per_s'] / fp32:.2f}x" if fp32 else "-"
+            row = f"| {impl} | {prec} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {ratio} | {own} |"
             if gpu:
                 mfu = f"{100 * r['img_per_s'] * flops / peak:.1f}%" if peak else "-"
                 row += f" {mfu} | {r.get('peak_mem_gb', 0):.1f} |"
+            else:
+                row += f" {100 * r['img_per_s'] * flops / rates[prec]:.0f}% |"
             print(row)
             if args.json:
                 with open(args.json, "a") as f:
                     rec = {"size": size_name, "impl": impl, "batch": batch, "device": name, "compile": args.compile,
-                           "precision": args.precision, "train_gflop_per_img": flops / 1e9, **r}  # fmt: skip
+                           "precision": prec, "train_gflop_per_img": flops / 1e9, **r}  # fmt: skip
+                    if rates:
+                        rec["matmul_gflops"] = rates[prec] / 1e9
                     f.write(json.dumps(rec) + "\n")
     if args.cmae:
         cmae_section(args, device, dtype, steps, warmup, name)

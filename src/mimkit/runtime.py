@@ -34,14 +34,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """-> the autocast dtype, or None for fp32. auto: bf16 on a CUDA device that has it (else fp16), fp32 on CPU."""
+    """-> the autocast dtype, or None for fp32 (`describe_precision` says why). auto: bf16 on a CUDA device that has
+    it (else fp16); on a CPU, bf16 where its bf16 matrix products are clearly faster (cpu_bf16), else fp32."""
+    return precision_and_reason(name, device)[0]
+
+
+def precision_and_reason(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """-> (autocast dtype or None for fp32, a short phrase for the run's first line: the choice and why)."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return dtype, f"{str(dtype).removeprefix('torch.').replace('bfloat', 'bf').replace('float', 'fp')} (auto)"
+        from .cpu_bf16 import auto_cpu_precision
+
+        return auto_cpu_precision()
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name], name
+
+
+def prepare_for_precision(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Kernel choices that depend on where and at what precision `model` trains: under CPU bf16, timm's unfused
+    attention (the fused kernel's bf16 backward is several times slower than its fp32 one; cpu_bf16)."""
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        from .cpu_bf16 import use_unfused_attention
+
+        use_unfused_attention(model)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -127,9 +127,10 @@ def finished_budget(run_dir: Path) -> tuple[str, int] | None:
 def calibrate_epochs(cfg: Config, seconds: float, task_cls=PretrainTask, steps: int = 4) -> int:
     """Epochs of `cfg`'s task that fit in `seconds`: a few of its training steps (data included) are timed."""
     device = resolve_device(cfg.train.device)
-    from ..runtime import resolve_precision
+    from ..runtime import precision_and_reason
 
-    task = task_cls(cfg, Runtime(device, resolve_precision(cfg.train.precision, device)))
+    amp, why = precision_and_reason(cfg.train.precision, device)
+    task = task_cls(cfg, Runtime(device, amp, precision=why))
     per_step = seconds_per_step(task, steps)
     epochs = max(1, int(seconds / (per_step * task.batches_per_epoch())))
     say(f"{cfg.method if task_cls is PretrainTask else task.kind}: {per_step * 1000:.0f} ms per step -> "

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import __version__
 from ..config import Config, dump_yaml, to_dict
 from ..errors import DivergedError, TrainingError
-from ..runtime import autocast, resolve_device, resolve_precision
+from ..runtime import autocast, precision_and_reason, prepare_for_precision, resolve_device
 from . import distributed as D
 from .checkpoint import RunFolder, capture_rng, restore_rng
 from .logging import MetricsLog, Progress, say
@@ -44,6 +44,7 @@ class Runtime:
     amp: torch.dtype | None
     rank: int = 0
     world: int = 1
+    precision: str = ""  # the choice and why, for the run's first line ("bf16 (auto: ...)")
 
     @property
     def main(self) -> bool:
@@ -58,9 +59,9 @@ def start_runtime(cfg: Config) -> Runtime:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    amp = resolve_precision(cfg.train.precision, device)
+    amp, why = precision_and_reason(cfg.train.precision, device)
     rank, world = D.init_distributed(device)
-    return Runtime(device, amp, rank, world)
+    return Runtime(device, amp, rank, world, precision=why)
 
 
 @dataclass
@@ -190,7 +191,8 @@ def train(task: Task) -> dict:
     elif resume is not None:
         say(f"resuming from '{folder.resumed_from}' at step {pos.step} (epoch {pos.epoch + 1} of {cfg.train.epochs}, "
             f"batch {pos.batch})", rt.main)  # fmt: skip
-    say(task.describe(steps_per_epoch, effective_batch, lr_peak), rt.main)
+    precision = f"; precision {rt.precision}" if rt.precision else ""
+    say(task.describe(steps_per_epoch, effective_batch, lr_peak) + precision, rt.main)
     left_out = task.num_images - micro_per_epoch * task.batch_size * rt.world
     if left_out > 0:
         say(f"each epoch leaves out {left_out} of {task.num_images} images (batches are full: the last partial "
@@ -198,6 +200,7 @@ def train(task: Task) -> dict:
             rt.main)  # fmt: skip
 
     model = task.model
+    prepare_for_precision(model, rt.device, rt.amp)
     if rt.world > 1:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=task.find_unused_parameters)
@@ -309,6 +312,7 @@ def seconds_per_step(task: Task, steps: int = 4) -> float:
     """Wall time of one training step of `task` (data included), through the loop's own step path, averaged over
     `steps` steps after a first one that pays one-off costs. lr 0: the weights stay as built."""
     rt, optimizer = task.rt, task.build_optimizer(0.0)
+    prepare_for_precision(task.model, rt.device, rt.amp)
     task.model.train()
     t0, done = time.perf_counter(), 0
     for batch in task.batches(0, 0):
