@@ -95,7 +95,7 @@ def test_second_run_first_step_loss(run_a, tmp_path, source):
     """A second pre-training with model.init and a tiny lr: its first logged loss is that of run A's weights
     (plus, from an export, the decoder this run initialises itself) on its first batch and mask."""
     spec = run_a / ("checkpoints/last.pt" if source == "checkpoint" else "encoder")
-    cfg = config(f"model.init={spec}", "optim.lr=1e-9", "train.epochs=1")
+    cfg = config(f"model.init={spec}", "optim.lr=1e-9", "train.epochs=1", "train.precision=fp32")  # as loss_of
     cfg.out = str(tmp_path / "b")
     pretrain(cfg, task_cls=InitTask)
     first = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])

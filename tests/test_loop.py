@@ -83,7 +83,8 @@ def _ddp_worker(rank: int, out: str, port: int, launcher: str, result: str) -> N
     from mimkit.engine import distributed as D
     from mimkit.engine.loop import start_runtime
 
-    cfg = toy_config(out, "train.batch_size=16", "optim.accum_steps=2")
+    # fp32 as the 1-process reference (a Runtime without autocast): the test is about arithmetic, not precision
+    cfg = toy_config(out, "train.batch_size=16", "optim.accum_steps=2", "train.precision=fp32")
     rt = start_runtime(cfg)
     assert rt.world == 2 and rt.rank == rank
     task = ToyTask(cfg, rt)
