@@ -432,4 +432,6 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .atomic import replace_text  # torch-free import of this module for the CLI's parsing
+
+    replace_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
 from ..config import Config, dump_yaml, to_dict
-from ..errors import DivergedError, TrainingError
+from ..errors import DiskFullError, DivergedError, TrainingError
 from ..runtime import autocast, resolve_device, resolve_precision
 from . import distributed as D
 from .checkpoint import RunFolder, capture_rng, restore_rng
@@ -140,8 +141,9 @@ class Task:
         return [str(i) for i in indices]
 
 
-def train(task: Task) -> dict:
-    """Run `task` to its last epoch (or resume it); -> {'steps', 'out', 'finished'}."""
+def train(task: Task, finish: Callable[[int], dict] | None = None) -> dict:
+    """Run `task` to its last epoch (or resume it), then `finish(steps)` (the export, final evaluation and
+    summary), all under the run lock; -> {'steps', 'out', 'finished', 'report': what `finish` returned}."""
     cfg, rt = task.cfg, task.rt
     out = Path(cfg.out)
     folder = RunFolder(out, rt.main)
@@ -177,61 +179,67 @@ def train(task: Task) -> dict:
         window.load(resume["window"])
         restore_rng(resume["rng"], rt.device)
     folder.start(fresh=resume is None)  # run lock, stale temp files, metrics truncated to the checkpoint
-    wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "config": to_dict(cfg)}
-    log = MetricsLog(out, enabled=rt.main, tensorboard=cfg.log.tensorboard,
-                     run_id=resume.get("run_id") if resume else None, wandb=wandb if cfg.log.wandb else None,
-                     purge_step=pos.step + 1)  # a fresh start purges a killed run's events too  # fmt: skip
-    log.truncate_after(pos.step if resume is not None else -1)
-    if rt.main:
-        dump_yaml(cfg, out / "config.yaml")
-    if resume is not None and pos.epoch >= cfg.train.epochs:
-        say(f"'{folder.resumed_from}' holds a finished run ({pos.step} steps, {pos.epoch} epochs): nothing to train; "
-            "reporting again (raise --epochs to train on)", rt.main)  # fmt: skip
-    elif resume is not None:
-        say(f"resuming from '{folder.resumed_from}' at step {pos.step} (epoch {pos.epoch + 1} of {cfg.train.epochs}, "
-            f"batch {pos.batch})", rt.main)  # fmt: skip
-    say(task.describe(steps_per_epoch, effective_batch, lr_peak), rt.main)
-    left_out = task.num_images - micro_per_epoch * task.batch_size * rt.world
-    if left_out > 0:
-        say(f"each epoch leaves out {left_out} of {task.num_images} images (batches are full: the last partial "
-            "batch, and micro-batches short of an accumulation step, are dropped; a new order every epoch)",
-            rt.main)  # fmt: skip
-
-    model = task.model
-    if rt.world > 1:
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=task.find_unused_parameters)
-    step_model = torch.compile(model) if cfg.train.compile else model
-
-    def save(finished: bool = False) -> None:
-        window.check_finite(pos.step, folder.last)
-        state = {
-            "mimkit_version": __version__,
-            "kind": task.kind,
-            "method": task.identity().get("method", task.kind),  # what trained (plain value, for tools)
-            "config": to_dict(cfg),
-            "identity": task.identity(),
-            "model": task.model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "run": dict(pos.__dict__),
-            "window": window.state(),
-            "rng": capture_rng(rt.device),
-            "run_id": log.run_id,
-            "finished": finished,
-        }
-        extra = task.state_dict()
-        assert not set(extra) & set(state), f"task state keys {set(extra) & set(state)} clash with the loop's"
-        state.update(extra)
-        if task.ema is not None:
-            state["ema"] = task.ema.module.state_dict()
-        folder.save(state, task.model, cfg.train.keep_checkpoints)
-
-    bar = Progress(total, pos.step, rt.main, cfg.train.log_every)
-    bad_limit = task_bad_limit(cfg, task)
-    stop = StopSignal(cfg.train.stop_signals)
-    params = [p for p in task.model.parameters() if p.requires_grad]
+    cleanup = contextlib.ExitStack()  # each runs even if one before it fails; the lock is released last
+    cleanup.callback(folder.release)
     try:
+        wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "config": to_dict(cfg)}
+        log = MetricsLog(out, enabled=rt.main, tensorboard=cfg.log.tensorboard,
+                         run_id=resume.get("run_id") if resume else None, wandb=wandb if cfg.log.wandb else None,
+                         purge_step=pos.step + 1)  # a fresh start purges a killed run's events too  # fmt: skip
+        cleanup.callback(log.close)
+        log.truncate_after(pos.step if resume is not None else -1)
+        if rt.main:
+            dump_yaml(cfg, out / "config.yaml")
+        if resume is not None and pos.epoch >= cfg.train.epochs:
+            say(f"'{folder.resumed_from}' holds a finished run ({pos.step} steps, {pos.epoch} epochs): nothing to "
+                "train; reporting again (raise --epochs to train on)", rt.main)  # fmt: skip
+        elif resume is not None:
+            say(f"resuming from '{folder.resumed_from}' at step {pos.step} (epoch {pos.epoch + 1} of "
+                f"{cfg.train.epochs}, batch {pos.batch})", rt.main)  # fmt: skip
+        say(task.describe(steps_per_epoch, effective_batch, lr_peak), rt.main)
+        left_out = task.num_images - micro_per_epoch * task.batch_size * rt.world
+        if left_out > 0:
+            say(f"each epoch leaves out {left_out} of {task.num_images} images (batches are full: the last partial "
+                "batch, and micro-batches short of an accumulation step, are dropped; a new order every epoch)",
+                rt.main)  # fmt: skip
+
+        model = task.model
+        if rt.world > 1:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids,
+                                            find_unused_parameters=task.find_unused_parameters)  # fmt: skip
+        step_model = torch.compile(model) if cfg.train.compile else model
+
+        def save(finished: bool = False) -> None:
+            window.check_finite(pos.step, folder.last)
+            state = {
+                "mimkit_version": __version__,
+                "kind": task.kind,
+                "method": task.identity().get("method", task.kind),  # what trained (plain value, for tools)
+                "config": to_dict(cfg),
+                "identity": task.identity(),
+                "model": task.model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "run": dict(pos.__dict__),
+                "window": window.state(),
+                "rng": capture_rng(rt.device),
+                "run_id": log.run_id,
+                "finished": finished,
+            }
+            extra = task.state_dict()
+            assert not set(extra) & set(state), f"task state keys {set(extra) & set(state)} clash with the loop's"
+            state.update(extra)
+            if task.ema is not None:
+                state["ema"] = task.ema.module.state_dict()
+            folder.save(state, task.model, cfg.train.keep_checkpoints)
+
+        bar = Progress(total, pos.step, rt.main, cfg.train.log_every)
+        cleanup.callback(bar.close)
+        bad_limit = task_bad_limit(cfg, task)
+        stop = StopSignal(cfg.train.stop_signals)
+        cleanup.callback(stop.restore)
+        params = [p for p in task.model.parameters() if p.requires_grad]
         task.model.train()
         while pos.epoch < cfg.train.epochs:
             bad_seen: set[int] = set()
@@ -294,15 +302,18 @@ def train(task: Task) -> dict:
             save(finished=pos.epoch >= cfg.train.epochs)
             if stop.requested():
                 stop.exit(folder.last)
+        report = finish(pos.step) if finish is not None else {}
+        cleanup.close()  # a full disk while TensorBoard closes is said like any other
     except DivergedError as e:
         kept = folder.after_divergence(e.step)
         raise TrainingError(f"{e}; {kept} (try a lower optim.blr, optim.clip_grad, or train.precision=fp32)") from None
+    except DiskFullError as e:
+        holds = folder.holds()
+        said = f"{e}" if holds in str(e) else f"{e}; {holds}"
+        raise DiskFullError(f"{said}; free some space and re-run the same command to go on") from None
     finally:
-        bar.close()
-        log.close()
-        stop.restore()
-        folder.release()
-    return {"steps": pos.step, "out": out, "finished": True}
+        cleanup.close()
+    return {"steps": pos.step, "out": out, "finished": True, "report": report}
 
 
 def seconds_per_step(task: Task, steps: int = 4) -> float:
