@@ -405,6 +405,9 @@ def build_config(files: list[str | Path] = (), overrides: dict | None = None, do
     for text in dotted:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value))
+    from .config_checks import check_across_keys
+
+    check_across_keys(cfg)  # before anything is written
     return cfg
 
 
