@@ -148,6 +148,9 @@ class TrainConfig:
     compile: bool = False
     ema: bool = False  # keep an EMA of the trained weights (timm ModelEmaV3); fine-tuning evaluates it too
     ema_decay: Probability = 0.9999
+    # stop when a loss is over this many times the lowest of the last 20 logged ones (its weights are as lost as NaN
+    # ones: the run stops as for a non-finite loss, docs/reliability.md); 0 = never
+    max_loss_jump: NonNegFloat = 1000.0
     stop_signals: str = "SIGTERM,SIGUSR1"  # finish the step, checkpoint and exit 3 on these ("" = ignore)
     channels_last: bool = True  # CUDA: convolution weights in NHWC (faster cuDNN kernels for CNNs); ignored on CPU
 
