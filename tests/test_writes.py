@@ -16,8 +16,7 @@ import subprocess
 import time
 
 import pytest
-import torch
-from test_faults import argv, load, metrics, run
+from test_faults import TorchWithFullDisk, argv, load, metrics, run
 
 from mimkit.cli import main
 from mimkit.engine import checkpoint as checkpoint_module
@@ -37,31 +36,10 @@ def left_behind(out) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
 
 
-class TorchSaveFails:
-    """`torch` as the checkpoint writer sees it; the `at`-th save writes a few bytes and fails as torch does on a
-    full disk: a RuntimeError ('unexpected pos') whose context is the OSError."""
-
-    def __init__(self, at: int):
-        self.calls, self.at = 0, at
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def save(self, obj, f, *args, **kwargs):
-        self.calls += 1
-        if self.calls < self.at:
-            return torch.save(obj, f, *args, **kwargs)
-        f.write(b"PK\x03\x04 partial")
-        try:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
-
-
 @pytest.mark.parametrize("at, holds", [(1, "no checkpoint was written yet"), (3, "holds step 2")])
 def test_torch_disguised_full_disk_is_one_line_saying_what_is_kept(tmp_path, monkeypatch, capsys, at, holds):
     out = tmp_path / "run"
-    monkeypatch.setattr(checkpoint_module, "torch", TorchSaveFails(at))
+    monkeypatch.setattr(checkpoint_module, "torch", TorchWithFullDisk(at, disguised=True))
     code, _, err = run(out, capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"'{out / 'checkpoints'}'" in err and "no space left" in err and holds in err, err
