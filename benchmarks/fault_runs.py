@@ -67,6 +67,10 @@ def install_faults(faults: dict) -> list[str]:
         atomic.save_file = save_file
     if faults.get("block_network"):
         block_network(attempts)
+    if "slow_export" in faults:
+        from fault_inject import install_slow_export
+
+        install_slow_export(faults["slow_export"])
     return attempts
 
 

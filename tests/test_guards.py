@@ -78,9 +78,9 @@ def test_max_loss_jump_0_judges_finiteness_alone(tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, key, value",
     [
-        ("data.crop_scale=[-1,2]", "data.crop_scale", "[-1, 2]"),
-        ("data.crop_ratio=[0,0]", "data.crop_ratio", "[0, 0]"),
-        ("data.crop_scale=[0.8,0.2]", "data.crop_scale", "[0.8, 0.2]"),
+        ("data.crop_scale=[-1,2]", "data.crop_scale", "[-1,2]"),
+        ("data.crop_ratio=[0,0]", "data.crop_ratio", "[0,0]"),
+        ("data.crop_scale=[0.8,0.2]", "data.crop_scale", "[0.8,0.2]"),
         ("mae.decoder_heads=5", "mae.decoder_heads", "5"),
         ("mae.decoder_dim=34", "mae.decoder_dim", "34"),
         ("model.embed_dim=98", "model.embed_dim", "98"),

@@ -25,7 +25,7 @@ def check_across_keys(cfg) -> None:
         lo, hi = getattr(getattr(cfg, section), name)
         if not (lo > low and lo <= hi and (high is None or hi <= high)):
             bound = f" <= {high:g}" if high is not None else ""
-            raise ConfigError(f"{key} must be [min, max] with {low:g} < min <= max{bound}, got [{lo:g}, {hi:g}]")
+            raise ConfigError(f"{key} must be [min, max] with {low:g} < min <= max{bound}, got [{lo:g},{hi:g}]")
     check_model_widths(cfg.model)
     for section in sorted(cfg.sections):
         check_widths(section, cfg.sections[section])
@@ -52,17 +52,16 @@ def check_model_widths(model) -> None:
     dim, heads = model.embed_dim, model.num_heads
     if dim is None and heads is None:
         return
-    own = " (the architecture's own)"
     if dim is None or heads is None:
         sizes = architecture_sizes(model.name)
         if sizes is None:
             return  # not a timm model: building it says so
         dim, heads = dim or sizes[0], heads or sizes[1]
     if dim % heads:
-        d = f"{dim}" + ("" if model.embed_dim else own)
-        h = f"{heads}" + ("" if model.num_heads else own)
-        raise ConfigError(f"model.embed_dim={d} is not divisible by model.num_heads={h} (each head gets an equal "
-                          "share of the width)")  # fmt: skip
+        unset = [k for k in ("embed_dim", "num_heads") if getattr(model, k) is None]
+        whose = f"; {unset[0]} is {model.name}'s own" if unset else ""
+        raise ConfigError(f"model.embed_dim={dim} is not divisible by model.num_heads={heads} (each head gets an "
+                          f"equal share of the width{whose})")  # fmt: skip
     if model.embed_dim and model.embed_dim % 4 and model.name.startswith(("vit_", "deit_")):
         raise ConfigError(f"model.embed_dim={model.embed_dim} is not divisible by 4 (a vit_* encoder's sin-cos "
                           "positions)")  # fmt: skip
