@@ -115,19 +115,21 @@ class IssueCases:
                     self.skip(f"{fault} at {target}", "strace is missing or may not trace here")
             return
         ref = self.reference()
+
+        def resumed_copy(name: str) -> Path:  # a resume from one step back, without the export: every file written
+            out = self.work / name
+            shutil.copytree(ref, out)
+            (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")
+            shutil.rmtree(out / "encoder")
+            return out
+
+        first = self.first_writes(resumed_copy("inject-probe"))
         for fault, inject in (("ENOSPC", "error=ENOSPC"), ("SIGKILL", "signal=SIGKILL")):
-            for target, pattern in TARGETS.items():
-                out = self.work / f"inject-{fault}-{target.replace(' ', '-')}"
-                shutil.copytree(ref, out)
-                (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")  # a resume: rewrites
-                shutil.rmtree(out / "encoder")
-                probe_out = out.with_name(out.name + "-probe")
-                shutil.copytree(out, probe_out)
-                index = self.first_write(probe_out, pattern)
-                shutil.rmtree(probe_out)
+            for target, index in first.items():
                 if index is None:
                     self.add(False, f"{fault} at {target}", "the probe saw no write to it")
                     continue
+                out = resumed_copy(f"inject-{fault}-{target.replace(' ', '-')}")
                 before = (out / "metrics.jsonl").read_text()
                 strace = ["-o", "/dev/null", "-e", "trace=write", "-e", f"inject=write:{inject}:when={index}"]
                 r = Traced(self.work / "logs" / f"{out.name}.log", self.argv(out), strace)
@@ -140,16 +142,20 @@ class IssueCases:
                 good, after = ends_like(ref, out, self.run(self.argv(out)))
                 self.add(ok and good, f"{fault} at {target}", f"write #{index}: {detail}; re-run: {after}")
 
-    def first_write(self, out: Path, pattern: str) -> int | None:
-        """The index among its thread's write calls (strace counts them per thread) of the first write to a file
-        matching `pattern`, in a run of the same command on a copy of the folder. The fault then strikes that
-        write, or the same-numbered write of another thread (TensorBoard's) if that one comes first."""
+    def first_writes(self, out: Path) -> dict[str, int | None]:
+        """For each of TARGETS, the index among its thread's write calls (strace counts them per thread) of the
+        first write to it, in one run of the command on `out` (a copy of the folder each case starts from). The
+        fault then strikes that write, or the same-numbered write of another thread (TensorBoard's) if that one
+        comes first: the line says which file the error named."""
         log = self.work / "logs" / f"{out.name}.strace"
         Traced(log.with_suffix(".log"), self.argv(out), ["-y", "-e", "trace=write", "-o", str(log)])
         writes = [m.groups() for m in map(WRITE.match, log.read_text().splitlines()) if m]
-        hit = next((tid for tid, path in writes if re.search(pattern, path)), None)
-        mine = [path for tid, path in writes if tid == hit]
-        return next((i + 1 for i, path in enumerate(mine) if re.search(pattern, path)), None)
+        found = {}
+        for target, pattern in TARGETS.items():
+            hit = next((tid for tid, path in writes if re.search(pattern, path)), None)
+            mine = [path for tid, path in writes if tid == hit]
+            found[target] = next((i + 1 for i, path in enumerate(mine) if re.search(pattern, path)), None)
+        return found
 
     # ---- the lock, leftovers -----------------------------------------------------------------------------
     def lock(self) -> None:
