@@ -18,18 +18,19 @@ from pathlib import Path
 import torch
 from fault_runs import ends_like, leftovers, metrics
 
-# the first write of each of these (a path regex) is where a fault is injected; the probe finds its index
+# the first write of each of these (a path regex) is where a fault is injected; the probe finds its index. strace
+# follows the main thread only: a fault in another process (find_library's ldconfig) or thread would change what
+# the main thread writes; TensorBoard's writer thread gets its faults from inside (install_tensorboard_fault)
 TARGETS = {
     "the run lock": r"\.mimkit\.lock\.\d+\.tmp$",
     "metrics.jsonl rewrite": r"/\.metrics\.jsonl\.\d+\.tmp$",
     "config.yaml": r"/\.config\.yaml\.\d+\.tmp$",
-    "TensorBoard events": r"/tensorboard/events\.out",
     "metrics.jsonl append": r"/metrics\.jsonl$",
     "a checkpoint": r"/checkpoints/\.last\.pt\.\d+\..*\.tmp$",
     "the export": r"/\.encoder\.\d+\..*\.tmp/",
     "summary.json": r"/\.summary\.json\.\d+\.tmp$",
 }
-WRITE = re.compile(r"^(\d+) +write\(\d+<([^>]*)>")
+WRITE = re.compile(r"^write\(\d+<([^>]*)>")
 
 
 class Traced:
@@ -39,7 +40,7 @@ class Traced:
         self.log = log
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with log.open("w") as f:
-            self.code = subprocess.run(["strace", "-f", "-qq", *strace, sys.executable, "-m", "mimkit.cli", *argv],
+            self.code = subprocess.run(["strace", "-qq", *strace, sys.executable, "-m", "mimkit.cli", *argv],
                                        stdout=f, stderr=subprocess.STDOUT, env=env).returncode  # fmt: skip
 
     def text(self, i: int = -1) -> str:
@@ -123,43 +124,40 @@ class IssueCases:
             shutil.rmtree(out / "encoder")
             return out
 
-        # TensorBoard's writer thread also counts its writes: off (but for its own target), the count is exact
-        quiet = ["log.tensorboard=false"]
-        first = {**self.first_writes(resumed_copy("inject-probe"), quiet),
-                 "TensorBoard events": self.first_writes(resumed_copy("inject-probe-tb"))["TensorBoard events"]}
+        first = self.first_writes(resumed_copy("inject-probe"))
         for fault, inject in (("ENOSPC", "error=ENOSPC"), ("SIGKILL", "signal=SIGKILL")):
             for target, index in first.items():
-                extra = [] if target == "TensorBoard events" else quiet
                 if index is None:
                     self.add(False, f"{fault} at {target}", "the probe saw no write to it")
                     continue
                 out = resumed_copy(f"inject-{fault}-{target.replace(' ', '-')}")
                 strace = ["-o", "/dev/null", "-e", "trace=write", "-e", f"inject=write:{inject}:when={index}"]
-                r = Traced(self.work / "logs" / f"{out.name}.log", self.argv(out, "mae", *extra), strace)
-                if fault == "SIGKILL":
-                    kept = whole_lines(out, ref)
-                    killed = r.code in (-9, 137)
-                    ok, detail = killed and kept, f"killed: {killed}, left: {leftovers(out)[:2]}, metrics.jsonl " \
-                        f"whole lines: {kept}"
-                else:
-                    ok, detail = self.clean_end(out, r)
-                good, after = ends_like(ref, out, self.run(self.argv(out)))
-                self.add(ok and good, f"{fault} at {target}", f"write #{index}: {detail}; re-run: {after}")
+                r = Traced(self.work / "logs" / f"{out.name}.log", self.argv(out), strace)
+                self.judge_fault(fault, target, out, r, f"write #{index}")
+            out = resumed_copy(f"inject-{fault}-TensorBoard")
+            r = self.run(self.argv(out), faults={"tensorboard_fault": {"at": 3, "fault": fault}})
+            self.judge_fault(fault, "TensorBoard's thread", out, r, "its write #3")
 
-    def first_writes(self, out: Path, extra: list[str] = ()) -> dict[str, int | None]:
-        """For each of TARGETS, the index among its thread's write calls (strace counts them per thread) of the
-        first write to it, in one run of the command on `out` (a copy of the folder each case starts from). The
-        fault then strikes that write, or the same-numbered write of another thread (TensorBoard's) if that one
-        comes first: the line says which file the error named."""
+    def judge_fault(self, fault: str, target: str, out: Path, r, where: str) -> None:
+        """After SIGKILL: whole metrics lines; after ENOSPC: a clean end; then the re-run ends like the reference."""
+        ref = self.reference()
+        if fault == "SIGKILL":
+            kept, killed = whole_lines(out, ref), r.code in (-9, 137)
+            ok, detail = killed and kept, f"killed: {killed}, left: {leftovers(out)[:2]}, whole metrics lines: {kept}"
+        else:
+            ok, detail = self.clean_end(out, r)
+        good, after = ends_like(ref, out, self.run(self.argv(out)))
+        self.add(ok and good, f"{fault} at {target}", f"{where}: {detail}; re-run: {after}")
+
+    def first_writes(self, out: Path) -> dict[str, int | None]:
+        """For each of TARGETS, the index among the main thread's write calls of the first write to it, in one
+        run of the command on `out` (a copy of the folder each case starts from: the same writes in the same
+        order)."""
         log = self.work / "logs" / f"{out.name}.strace"
-        Traced(log.with_suffix(".log"), self.argv(out, "mae", *extra), ["-y", "-e", "trace=write", "-o", str(log)])
-        writes = [m.groups() for m in map(WRITE.match, log.read_text().splitlines()) if m]
-        found = {}
-        for target, pattern in TARGETS.items():
-            hit = next((tid for tid, path in writes if re.search(pattern, path)), None)
-            mine = [path for tid, path in writes if tid == hit]
-            found[target] = next((i + 1 for i, path in enumerate(mine) if re.search(pattern, path)), None)
-        return found
+        Traced(log.with_suffix(".log"), self.argv(out), ["-y", "-e", "trace=write", "-o", str(log)])
+        paths = [m[1] for m in map(WRITE.match, log.read_text().splitlines()) if m]
+        return {target: next((i + 1 for i, path in enumerate(paths) if re.search(pattern, path)), None)
+                for target, pattern in TARGETS.items()}  # fmt: skip
 
     # ---- the lock, leftovers -----------------------------------------------------------------------------
     def lock(self) -> None:
@@ -259,6 +257,26 @@ def argparse_namespace():
     import argparse
 
     return argparse.Namespace(lr=1.0)
+
+
+def install_tensorboard_fault(at: int, fault: str) -> None:
+    """TensorBoard's writer thread fails its `at`-th write with ENOSPC, or is SIGKILLed there (the whole run)."""
+    import errno
+    import signal
+
+    from tensorboard.summary.writer import record_writer
+
+    real, calls = record_writer.RecordWriter.write, []
+
+    def write(self, data):
+        calls.append(1)
+        if len(calls) == at:
+            if fault == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    record_writer.RecordWriter.write = write
 
 
 def install_slow_export(marker: str) -> None:

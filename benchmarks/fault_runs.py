@@ -71,6 +71,10 @@ def install_faults(faults: dict) -> list[str]:
         from fault_inject import install_slow_export
 
         install_slow_export(faults["slow_export"])
+    if "tensorboard_fault" in faults:
+        from fault_inject import install_tensorboard_fault
+
+        install_tensorboard_fault(**faults["tensorboard_fault"])
     return attempts
 
 
