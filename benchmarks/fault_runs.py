@@ -67,6 +67,14 @@ def install_faults(faults: dict) -> list[str]:
         atomic.save_file = save_file
     if faults.get("block_network"):
         block_network(attempts)
+    if "slow_export" in faults:
+        from fault_inject import install_slow_export
+
+        install_slow_export(faults["slow_export"])
+    if "tensorboard_fault" in faults:
+        from fault_inject import install_tensorboard_fault
+
+        install_tensorboard_fault(**faults["tensorboard_fault"])
     return attempts
 
 

@@ -1,18 +1,74 @@
-"""Weights folders written atomically (exports, tokenizers): no half-written folder after a crash."""
+"""Files and folders written atomically (exports, tokenizers, rewritten text files): no half-written file after a
+crash; and the one error path of a full disk, for every write of a run."""
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .errors import DiskFullError, write_failure
+
+
+@contextlib.contextmanager
+def on_full_disk(path: str | Path, kept: str | Callable[[], str] = "", need: int | None = None):
+    """A full disk (or torch's and safetensors' disguises of one) while writing `path` becomes a one-line
+    DiskFullError naming the file, the folder, the size when known (`need` bytes) and what is left (`kept`, or a
+    function saying it, asked only then)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        path = Path(path)
+        size = f" (about {need / 2**20:.1f} MiB)" if need is not None else ""
+        left = kept() if callable(kept) else kept
+        raise DiskFullError(f"cannot write '{path.name}' in '{path.parent}': {reason}{size}" +
+                            (f"; {left}" if left else "")) from None  # fmt: skip
+
+
+def temp_name(path: Path) -> str:
+    """The prefix of `path`'s temporary siblings: hidden, with this process's id, so a later run can tell a dead
+    writer's leftovers (`remove_leftovers`) from a live one's."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_leftovers(path: Path) -> list[str]:
+    """Remove the temporary siblings of `path` that killed writers left behind: `.<name>.<pid>.<...>tmp` whose
+    process is gone (a live one's are kept), and the `.<name>.<random>` folders of mimkit's exports before the pid
+    was in the name. -> the names removed."""
+    ours = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\..*tmp|[a-z0-9_]{{8}})")
+    removed = []
+    for p in path.parent.glob(f".{path.name}.*") if path.parent.is_dir() else []:
+        match = ours.fullmatch(p.name)
+        if match is None or (match[1] is not None and pid_alive(int(match[1]))) or (match[1] is None and p.is_file()):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """True unless no process `pid` runs on this machine (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
 
 
 def write_weights_folder(
@@ -23,42 +79,47 @@ def write_weights_folder(
     half-written folder."""
     out_dir = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "mimkit": __version__})
-        (tmp / config_name).write_text(json.dumps(config, indent=2) + "\n")
-        for name, text in (texts or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            from .errors import CheckpointError
-
-            need = sum(t.numel() * t.element_size() for t in tensors.values())
-            raise CheckpointError(
-                f"no space left in '{out_dir.parent}' for '{out_dir.name}' (about {need / 2**20:.0f} MiB); "
-                f"{'the previous folder is unchanged' if out_dir.exists() else 'nothing was written'}"
-            ) from None
-        raise
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    kept = "the previous folder is unchanged" if out_dir.exists() else "nothing was written"
+    with on_full_disk(out_dir, kept, need):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)  # a killed export's temporary folder
+        tmp = Path(tempfile.mkdtemp(prefix=temp_name(out_dir), suffix=".tmp", dir=out_dir.parent))
+        try:
+            write_folder(tmp, out_dir, tensors, config, config_name, texts)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out_dir
+
+
+def write_folder(tmp: Path, out_dir: Path, tensors: dict, config: dict, config_name: str, texts: dict | None):
+    """The folder's files into `tmp`, then `tmp` renamed over `out_dir`."""
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "mimkit": __version__})
+    (tmp / config_name).write_text(json.dumps(config, indent=2) + "\n")
+    for name, text in (texts or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
 
 
 def replace_text(path: str | Path, text: str) -> Path:
     """Write `text` to a temporary file beside `path` and rename it over `path`: readers see the old file or the
     new one, never half of it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(temp_name(path) + "tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
+        with on_full_disk(path, f"'{path.name}' is unchanged" if path.exists() else ""):
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())  # the new content is on disk before its name is
+            tmp.chmod(0o644)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

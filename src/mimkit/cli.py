@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import build_config
-from .errors import MimkitError, TrainingError
+from .errors import MimkitError, TrainingError, write_failure
 
 EXIT_BAD_INPUT = 2
 
@@ -411,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mimkit: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk in a write that does not say what it keeps: still one line, not a traceback
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        where = next((f" '{x.filename}'" for x in (e, e.__context__) if getattr(x, "filename", None)), "")
+        print(f"mimkit: error: cannot write{where}: {reason}; free some space and re-run the same command",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

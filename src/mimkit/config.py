@@ -148,6 +148,9 @@ class TrainConfig:
     compile: bool = False
     ema: bool = False  # keep an EMA of the trained weights (timm ModelEmaV3); fine-tuning evaluates it too
     ema_decay: Probability = 0.9999
+    # stop when a loss is over this many times the lowest of the last 20 logged ones (its weights are as lost as NaN
+    # ones: the run stops as for a non-finite loss, docs/reliability.md); 0 = never
+    max_loss_jump: NonNegFloat = 1000.0
     stop_signals: str = "SIGTERM,SIGUSR1"  # finish the step, checkpoint and exit 3 on these ("" = ignore)
     channels_last: bool = True  # CUDA: convolution weights in NHWC (faster cuDNN kernels for CNNs); ignored on CPU
 
@@ -405,6 +408,9 @@ def build_config(files: list[str | Path] = (), overrides: dict | None = None, do
     for text in dotted:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value))
+    from .config_checks import check_across_keys
+
+    check_across_keys(cfg)  # before anything is written
     return cfg
 
 
@@ -432,4 +438,6 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .atomic import replace_text  # torch-free import of this module for the CLI's parsing
+
+    replace_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -3,6 +3,8 @@ exit status 2; a `TrainingError` (the run itself went wrong, e.g. a diverged los
 
 from __future__ import annotations
 
+import errno
+
 
 class MimkitError(ValueError):
     """Bad input a user can fix; the message names the file, key or value."""
@@ -30,3 +32,33 @@ class DivergedError(TrainingError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class DiskFullError(MimkitError):
+    """A write found the device full (ENOSPC, EDQUOT); the message names the file and what the run folder keeps."""
+
+
+# what torch.save and safetensors make of a full disk: the OSError is only the context of a RuntimeError
+# ("[enforce fail at inline_container.cc] unexpected pos", "file write failed") or text inside another error
+_NO_SPACE = "no space left on the device"
+_NO_SPACE_TEXT = {"No space left on device": _NO_SPACE, "(os error 28)": _NO_SPACE,
+                  "Disk quota exceeded": "disk quota exceeded", "(os error 122)": "disk quota exceeded"}  # fmt: skip
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed when the device is full ('no space left on the device', 'disk quota exceeded', or torch's
+    writer failing without saying why), looking through the chain of causes; None for any other error."""
+    seen, disguised = set(), None
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _NO_SPACE if e.errno == errno.ENOSPC else "disk quota exceeded"
+        text = str(e)
+        for needle, reason in _NO_SPACE_TEXT.items():
+            if needle in text:
+                return reason
+        if disguised is None and isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
+            disguised = "the device refused the write (full or failing)"
+        e = e.__cause__ or e.__context__
+    return disguised

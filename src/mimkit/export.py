@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -188,10 +190,14 @@ def _pooling(config: dict) -> str:
     )
 
 
-def read_export(path: str | Path, allow_download: bool = False) -> dict:
+DOWNLOAD_HINT = "allow downloads with --allow-download"
+
+
+def read_export(path: str | Path, allow_download: bool = False, download_hint: str = DOWNLOAD_HINT) -> dict:
     """What an export folder says about its encoder: architecture, model_args, image_size, mean, std and the
     mimkit method that trained it. Every value is checked (ConfigError naming the file and the key); the
-    architecture must be a local timm name unless `allow_download`."""
+    architecture must be a local timm name unless `allow_download` (else the error ends with `download_hint`: how
+    the caller allows it)."""
     path = Path(path)
     config_file = path / EXPORT_CONFIG
     if not config_file.is_file() or not (path / EXPORT_WEIGHTS).is_file():
@@ -202,7 +208,8 @@ def read_export(path: str | Path, allow_download: bool = False) -> dict:
     meta = config.get("mimkit") if isinstance(config.get("mimkit"), dict) else {}
     method = meta.get("method")
     return {
-        "architecture": check_architecture(_required(config, "architecture", str, where), where, allow_download),
+        "architecture": check_architecture(_required(config, "architecture", str, where), where, allow_download,
+                                           download_hint),  # fmt: skip
         "model_args": check_model_args(config.get("model_args") or {}, where, allow_download),
         "image_size": _image_size(_required(pcfg, "input_size", list, where, "pretrained_cfg."), where),
         "mean": _channel_stats(_required(pcfg, "mean", list, where, "pretrained_cfg."), "mean", where),
@@ -211,7 +218,7 @@ def read_export(path: str | Path, allow_download: bool = False) -> dict:
     }
 
 
-def check_architecture(name: str, where: str, allow_download: bool = False) -> str:
+def check_architecture(name: str, where: str, allow_download: bool = False, download_hint: str = DOWNLOAD_HINT) -> str:
     """`name` if it is a timm architecture registered in this install (tags allowed, e.g. `.augreg_in21k`);
     with `allow_download`, Hub and path sources too (timm resolves them, downloading their config)."""
     import timm
@@ -221,7 +228,7 @@ def check_architecture(name: str, where: str, allow_download: bool = False) -> s
     if any(c in name for c in "/\\:"):
         raise ConfigError(
             f"{where}: architecture '{name}' is a Hub, URL or path source; mimkit builds only the timm "
-            "architectures of this install and downloads nothing at run time (allow downloads with --allow-download)"
+            f"architectures of this install and downloads nothing at run time ({download_hint})"
         )
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=1)
@@ -276,6 +283,27 @@ def _channel_stats(values: list, key: str, where: str) -> tuple[float, float, fl
     if len(values) != 3 or not numbers or (key == "std" and min(values) <= 0):
         raise ConfigError(f"{where}: 'pretrained_cfg.{key}' must be 3 finite numbers (std > 0), got {values}")
     return tuple(float(v) for v in values)
+
+
+def torch_load_safely(file: str | Path):
+    """`torch.load(file, weights_only=True)` on the CPU: tensors and plain values, nothing executed. A file that
+    does not load raises ValueError saying why in mimkit's words (torch's own text advises loading it unsafely and
+    asks for an issue to be filed: wrong for a file that may be crafted), and torch prints no warning of its own."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 ...", with a site-packages path
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — truncated, zeroed, a pickle with code or objects in it...
+        text = str(e)
+        if "Unsupported global" in text:
+            why = "it holds Python objects besides tensors and plain values; refused, nothing in it was run"
+        elif "zip archive" in text or "PytorchStreamReader" in text:
+            why = "it is not a complete torch checkpoint (truncated or damaged)"
+        elif isinstance(e, pickle.UnpicklingError) or "legacy .tar format" in text:
+            why = "it is not a torch checkpoint of tensors (damaged bytes, or a plain pickle); nothing in it was run"
+        else:
+            why = f"it does not load ({type(e).__name__})"
+        raise ValueError(why) from None
 
 
 def read_weights(file: str | Path) -> dict[str, torch.Tensor]:

@@ -9,51 +9,55 @@ run into the same `--out` is refused instead of interleaving its checkpoints and
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import os
 import socket
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import on_full_disk, pid_alive, remove_leftovers, temp_name
 from ..config import config_from_dict, to_dict
 from ..errors import CheckpointError, TrainingError
+from ..export import torch_load_safely
 from .logging import say
 
+# the lock appears with its holder in it (a hard link of a complete file); an empty or unreadable one comes from
+# an older mimkit, which created it empty and then wrote it: younger than this, its writer may still be at work
+UNREADABLE_LOCK_GRACE_S = 10
 
-def save_atomic(state: dict, path: str | Path, keep_previous: bool = False) -> None:
+
+def save_atomic(state: dict, path: str | Path, keep_previous: bool = False,
+                kept: Callable[[], str] | None = None) -> None:  # fmt: skip
     """torch.save to a temporary file in the same folder, fsync, then rename over `path` (the old file becomes
-    `prev.pt` first when `keep_previous`). A full disk raises CheckpointError naming the folder and the size."""
+    `prev.pt` first when `keep_previous`). A full disk raises DiskFullError naming the folder, the size and what
+    is left (`kept()`, by default whether `path` is unchanged)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        if keep_previous and path.exists():
-            prev = path.with_name("prev.pt")
-            link = prev.with_name(f".{prev.name}.link.tmp")
-            link.unlink(missing_ok=True)
-            os.link(path, link)  # `path` stays in place until the new state replaces it
-            os.replace(link, prev)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            need = state_bytes(state)
-            raise CheckpointError(
-                f"no space left in '{path.parent}' for a checkpoint of about {need / 2**20:.0f} MiB; "
-                f"'{path}' still holds the previous state"
-            ) from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    kept = kept or (lambda: f"'{path}' is unchanged" if path.exists() else f"'{path}' was not written")
+    with on_full_disk(path, kept, state_bytes(state)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            if keep_previous and path.exists():
+                prev = path.with_name("prev.pt")
+                link = prev.with_name(temp_name(prev) + "link.tmp")
+                link.unlink(missing_ok=True)
+                os.link(path, link)  # `path` stays in place until the new state replaces it
+                os.replace(link, prev)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def state_bytes(obj) -> int:
@@ -72,13 +76,9 @@ def load_checkpoint(path: str | Path, expect_method: str | None = None) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — truncated, zeroed, a pickle with code in it...
-        # torch's own text advises weights_only=False, which is wrong advice for a file that may be crafted
-        raise CheckpointError(
-            f"checkpoint '{path}' is damaged or not a mimkit checkpoint: it does not load as tensors and plain values "
-            f"({type(e).__name__}); it was not executed"
-        ) from None
+        state = torch_load_safely(path)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint '{path}' is damaged or not a mimkit checkpoint: {e}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint '{path}' is not a mimkit checkpoint (no 'model'/'config' entries)")
     if expect_method is not None and state.get("method") != expect_method:
@@ -166,45 +166,95 @@ class RunFolder:
             return
         if self.out.exists() and not self.out.is_dir():
             raise CheckpointError(f"--out '{self.out}' is a file, not a folder")
-        self.out.mkdir(parents=True, exist_ok=True)
         self.acquire()
         for tmp in self.last.parent.glob(".*.tmp") if self.last.parent.exists() else []:
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # the lock is ours: no other writer is at work in here
+        for name in ("encoder", "metrics.jsonl", "config.yaml", "summary.json", "bad_files.txt"):
+            remove_leftovers(self.out / name)
         metrics = self.out / "metrics.jsonl"
         if fresh and metrics.exists() and metrics.stat().st_size:
             say(f"'{self.out}' holds an earlier run's metrics but no checkpoint: starting from step 0 and "
                 "truncating metrics.jsonl", True)  # fmt: skip
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.read_lock()
-                if holder is not None and holder_alive(holder):
-                    raise CheckpointError(
-                        f"another run (pid {holder.get('pid')} on {holder.get('host')}) is writing into '{self.out}' "
-                        f"(lock '{self.lock}'); wait for it, use another --out, or delete the lock if that run is gone"
-                    ) from None
-                self.lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.locked = True
+        """Take `out/.mimkit.lock`: a file holding this process's pid, host and start time, written in full beside
+        it and hard-linked to its name, so the lock never exists half-written. A lock whose process is gone on this
+        host is taken over; one that is unreadable only once it is older than UNREADABLE_LOCK_GRACE_S."""
+        if self.locked:
             return
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        tmp = self.lock.with_name(temp_name(self.lock) + "tmp")
+        with on_full_disk(self.lock, "no lock was taken and nothing was written"):
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.lock)
+            try:
+                with tmp.open("w") as f:
+                    json.dump(me, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                for _ in range(3):
+                    try:
+                        os.link(tmp, self.lock)  # fails if the name exists: the one atomic step
+                        self.locked = True
+                        return
+                    except FileExistsError:
+                        self.remove_stale_lock()
+            finally:
+                tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not take the run lock '{self.lock}'")
 
-    def read_lock(self) -> dict | None:
+    def remove_stale_lock(self) -> None:
+        """Remove the lock if its holder is gone; otherwise refuse, naming the holder. The lock is moved aside
+        before it is removed, and put back if what was moved is not the lock judged stale (another run took the
+        stale lock over in between)."""
+        holder = self.read_lock()
+        if holder is None:
+            try:
+                age = time.time() - self.lock.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if age < UNREADABLE_LOCK_GRACE_S:
+                raise CheckpointError(f"the run lock '{self.lock}' is being written by another run; wait for it or "
+                                      "use another --out")  # fmt: skip
+        elif holder_alive(holder):
+            raise CheckpointError(
+                f"another run (pid {holder.get('pid')} on {holder.get('host')}) is writing into '{self.out}' "
+                f"(lock '{self.lock}'); wait for it, use another --out, or delete the lock if that run is gone"
+            )
+        aside = self.lock.with_name(temp_name(self.lock) + "stale.tmp")
         try:
-            return json.loads(self.lock.read_text())
-        except (OSError, ValueError):
-            return None
+            os.replace(self.lock, aside)
+        except FileNotFoundError:
+            return
+        moved = read_json(aside)
+        if moved != holder:  # a live run's lock, taken in the meantime: give it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.lock)
+            aside.unlink(missing_ok=True)
+            raise CheckpointError(f"another run took the run lock '{self.lock}' just now; use another --out")
+        aside.unlink(missing_ok=True)
+        if holder is None:
+            say(f"warning: removed the unreadable run lock '{self.lock}' (left by a run that is gone)", True)
+
+    def read_lock(self) -> dict | None:
+        return read_json(self.lock)
 
     def release(self) -> None:
         if self.locked:
-            self.lock.unlink(missing_ok=True)
+            if (self.read_lock() or {}).get("pid") == os.getpid():
+                self.lock.unlink(missing_ok=True)
             self.locked = False
+
+    def holds(self) -> str:
+        """What the newest checkpoint is, for a message after a failure: true whatever was or was not written."""
+        if not self.main:
+            return "rank 0 says what the run folder holds"
+        if not self.last.exists():
+            return "no checkpoint was written yet"
+        try:
+            return f"'{self.last}' holds step {saved_step(self.last)}"
+        except Exception:  # noqa: BLE001 — damaged: say so rather than fail while reporting another failure
+            return f"'{self.last}' does not load"
 
     # ---- writing -------------------------------------------------------------------------------------------
     def save(self, state: dict, model: nn.Module, keep_epochs: int = 0) -> None:
@@ -217,7 +267,7 @@ class RunFolder:
                 "last good state (try a lower optim.blr, optim.clip_grad, or train.precision=fp32)"
             )
         if self.main:
-            save_atomic(state, self.last, keep_previous=True)
+            save_atomic(state, self.last, keep_previous=True, kept=self.holds)
             if keep_epochs and state["run"]["batch"] == 0:
                 snapshot = self.last.with_name(f"epoch-{state['run']['epoch']}.pt")
                 snapshot.unlink(missing_ok=True)
@@ -234,13 +284,13 @@ class RunFolder:
             return "rank 0 says what the run folder holds"
         if not self.last.exists():
             return "no checkpoint was written yet"
-        step = torch.load(self.last, map_location="cpu", weights_only=True)["run"]["step"]
+        step = saved_step(self.last)
         if step < bad_step - 1 or not self.prev.exists():
             return f"'{self.last}' holds step {step}, the last state saved before it"
         aside = self.last.with_name(f"diverged-step{step}.pt")
         os.replace(self.last, aside)
         os.replace(self.prev, self.last)
-        prev_step = torch.load(self.last, map_location="cpu", weights_only=True)["run"]["step"]
+        prev_step = saved_step(self.last)
         return (f"'{self.last}' now holds step {prev_step}, the checkpoint before the one of step {step} that the "
                 f"diverged update started from (moved to '{aside}')")  # fmt: skip
 
@@ -256,14 +306,24 @@ def holder_alive(holder: dict) -> bool:
         return True  # another node of a shared file system: cannot tell
     try:
         pid = int(holder.get("pid", -1))
-        if pid == os.getpid():
-            return False  # this process's own earlier run (runs in one process are sequential)
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, OverflowError):
+    except (TypeError, ValueError):
         return True
-    return True
+    if pid == os.getpid():
+        return False  # this process's own earlier run (runs in one process are sequential)
+    return pid_alive(pid)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def saved_step(path: Path) -> int:
+    """The step a checkpoint was saved at (memory-mapped: its tensors are not read)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["run"]["step"]
 
 
 def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identity: dict) -> None:

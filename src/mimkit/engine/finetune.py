@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..atomic import replace_text
 from ..config import Config, ConfigError, to_dict
 from ..data import DataError
 from ..data.classify import ClassificationDataset, collate_labeled, finetune_transforms
@@ -142,14 +143,18 @@ def finetune(cfg: Config, checkpoint: str, model_flag: str | None = None, image_
         rt = start_runtime(cfg)
         random.seed(cfg.train.seed)
         task = FinetuneTask(cfg, rt, checkpoint, model_flag, image_size, allow_download)
-        train(task)
-        summary = report(cfg, task.spec, checkpoint, task.history, len(task.train_src), len(task.eval_src),
-                         task.num_classes)  # fmt: skip
-        if rt.main:
-            out = Path(cfg.out)
-            (out / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-            say(f"top-1 after the last epoch {summary['top1']:.4f} (best {summary['top1_best']:.4f}, epoch "
-                f"{summary['best_epoch']}); written to '{out / 'finetune.json'}'")  # fmt: skip
+
+        def finish(steps: int) -> dict:  # under the run lock
+            summary = report(cfg, task.spec, checkpoint, task.history, len(task.train_src), len(task.eval_src),
+                             task.num_classes)  # fmt: skip
+            if rt.main:
+                out = Path(cfg.out)
+                replace_text(out / "finetune.json", json.dumps(summary, indent=2) + "\n")
+                say(f"top-1 after the last epoch {summary['top1']:.4f} (best {summary['top1_best']:.4f}, epoch "
+                    f"{summary['best_epoch']}); written to '{out / 'finetune.json'}'")  # fmt: skip
+            return summary
+
+        summary = train(task, finish)["report"]
         D.barrier()
         return summary
     finally:

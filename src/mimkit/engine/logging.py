@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..atomic import on_full_disk, replace_text
+from ..errors import write_failure
 
 TIMING_KEYS = ("img_per_s", "time")  # differ between runs by nature; everything else is reproducible
 
@@ -27,41 +31,63 @@ class MetricsLog:
         self.writer = self.wandb = None
         if enabled and wandb is not None:
             self.wandb = start_wandb(out, self.run_id, **wandb)
+        self.events = out / "tensorboard"
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                # a resumed run drops the events it will log again, as metrics.jsonl drops its lines
-                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard is a dependency, but a trimmed install still trains
-                self.writer = None
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                quiet_full_disk_in_threads()
+                with on_full_disk(self.events):
+                    # a resumed run drops the events it will log again, as metrics.jsonl drops its lines
+                    self.writer = SummaryWriter(str(self.events), purge_step=purge_step)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (-1: all): a resumed run rewrites them, so the file reads like one run."""
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        replace_text(self.path, "".join(line + "\n" for line in kept))  # a kill leaves the old file or the new one
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         clean = {k: (round(v, 7) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        with on_full_disk(self.path, f"'{self.path.name}' holds the lines before step {record['step']}"):
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
         scalars = {k: v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, int | float)}
         if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, record["step"])
-            self.writer.flush()
+            with on_full_disk(self.events, f"TensorBoard's event files hold the steps before {record['step']}"):
+                for k, v in scalars.items():
+                    self.writer.add_scalar(k, v, record["step"])
+                self.writer.flush()
         if self.wandb is not None:
             self.wandb.log({**scalars, "epoch": record.get("epoch")}, step=record["step"])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        writer, self.writer = self.writer, None  # closed once, even when closing fails
+        if writer is not None:
+            with on_full_disk(self.events, "TensorBoard's event files hold what was flushed before"):
+                writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def quiet_full_disk_in_threads() -> None:
+    """A full disk in TensorBoard's writer thread: no traceback from the thread (the writer raises the same error
+    in the main thread at its next call, which says it in one line); every other thread error as before."""
+    previous = threading.excepthook
+    if getattr(previous, "mimkit", False):
+        return
+
+    def hook(args):
+        if args.exc_value is None or write_failure(args.exc_value) is None:
+            previous(args)
+
+    hook.mimkit = True
+    threading.excepthook = hook
 
 
 def start_wandb(out: Path, run_id: str, project: str, mode: str, config: dict):

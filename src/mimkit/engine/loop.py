@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
 from ..config import Config, dump_yaml, to_dict
-from ..errors import DivergedError, TrainingError
+from ..errors import DiskFullError, DivergedError, TrainingError
 from ..runtime import autocast, precision_and_reason, prepare_for_precision, resolve_device
 from . import distributed as D
 from .checkpoint import RunFolder, capture_rng, restore_rng
 from .logging import MetricsLog, Progress, say
 from .optim import lr_at, peak_lr, set_lr
 from .signals import StopSignal
+from .window import Window
 
 
 @dataclass
@@ -141,8 +143,9 @@ class Task:
         return [str(i) for i in indices]
 
 
-def train(task: Task) -> dict:
-    """Run `task` to its last epoch (or resume it); -> {'steps', 'out', 'finished'}."""
+def train(task: Task, finish: Callable[[int], dict] | None = None) -> dict:
+    """Run `task` to its last epoch (or resume it), then `finish(steps)` (the export, final evaluation and
+    summary), all under the run lock; -> {'steps', 'out', 'finished', 'report': what `finish` returned}."""
     cfg, rt = task.cfg, task.rt
     out = Path(cfg.out)
     folder = RunFolder(out, rt.main)
@@ -165,7 +168,7 @@ def train(task: Task) -> dict:
 
         task.ema = ModelEmaV3(task.model, decay=cfg.train.ema_decay)
 
-    pos, window = Position(), Window(rt.device)
+    pos, window = Position(), Window(rt.device, cfg.train.max_loss_jump)
     if resume is not None:
         task.model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -178,63 +181,69 @@ def train(task: Task) -> dict:
         window.load(resume["window"])
         restore_rng(resume["rng"], rt.device)
     folder.start(fresh=resume is None)  # run lock, stale temp files, metrics truncated to the checkpoint
-    wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "config": to_dict(cfg)}
-    log = MetricsLog(out, enabled=rt.main, tensorboard=cfg.log.tensorboard,
-                     run_id=resume.get("run_id") if resume else None, wandb=wandb if cfg.log.wandb else None,
-                     purge_step=pos.step + 1)  # a fresh start purges a killed run's events too  # fmt: skip
-    log.truncate_after(pos.step if resume is not None else -1)
-    if rt.main:
-        dump_yaml(cfg, out / "config.yaml")
-    if resume is not None and pos.epoch >= cfg.train.epochs:
-        say(f"'{folder.resumed_from}' holds a finished run ({pos.step} steps, {pos.epoch} epochs): nothing to train; "
-            "reporting again (raise --epochs to train on)", rt.main)  # fmt: skip
-    elif resume is not None:
-        say(f"resuming from '{folder.resumed_from}' at step {pos.step} (epoch {pos.epoch + 1} of {cfg.train.epochs}, "
-            f"batch {pos.batch})", rt.main)  # fmt: skip
-    precision = f"; precision {rt.precision}" if rt.precision else ""
-    say(task.describe(steps_per_epoch, effective_batch, lr_peak) + precision, rt.main)
-    left_out = task.num_images - micro_per_epoch * task.batch_size * rt.world
-    if left_out > 0:
-        say(f"each epoch leaves out {left_out} of {task.num_images} images (batches are full: the last partial "
-            "batch, and micro-batches short of an accumulation step, are dropped; a new order every epoch)",
-            rt.main)  # fmt: skip
-
-    model = task.model
-    prepare_for_precision(model, rt.device, rt.amp)
-    if rt.world > 1:
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=task.find_unused_parameters)
-    step_model = torch.compile(model) if cfg.train.compile else model
-
-    def save(finished: bool = False) -> None:
-        window.check_finite(pos.step, folder.last)
-        state = {
-            "mimkit_version": __version__,
-            "kind": task.kind,
-            "method": task.identity().get("method", task.kind),  # what trained (plain value, for tools)
-            "config": to_dict(cfg),
-            "identity": task.identity(),
-            "model": task.model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "run": dict(pos.__dict__),
-            "window": window.state(),
-            "rng": capture_rng(rt.device),
-            "run_id": log.run_id,
-            "finished": finished,
-        }
-        extra = task.state_dict()
-        assert not set(extra) & set(state), f"task state keys {set(extra) & set(state)} clash with the loop's"
-        state.update(extra)
-        if task.ema is not None:
-            state["ema"] = task.ema.module.state_dict()
-        folder.save(state, task.model, cfg.train.keep_checkpoints)
-
-    bar = Progress(total, pos.step, rt.main, cfg.train.log_every)
-    bad_limit = task_bad_limit(cfg, task)
-    stop = StopSignal(cfg.train.stop_signals)
-    params = [p for p in task.model.parameters() if p.requires_grad]
+    cleanup = contextlib.ExitStack()  # each runs even if one before it fails; the lock is released last
+    cleanup.callback(folder.release)
     try:
+        wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "config": to_dict(cfg)}
+        log = MetricsLog(out, enabled=rt.main, tensorboard=cfg.log.tensorboard,
+                         run_id=resume.get("run_id") if resume else None, wandb=wandb if cfg.log.wandb else None,
+                         purge_step=pos.step + 1)  # a fresh start purges a killed run's events too  # fmt: skip
+        cleanup.callback(log.close)
+        log.truncate_after(pos.step if resume is not None else -1)
+        if rt.main:
+            dump_yaml(cfg, out / "config.yaml")
+        if resume is not None and pos.epoch >= cfg.train.epochs:
+            say(f"'{folder.resumed_from}' holds a finished run ({pos.step} steps, {pos.epoch} epochs): nothing to "
+                "train; reporting again (raise --epochs to train on)", rt.main)  # fmt: skip
+        elif resume is not None:
+            say(f"resuming from '{folder.resumed_from}' at step {pos.step} (epoch {pos.epoch + 1} of "
+                f"{cfg.train.epochs}, batch {pos.batch})", rt.main)  # fmt: skip
+        precision = f"; precision {rt.precision}" if rt.precision else ""
+        say(task.describe(steps_per_epoch, effective_batch, lr_peak) + precision, rt.main)
+        left_out = task.num_images - micro_per_epoch * task.batch_size * rt.world
+        if left_out > 0:
+            say(f"each epoch leaves out {left_out} of {task.num_images} images (batches are full: the last partial "
+                "batch, and micro-batches short of an accumulation step, are dropped; a new order every epoch)",
+                rt.main)  # fmt: skip
+
+        model = task.model
+        prepare_for_precision(model, rt.device, rt.amp)
+        if rt.world > 1:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids,
+                                            find_unused_parameters=task.find_unused_parameters)  # fmt: skip
+        step_model = torch.compile(model) if cfg.train.compile else model
+
+        def save(finished: bool = False) -> None:
+            window.check_finite(pos.step, folder.last)
+            state = {
+                "mimkit_version": __version__,
+                "kind": task.kind,
+                "method": task.identity().get("method", task.kind),  # what trained (plain value, for tools)
+                "config": to_dict(cfg),
+                "identity": task.identity(),
+                "model": task.model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "run": dict(pos.__dict__),
+                "window": window.state(),
+                "rng": capture_rng(rt.device),
+                "run_id": log.run_id,
+                "finished": finished,
+            }
+            extra = task.state_dict()
+            assert not set(extra) & set(state), f"task state keys {set(extra) & set(state)} clash with the loop's"
+            state.update(extra)
+            if task.ema is not None:
+                state["ema"] = task.ema.module.state_dict()
+            folder.save(state, task.model, cfg.train.keep_checkpoints)
+
+        bar = Progress(total, pos.step, rt.main, cfg.train.log_every)
+        cleanup.callback(bar.close)
+        bad_limit = task_bad_limit(cfg, task)
+        stop = StopSignal(cfg.train.stop_signals)
+        cleanup.callback(stop.restore)
+        params = [p for p in task.model.parameters() if p.requires_grad]
         task.model.train()
         while pos.epoch < cfg.train.epochs:
             bad_seen: set[int] = set()
@@ -297,15 +306,18 @@ def train(task: Task) -> dict:
             save(finished=pos.epoch >= cfg.train.epochs)
             if stop.requested():
                 stop.exit(folder.last)
+        report = finish(pos.step) if finish is not None else {}
+        cleanup.close()  # a full disk while TensorBoard closes is said like any other
     except DivergedError as e:
         kept = folder.after_divergence(e.step)
         raise TrainingError(f"{e}; {kept} (try a lower optim.blr, optim.clip_grad, or train.precision=fp32)") from None
+    except DiskFullError as e:
+        holds = folder.holds()
+        said = f"{e}" if holds in str(e) else f"{e}; {holds}"
+        raise DiskFullError(f"{said}; free some space and re-run the same command to go on") from None
     finally:
-        bar.close()
-        log.close()
-        stop.restore()
-        folder.release()
-    return {"steps": pos.step, "out": out, "finished": True}
+        cleanup.close()
+    return {"steps": pos.step, "out": out, "finished": True, "report": report}
 
 
 def seconds_per_step(task: Task, steps: int = 4) -> float:
@@ -350,77 +362,3 @@ def raise_data(cfg: Config, task: Task, bad: set[int], limit: int):
         f"{len(bad)} unreadable images in '{cfg.data.path}' this epoch, more than data.bad_file_limit="
         f"{cfg.data.bad_file_limit} allows ({limit}); e.g. {names}"
     )
-
-
-class Window:
-    """Metrics summed on the device between two log lines (no host sync per step), and the first step whose loss
-    or gradient was not finite (-1: none)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.count, self.sums, self.images = 0, {}, 0
-        self.grad_sum, self.grad_steps = torch.zeros((), device=device), 0
-        self.bad_step = torch.tensor(-1, device=device)
-        self.t_last = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, metrics: dict, step: int, images: int) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
-        self.count += 1
-        self.images += images
-        self._flag(torch.isfinite(loss.detach()), step)
-
-    def add_grad_norm(self, norm: torch.Tensor) -> None:
-        """The global gradient norm of one optimizer step (before clipping)."""
-        self.grad_sum = self.grad_sum + torch.nan_to_num(norm.detach().float(), nan=0.0, posinf=0.0)
-        self.grad_steps += 1
-
-    def guard(self, grad_norm: torch.Tensor, step: int, params: list[torch.Tensor]) -> None:
-        """A non-finite loss or gradient must not reach the weights: zero every gradient of this step (on the
-        device, no sync); the run stops at the next check, before anything is saved."""
-        finite = torch.isfinite(grad_norm) & (self.bad_step < 0)
-        self._flag(finite, step)
-        keep = finite.to(torch.float32)
-        grads = [p.grad for p in params if p.grad is not None]
-        torch._foreach_mul_(grads, keep)
-        for g in grads:  # inf * 0 is nan: make them exact zeros
-            g.nan_to_num_(0.0, 0.0, 0.0)
-
-    def _flag(self, finite: torch.Tensor, step: int) -> None:
-        first = torch.tensor(step, device=self.device)
-        self.bad_step = torch.where(finite | (self.bad_step >= 0), self.bad_step, first)
-
-    def check_finite(self, step: int, ckpt: Path) -> None:
-        bad = int(D.all_reduce_max(self.bad_step).item())  # every rank stops together
-        if bad >= 0:
-            raise DivergedError(
-                f"non-finite loss at step {bad}; that update (a NaN or inf loss or gradient) was not applied and the "
-                "run stopped before saving",
-                bad,
-            )
-
-    def flush(self, rt: Runtime) -> dict:
-        """Mean of each metric over the window (one host sync), all-reduced across ranks, and images/s."""
-        names = sorted(self.sums)
-        out = {}
-        if names:
-            stacked = torch.stack([self.sums[k] for k in names]) / max(self.count, 1)
-            out = dict(zip(names, D.all_reduce_mean(stacked).tolist()))
-        if self.grad_steps:
-            out["grad_norm"] = (self.grad_sum / self.grad_steps).item()
-        now = time.perf_counter()
-        out["img_per_s"] = self.images / max(now - self.t_last, 1e-9)
-        if rt.device.type == "cuda":
-            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
-        self.sums, self.count, self.images, self.t_last = {}, 0, 0, now
-        self.grad_sum, self.grad_steps = torch.zeros((), device=self.device), 0
-        return out
-
-    def state(self) -> dict:
-        sums = {k: v.detach().cpu() for k, v in self.sums.items()}
-        return {"count": self.count, "sums": sums, "grad_sum": self.grad_sum.cpu(), "grad_steps": self.grad_steps}
-
-    def load(self, state: dict) -> None:
-        self.count = state["count"]
-        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
-        self.grad_sum, self.grad_steps = state["grad_sum"].to(self.device), state["grad_steps"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import replace_text
 from ..config import Config, ConfigError, config_from_dict
 from ..data import Splits, describe, load_splits
 from ..data.ccrop import box_encoder, check_boxes, estimate_boxes, update_due
@@ -193,7 +194,7 @@ class PretrainTask(Task):
                 f"{len(self.splits.query)} query images):")  # fmt: skip
             say(f"  pre-trained encoder  {trained['top1']:.4f}")
             say(f"  random-init encoder  {baseline['top1']:.4f}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        replace_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -216,8 +217,8 @@ def pretrain(cfg: Config, task_cls: type[PretrainTask] | None = None) -> dict:
     try:
         rt = start_runtime(cfg)
         task = (task_cls or PretrainTask)(cfg, rt)
-        result = train(task)
-        summary = task.report(result["steps"]) if rt.main else {}
+        result = train(task, finish=task.report if rt.main else None)  # under the run lock, as the training
+        summary = result["report"]
         D.barrier()
         return summary
     finally:

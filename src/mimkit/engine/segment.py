@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..atomic import replace_text
 from ..config import Config, ConfigError, SegmentConfig, to_dict
 from ..data.folder import seeded_subset
 from ..data.keyed import KeyedDataset
@@ -331,7 +332,7 @@ class SegmentTask(Task):
         }
         out = Path(cfg.out)
         if self.rt.main:
-            (out / "segment.json").write_text(json.dumps(summary, indent=2) + "\n")
+            replace_text(out / "segment.json", json.dumps(summary, indent=2) + "\n")
         table = ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} -" for n, v in result["per_class_iou"].items())
         say(
             f"mIoU {result['miou']:.4f} (constant predictor {b['miou']:.4f}), pixel acc {result['pixel_acc']:.4f} "
@@ -358,8 +359,8 @@ def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_s
         start = time.time()
         rt = start_runtime(cfg)
         task = SegmentTask(cfg, rt, checkpoint, model_flag, allow_download)
-        result = train(task)
-        summary = task.report(result["steps"], time.time() - start)
+        result = train(task, finish=lambda steps: task.report(steps, time.time() - start))  # under the run lock
+        summary = result["report"]
         D.barrier()
         return summary
     finally:

@@ -14,6 +14,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from ..atomic import replace_text
 from ..config import Config, ConfigError
 from ..data import Splits
 from ..data.folder import seeded_subset
@@ -217,7 +218,7 @@ class TokenizerTask(PretrainTask):
         tok_dir = self.module.export_folder(out / "tokenizer", self.cfg)
         summary = {"method": "tokenizer", "steps": steps, "tokenizer": str(tok_dir), **metrics}
         say(f"tokenizer exported to '{tok_dir}' (use it with tokenizer.path={out} or {tok_dir})")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        replace_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 

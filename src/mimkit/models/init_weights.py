@@ -28,7 +28,15 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from ..config import ConfigError
-from ..export import EXPORT_CONFIG, EXPORT_WEIGHTS, check_finite, fit_problems, read_export, read_weights
+from ..export import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    check_finite,
+    fit_problems,
+    read_export,
+    read_weights,
+    torch_load_safely,
+)
 from .decoder import MaskedDecoder
 
 # facebookresearch/mae's decoder names -> MaskedDecoder's (prefixes end with '.', whole names do not)
@@ -42,6 +50,8 @@ MAE_DECODER_NAMES = (
 )
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile, in either order
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+INIT_DOWNLOADS_NOTHING = ("model.init downloads nothing: set its 'architecture' to a timm name of this install, e.g. "
+                          "vit_base_patch16_224, or download the weights and name the local folder")  # fmt: skip
 
 
 @dataclass
@@ -118,7 +128,8 @@ def _read_export_folder(path: Path, kind: str) -> InitSource:
             f"model.init '{path}' is a run folder: name its export '{path / 'encoder'}' (the encoder) or its "
             f"checkpoint '{path / 'checkpoints' / 'last.pt'}' (encoder and decoder, to continue that run)"
         )
-    info = read_export(path)  # the architecture is only reported: the weights go into the method's own encoder
+    # the architecture is only reported (the weights go into the method's own encoder), and never fetched
+    info = read_export(path, download_hint=INIT_DOWNLOADS_NOTHING)
     state = read_weights(path / EXPORT_WEIGHTS)
     about = f"{info['architecture']} at {info['image_size']}px" + (f", {info['method']}" if info["method"] else "")
     return InitSource(kind, path / EXPORT_WEIGHTS, clean_keys(state), about=about)
@@ -144,14 +155,13 @@ def _read_hub(repo: str, allow_download: bool) -> InitSource:
 
 def _read_torch_file(path: Path) -> InitSource:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — a pickle with code or objects in it, a truncated file...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(
-            f"model.init '{path}' does not load with torch.load(weights_only=True) ({first}); if it holds "
-            "Python objects besides the weights (an argparse Namespace, an optimizer...), save its state dict "
-            "alone: torch.save({'model': state_dict}, 'weights.pth'), once you trust the file"
-        ) from None
+        obj = torch_load_safely(path)
+    except ValueError as e:
+        # our advice where it applies (keep the weights, drop the rest), never torch's (load it unsafely)
+        advice = ("; if you trust the file, save its state dict alone: torch.save({'model': state_dict}, "
+                  "'weights.pth')" if "Python objects" in str(e) else "")  # fmt: skip
+        why = f"does not load with torch.load(weights_only=True): {e}{advice}"
+        raise ConfigError(f"model.init '{path}' {why}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "config" in obj and "kind" in obj:
         return _mimkit_checkpoint(obj["model"], path)
     state = obj

@@ -1,0 +1,294 @@
+"""The fault campaign's cases of issue 24 (benchmarks/faults.py runs them): a real full disk (a 3 MiB tmpfs),
+faults injected into the write system calls of a run by strace (ENOSPC, SIGKILL) at the first write of each of
+its files, the run lock across the export, leftover temporary folders, the loss-level divergence guard, config
+values that only fail together, and model.init messages. Cases the machine cannot run (no root for the tmpfs, no
+strace or ptrace) are skipped and counted."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from fault_runs import ends_like, leftovers, metrics
+
+# the first write of each of these (a path regex) is where a fault is injected; the probe finds its index. strace
+# follows the main thread only: a fault in another process (find_library's ldconfig) or thread would change what
+# the main thread writes; TensorBoard's writer thread gets its faults from inside (install_tensorboard_fault)
+TARGETS = {
+    "the run lock": r"\.mimkit\.lock\.\d+\.tmp$",
+    "metrics.jsonl rewrite": r"/\.metrics\.jsonl\.\d+\.tmp$",
+    "config.yaml": r"/\.config\.yaml\.\d+\.tmp$",
+    "metrics.jsonl append": r"/metrics\.jsonl$",
+    "a checkpoint": r"/checkpoints/\.last\.pt\.\d+\..*\.tmp$",
+    "the export": r"/\.encoder\.\d+\..*\.tmp/",
+    "summary.json": r"/\.summary\.json\.\d+\.tmp$",
+}
+WRITE = re.compile(r"^write\(\d+<([^>]*)>")
+
+
+class Traced:
+    """One `python -m mimkit.cli` under strace, with the interface of fault_runs.Run that the checks use."""
+
+    def __init__(self, log: Path, argv: list[str], strace: list[str]):
+        self.log = log
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        with log.open("w") as f:
+            self.code = subprocess.run(["strace", "-qq", *strace, sys.executable, "-m", "mimkit.cli", *argv],
+                                       stdout=f, stderr=subprocess.STDOUT, env=env).returncode  # fmt: skip
+
+    def text(self, i: int = -1) -> str:
+        return self.log.read_text()
+
+    def last_line(self) -> str:
+        lines = self.text().strip().splitlines()
+        return lines[-1] if lines else ""
+
+    def tracebacks(self) -> int:
+        return self.text().count("Traceback")
+
+
+def strace_usable() -> bool:
+    try:
+        return subprocess.run(["strace", "-qq", "-o", "/dev/null", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+class IssueCases:
+    """Mixed into faults.Campaign: uses its work, run, add, reference, copy_of_reference and argv."""
+
+    skipped: list[str]
+
+    def skip(self, name: str, why: str) -> None:
+        self.skipped.append(name)
+        print(f"skip  {name:<36} {why}", flush=True)
+
+    def clean_end(self, out: Path, r) -> tuple[bool, str]:
+        """Exit 0, or exit 2 with one line and no traceback; no lock and no temporary file either way."""
+        said = r.last_line().startswith("mimkit: error:") and not r.tracebacks()
+        one_line = r.code == 0 or (r.code == 2 and said)
+        left = leftovers(out) + [".mimkit.lock"] * (out / ".mimkit.lock").exists()
+        return r.code in (0, 2) and one_line and not left, f"exit {r.code}, left: {left}: {r.last_line()[:130]!r}"
+
+    # ---- a real full disk ------------------------------------------------------------------------------------
+    def fulldisk(self) -> None:
+        disk = self.work / "tmpfs"
+        disk.mkdir(exist_ok=True)
+        mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                                                       capture_output=True).returncode == 0  # fmt: skip
+        cases = ["full at start", "fills at a checkpoint", "fills while logging", "fills at the export"]
+        if not mounted:
+            for case in cases:
+                self.skip(f"tmpfs: {case}", "mounting a tmpfs needs root")
+            return
+        try:
+            for case, free_kib in zip(cases, (0, 1024, 16, 64)):
+                out, ballast = disk / "run", disk / "ballast"
+                shutil.rmtree(out, ignore_errors=True)
+                ballast.unlink(missing_ok=True)
+                if case == "fills at the export":  # a finished run without its export: the re-run exports
+                    shutil.copytree(self.reference(), out)
+                    shutil.rmtree(out / "encoder")
+                stat = os.statvfs(disk)
+                with ballast.open("wb") as f:
+                    f.write(bytes(max(stat.f_bavail * stat.f_frsize - free_kib * 1024, 0)))
+                r = self.run(self.argv(out))
+                ok, detail = self.clean_end(out, r)
+                ok = ok and r.code == 2 and "no space left" in r.last_line()
+                ballast.unlink()
+                good, after = ends_like(self.reference(), out, self.run(self.argv(out)))
+                self.add(ok and good, f"tmpfs: {case}", f"{detail}; re-run: {after}")
+        finally:
+            subprocess.run(["umount", str(disk)], check=False)
+
+    # ---- strace: ENOSPC or SIGKILL at the first write of each file -----------------------------------------
+    def inject(self) -> None:
+        if not strace_usable():
+            for fault in ("ENOSPC", "SIGKILL"):
+                for target in TARGETS:
+                    self.skip(f"{fault} at {target}", "strace is missing or may not trace here")
+            return
+        ref = self.reference()
+
+        def resumed_copy(name: str) -> Path:  # a resume from one step back, without the export: every file written
+            out = self.work / name
+            shutil.copytree(ref, out)
+            (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")
+            shutil.rmtree(out / "encoder")
+            return out
+
+        first = self.first_writes(resumed_copy("inject-probe"))
+        for fault, inject in (("ENOSPC", "error=ENOSPC"), ("SIGKILL", "signal=SIGKILL")):
+            for target, index in first.items():
+                if index is None:
+                    self.add(False, f"{fault} at {target}", "the probe saw no write to it")
+                    continue
+                out = resumed_copy(f"inject-{fault}-{target.replace(' ', '-')}")
+                strace = ["-o", "/dev/null", "-e", "trace=write", "-e", f"inject=write:{inject}:when={index}"]
+                r = Traced(self.work / "logs" / f"{out.name}.log", self.argv(out), strace)
+                self.judge_fault(fault, target, out, r, f"write #{index}")
+            out = resumed_copy(f"inject-{fault}-TensorBoard")
+            r = self.run(self.argv(out), faults={"tensorboard_fault": {"at": 3, "fault": fault}})
+            self.judge_fault(fault, "TensorBoard's thread", out, r, "its write #3")
+
+    def judge_fault(self, fault: str, target: str, out: Path, r, where: str) -> None:
+        """After SIGKILL: whole metrics lines; after ENOSPC: a clean end; then the re-run ends like the reference."""
+        ref = self.reference()
+        if fault == "SIGKILL":
+            kept, killed = whole_lines(out, ref), r.code in (-9, 137)
+            ok, detail = killed and kept, f"killed: {killed}, left: {leftovers(out)[:2]}, whole metrics lines: {kept}"
+        else:
+            ok, detail = self.clean_end(out, r)
+        good, after = ends_like(ref, out, self.run(self.argv(out)))
+        self.add(ok and good, f"{fault} at {target}", f"{where}: {detail}; re-run: {after}")
+
+    def first_writes(self, out: Path) -> dict[str, int | None]:
+        """For each of TARGETS, the index among the main thread's write calls of the first write to it, in one
+        run of the command on `out` (a copy of the folder each case starts from: the same writes in the same
+        order)."""
+        log = self.work / "logs" / f"{out.name}.strace"
+        Traced(log.with_suffix(".log"), self.argv(out), ["-y", "-e", "trace=write", "-o", str(log)])
+        paths = [m[1] for m in map(WRITE.match, log.read_text().splitlines()) if m]
+        return {target: next((i + 1 for i, path in enumerate(paths) if re.search(pattern, path)), None)
+                for target, pattern in TARGETS.items()}  # fmt: skip
+
+    # ---- the lock, leftovers -----------------------------------------------------------------------------
+    def lock(self) -> None:
+        out, marker = self.work / "lock-export", self.work / "lock-export-exporting"
+        first = self.start(self.argv(out), faults={"slow_export": str(marker)})
+        while first.proc.is_alive() and not marker.exists():
+            time.sleep(0.01)
+        second = self.run(self.argv(out))
+        named = f"pid {first.proc.pid}" in second.last_line()
+        ok, detail = ends_like(self.reference(), out, first.wait())
+        self.add(second.code == 2 and named and ok, "second run during the export",
+                 f"second: exit {second.code}, names the holder: {named}; first: {detail}")  # fmt: skip
+        for age, name in ((0, "an empty lock, just made"), (3600, "an empty lock, an hour old")):
+            out = self.copy_of_reference(f"lock-empty-{age}")
+            (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")
+            (out / ".mimkit.lock").touch()
+            os.utime(out / ".mimkit.lock", (time.time() - age,) * 2)
+            r = self.run(self.argv(out))
+            if age:
+                ok, detail = ends_like(self.reference(), out, r)
+                ok = ok and "removed the unreadable run lock" in r.text()
+            else:
+                ok = r.code == 2 and f"'{out / '.mimkit.lock'}'" in r.last_line() and (out / ".mimkit.lock").exists()
+                detail = f"exit {r.code}, lock kept: {(out / '.mimkit.lock').exists()}: {r.last_line()[:100]!r}"
+            self.add(ok, name, detail)
+        out = self.copy_of_reference("leftover-export")
+        (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        for name in (".encoder.k3x_9abq", f".encoder.{dead.pid}.w1v2tmp3.tmp"):
+            shutil.copytree(out / "encoder", out / name)
+        ok, detail = ends_like(self.reference(), out, self.run(self.argv(out)))
+        self.add(ok, "a killed export's temp folders", detail)
+
+    # ---- guards: exploded loss, config values that only fail together, model.init messages ------------------
+    def guards(self) -> None:
+        out = self.work / "exploded"
+        r = self.run(self.argv(out, "mae", "optim.blr=1000"))
+        said = re.search(r"loss \S+ at step (\d+) is over .* now holds step (\d+)", r.last_line())
+        stopped = r.code == 1 and said is not None and int(said[2]) == int(said[1]) - 2
+        first = metrics(out)[0]["loss"] if metrics(out) else float("nan")
+        again = self.run(self.argv(out, "mae"))
+        losses = [row["loss"] for row in metrics(out)]
+        sane = again.code == 0 and bool(losses) and max(losses) < 2 * first
+        self.add(stopped and sane, "exploded loss (optim.blr=1000)",
+                 f"exit {r.code}: {r.last_line()[15:110]!r}; re-run at the default lr: exit {again.code}, "
+                 f"highest loss {max(losses or [0]):.3g} (first {first:.3g})")  # fmt: skip
+        demo = self.work / "exploded-demo"  # the issue's case: the demo recipe, every step checkpointed
+        argv = ["pretrain", "--out", str(demo), "--epochs", "2", "eval.final_knn=false", "train.checkpoint_every=1",
+                "train.log_every=1"]  # fmt: skip
+        r = self.run([*argv, "optim.blr=300"])
+        said = re.search(r"now holds step (\d+)", r.last_line())
+        kept = int(said[1]) if said else -1
+        level = {row["step"]: row["loss"] for row in metrics(demo)}.get(kept + 1, float("inf"))
+        again = self.run([*argv[:4], "1", *argv[5:]])  # one epoch at the recipe's lr
+        losses = [row["loss"] for row in metrics(demo)]
+        ok = r.code == 1 and level < 10 and again.code == 0 and max(losses) < 10
+        self.add(ok, "demo at optim.blr=300", f"exit {r.code}, kept step {kept} (its loss {level:.3g}); re-run: exit "
+                 f"{again.code}, highest loss {max(losses):.3g}")  # fmt: skip
+        self.init_messages()
+
+    def init_messages(self) -> None:
+        sources = self.work / "init"
+        sources.mkdir(exist_ok=True)
+        data = (self.reference() / "checkpoints" / "last.pt").read_bytes()
+        (sources / "truncated.pt").write_bytes(data[: len(data) // 2])
+        (sources / "raw-pickle.pt").write_bytes(pickle.dumps({"model": {"w": [0.0] * 10}}))
+        torch.save({"model": {}, "args": argparse_namespace()}, sources / "objects.pt")
+        shutil.copytree(self.reference() / "encoder", sources / "hub-export", dirs_exist_ok=True)
+        from test_untrusted_exports import set_arch
+
+        set_arch("hf-hub:someone/model")(sources / "hub-export")
+        for name in ("truncated.pt", "raw-pickle.pt", "objects.pt", "hub-export"):
+            out = self.work / "init-run"
+            r = self.run(self.argv(out, "mae", f"model.init={sources / name}"))
+            text = r.text()
+            foreign = [w for w in ("weights_only=False", "site-packages", "--allow-download", "file an issue")
+                       if w in text]  # fmt: skip
+            ok = r.code == 2 and text.count("\n") == 1 and f"'{sources / name}" in text and not foreign
+            ok = ok and not out.exists() and not r.tracebacks()
+            self.add(ok, f"model.init={name}", f"exit {r.code}, {len(text)} chars, foreign: {foreign}: "
+                     f"{r.last_line()[15:120]!r}")  # fmt: skip
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def whole_lines(out: Path, ref: Path) -> bool:
+    """metrics.jsonl holds whole lines, the reference's first ones (timings aside), at least up to the step the
+    resumed run started from."""
+    try:
+        rows = metrics(out)
+    except ValueError:  # a torn line
+        return False
+    return len(rows) >= len(metrics(ref)) - 1 and rows == metrics(ref)[: len(rows)]
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(lr=1.0)
+
+
+def install_tensorboard_fault(at: int, fault: str) -> None:
+    """TensorBoard's writer thread fails its `at`-th write with ENOSPC, or is SIGKILLed there (the whole run)."""
+    import errno
+    import signal
+
+    from tensorboard.summary.writer import record_writer
+
+    real, calls = record_writer.RecordWriter.write, []
+
+    def write(self, data):
+        calls.append(1)
+        if len(calls) == at:
+            if fault == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    record_writer.RecordWriter.write = write
+
+
+def install_slow_export(marker: str) -> None:
+    """The export of a run waits 2 s after writing `marker`: a window for a second run to try the lock."""
+    from mimkit.engine import pretrain
+
+    export = pretrain.export_method
+
+    def slow(*args, **kwargs):
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(2)
+        return export(*args, **kwargs)
+
+    pretrain.export_method = slow
+

@@ -1,0 +1,198 @@
+"""Writes under faults (issue 24): a full disk wherever it strikes (a checkpoint, in torch's disguise or not, the
+metrics, TensorBoard's writer thread, the run lock, a disk full before the run starts) is one line and exit 2
+that says truthfully what the run folder holds, and leaves no lock and no temporary file; every in-place rewrite
+is atomic; a killed export's temporary folder goes at the next run; the run lock covers the export and the
+summary; an unreadable lock is not taken over while its writer may still be at work.
+
+The real full disks are a 3 MiB tmpfs (root only: skipped otherwise); the rest patch the writer that fails."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+from test_faults import TorchWithFullDisk, argv, load, metrics, run
+
+from mimkit.cli import main
+from mimkit.engine import checkpoint as checkpoint_module
+from mimkit.engine import pretrain as pretrain_module
+from mimkit.engine.logging import MetricsLog
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("writes") / "reference"
+    assert main(argv(out)) == 0
+    return out
+
+
+def left_behind(out) -> list[str]:
+    """The lock and every temporary file or folder in the run folder."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
+
+
+@pytest.mark.parametrize("at, holds", [(1, "no checkpoint was written yet"), (3, "holds step 2")])
+def test_torch_disguised_full_disk_is_one_line_saying_what_is_kept(tmp_path, monkeypatch, capsys, at, holds):
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint_module, "torch", TorchWithFullDisk(at, disguised=True))
+    code, _, err = run(out, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"'{out / 'checkpoints'}'" in err and "no space left" in err and holds in err, err
+    assert "previous state" not in err, err
+    monkeypatch.undo()
+    assert left_behind(out) == []
+    names = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
+    assert names == (["last.pt"] if at == 2 else ["last.pt", "prev.pt"] if at > 2 else [])
+    if at > 1:
+        assert load(out / "checkpoints" / "last.pt")["run"]["step"] == at - 1
+
+
+def test_full_disk_in_tensorboards_thread_is_one_line_and_releases_the_lock(tmp_path, monkeypatch, capsys):
+    from tensorboard.summary.writer import record_writer
+
+    real, calls = record_writer.RecordWriter.write, []
+
+    def write(self, data):  # runs in TensorBoard's writer thread
+        calls.append(1)
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    out = tmp_path / "run"
+    code, said, err = run(out, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err + said, err
+    assert f"'{out}'" in err and "tensorboard" in err and "no space left" in err, err
+    assert left_behind(out) == []
+
+
+def test_metrics_rewrite_is_atomic(tmp_path, monkeypatch):
+    """A resumed run drops the lines after its checkpoint by writing a new file and renaming it: a kill before
+    the rename (here: the rename fails) leaves every old line."""
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    before = (tmp_path / "metrics.jsonl").read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr("mimkit.atomic.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        log.truncate_after(2)
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    log.truncate_after(2)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid  # gone, and not reused this instant
+
+
+def test_a_killed_exports_temporary_folders_go_at_the_next_run(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    old_style, dead = out / ".encoder.k3x_9abq", out / f".encoder.{dead_pid()}.w1v2tmp3.tmp"
+    live = out / f".encoder.{os.getppid()}.z9y8x7w6.tmp"  # another process still writing: kept
+    for folder in (old_style, dead, live):
+        shutil.copytree(reference / "encoder", folder)
+    code, _, err = run(out, capsys)
+    assert code == 0, err
+    assert left_behind(out) == [live.name]
+
+
+def test_the_run_lock_covers_the_export_and_the_summary(tmp_path, monkeypatch, capsys):
+    out, seen = tmp_path / "run", []
+    export, report = pretrain_module.export_method, pretrain_module.PretrainTask.report
+
+    def watched_export(*args, **kwargs):
+        seen.append(("export", checkpoint_module.read_json(out / ".mimkit.lock")))
+        return export(*args, **kwargs)
+
+    def watched_report(self, steps):
+        summary = report(self, steps)
+        seen.append(("summary", checkpoint_module.read_json(out / ".mimkit.lock")))
+        return summary
+
+    monkeypatch.setattr(pretrain_module, "export_method", watched_export)
+    monkeypatch.setattr(pretrain_module.PretrainTask, "report", watched_report)
+    code, _, err = run(out, capsys)
+    assert code == 0, err
+    holders = [(what, (lock or {}).get("pid")) for what, lock in seen]
+    assert holders == [("export", os.getpid()), ("summary", os.getpid())]
+    assert (out / "summary.json").exists() and left_behind(out) == []
+
+
+def test_an_unreadable_lock_is_not_taken_over_while_its_writer_may_be_at_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".mimkit.lock"
+    lock.touch()  # as an older mimkit left it between creating and writing it
+    code, _, err = run(out, capsys)
+    assert code == 2 and err.count("\n") == 1 and f"'{lock}'" in err, err
+    assert lock.exists() and sorted(p.name for p in out.iterdir()) == [".mimkit.lock"]
+
+    old = time.time() - 3600  # an hour old: its writer is gone
+    os.utime(lock, (old, old))
+    code, said, err = run(out, capsys)
+    assert code == 0, err
+    assert re.search(rf"warning: removed the unreadable run lock '{re.escape(str(lock))}'", said), said
+    assert left_behind(out) == []
+
+
+# ---- a real full disk: a 3 MiB tmpfs ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only), and `fill(free_kib)` to leave that much of it free."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:  # fmt: skip
+        pytest.skip("mounting a tmpfs needs root")
+    ballast = disk / "ballast"
+
+    def fill(free_kib: int) -> None:
+        stat = os.statvfs(disk)
+        total = stat.f_blocks * stat.f_frsize
+        with ballast.open("wb") as f:
+            f.write(bytes(max(total - free_kib * 1024, 0)))
+
+    yield disk, fill, ballast
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_disk_already_full_is_one_line_and_leaves_no_lock(small_disk, capsys):
+    disk, fill, _ = small_disk
+    fill(0)
+    out = disk / "run"
+    code, _, err = run(out, capsys)
+    assert code == 2 and err.count("\n") == 1 and "no space left" in err and "Traceback" not in err, err
+    assert not out.exists() or left_behind(out) == []
+
+
+@pytest.mark.parametrize("free_kib", [16, 1024])  # the metrics or TensorBoard first; the second checkpoint
+def test_a_disk_that_fills_mid_run_loses_nothing(small_disk, reference, capsys, free_kib):
+    disk, fill, ballast = small_disk
+    fill(free_kib)
+    out = disk / "run"
+    code, _, err = run(out, capsys)
+    assert code == 2 and err.count("\n") == 1 and "no space left" in err and "Traceback" not in err, err
+    last = out / "checkpoints" / "last.pt"
+    holds = f"'{last}' holds step {load(last)['run']['step']}" if last.exists() else "no checkpoint was written yet"
+    assert holds in err, err
+    assert left_behind(out) == []
+    ballast.unlink()
+    code, _, err = run(out, capsys)
+    assert code == 0, err
+    assert metrics(out) == metrics(reference)
