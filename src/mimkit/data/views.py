@@ -19,8 +19,8 @@ class View:
     independent crop and flip of the same image (e.g. the two crops of a contrastive pair). Group 0 is drawn first,
     so a method with one group sees exactly the crops it would see without groups.
     color: a colour perturbation (`mimkit.data.augment.ColorSpec`, e.g. ContrastiveCrop's jitter + grayscale)
-    drawn independently per view and image, on the device: the method applies it to its batch with
-    `augment.color_views(batch, views, mean, std)` (CMAE and MoCo v3's contrastive pairs). None = unchanged.
+    drawn independently per view and image, on the device: the method applies it to its batch with the colour
+    part, `mimkit.methods.parts.ViewColour` (CMAE, MoCo v3, DINO). None = unchanged.
     """
 
     name: str
