@@ -8,6 +8,7 @@ from .beit import BEiT
 from .cim import CIMResPix, CIMRevDet
 from .cmae import CMAE
 from .conmim import ConMIM
+from .dino import DINO
 from .mae import MAE
 from .mocov3 import MoCoV3
 from .simmim import SimMIM
@@ -17,6 +18,7 @@ METHODS: dict[str, type[Method]] = {
     "cmae": CMAE,
     "conmim": ConMIM,
     "mocov3": MoCoV3,
+    "dino": DINO,
     "simmim": SimMIM,
     "beit": BEiT,
     "cim-respix": CIMResPix,

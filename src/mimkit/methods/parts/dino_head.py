@@ -41,5 +41,10 @@ class DINOHead(nn.Module):
         if norm_last_layer:
             g.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+    def forward(self, x: torch.Tensor, freeze_last_layer: bool = False) -> torch.Tensor:
+        """freeze_last_layer: no gradient reaches the last layer (DINO keeps it fixed for its first epoch; with
+        no gradient the optimizer skips it, weight decay included, as the official cancelled gradients do)."""
+        z = F.normalize(self.mlp(x), dim=-1)
+        if freeze_last_layer:
+            return F.linear(z, self.last_layer.weight.detach())
+        return self.last_layer(z)
