@@ -123,3 +123,9 @@ def test_view_colour_perturbs_only_views_with_a_spec_and_keeps_normalisation():
     assert out["b"] is x
     unit = out["a"] * colour.std.view(1, 3, 1, 1) + colour.mean.view(1, 3, 1, 1)
     assert torch.allclose(unit[:, 0], unit[:, 1], atol=1e-5) and torch.allclose(out["c"][:, 0], out["c"][:, 2])
+
+
+def test_dino_head_with_batchnorm_normalises_each_hidden_layer():
+    head = DINOHead(8, 32, hidden=16, bottleneck=4, use_bn=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]

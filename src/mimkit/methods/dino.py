@@ -32,6 +32,7 @@ class DINOOptions:
     head_hidden: PositiveInt = 2048  # DINOHead hidden_dim
     head_bottleneck: PositiveInt = 256  # DINOHead bottleneck_dim
     norm_last_layer: bool = True  # --norm_last_layer (the README's ViT-S runs: False)
+    head_bn: bool = False  # --use_bn_in_head: BatchNorm in the head's MLP (batch statistics in both networks)
     momentum: Probability = 0.996  # --momentum_teacher, raised to momentum_final by a cosine
     momentum_final: Probability = 1.0
     student_temp: PositiveFloat = 0.1  # DINOLoss student_temp
@@ -106,11 +107,18 @@ class DINO(Method):
         check_options(o, cfg.data.image_size, V.patch_size(vit))
         self.views = multi_crop_views(o, cfg.data.image_size)
         self.color = ViewColour(self.views, cfg.data.mean, cfg.data.std)
-        head = DINOHead(vit.embed_dim, o.out_dim, o.head_hidden, o.head_bottleneck, norm_last_layer=o.norm_last_layer)
+        head = DINOHead(vit.embed_dim, o.out_dim, o.head_hidden, o.head_bottleneck, 3, o.norm_last_layer, o.head_bn)
         self.student = nn.ModuleDict({"vit": vit, "head": head})
         self.teacher = MomentumTeacher(self.student, o.momentum, o.momentum_final)  # starts as the student
         self.centre = TeacherCentre(o.out_dim, o.center_momentum)
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # saved: the schedules resume with it
+
+    def train(self, mode: bool = True):
+        """The teacher's ViT stays in eval mode (no drop-path); its head trains as the official teacher, which is
+        never put in eval mode, so a BatchNorm in it (dino.head_bn) normalises with its batch's statistics."""
+        super().train(mode)
+        self.teacher.module["head"].train(mode)
+        return self
 
     @property
     def encoder(self) -> nn.Module:

@@ -10,9 +10,10 @@ from torch.nn.utils import parametrizations
 
 class DINOHead(nn.Module):
     """(B, D) -> (B, out_dim) logits: an MLP of `num_layers` Linear layers with GELU between them (D -> hidden ->
-    ... -> bottleneck), L2 normalisation, then a bias-free weight-normalised Linear bottleneck -> out_dim whose
-    norm (weight_g) is fixed at 1 when `norm_last_layer` (the official default: it steadies training).
-    Linear layers are truncated-normal (std 0.02) with zero biases, as the official."""
+    ... -> bottleneck; `use_bn`: a BatchNorm before each GELU, the official --use_bn_in_head), L2 normalisation,
+    then a bias-free weight-normalised Linear bottleneck -> out_dim whose norm (weight_g) is fixed at 1 when
+    `norm_last_layer` (the official default: it steadies training). Linear layers are truncated-normal (std 0.02)
+    with zero biases, as the official."""
 
     def __init__(
         self,
@@ -22,6 +23,7 @@ class DINOHead(nn.Module):
         bottleneck: int = 256,
         num_layers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ):
         super().__init__()
         dims = [in_dim] + [hidden] * (num_layers - 1) + [bottleneck]
@@ -29,7 +31,7 @@ class DINOHead(nn.Module):
         for i in range(num_layers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < num_layers - 1:
-                layers.append(nn.GELU())
+                layers += [nn.BatchNorm1d(dims[i + 1]), nn.GELU()] if use_bn else [nn.GELU()]
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
             if isinstance(m, nn.Linear):
