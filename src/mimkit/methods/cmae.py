@@ -93,9 +93,10 @@ def color_spec(o) -> ColorSpec | None:
 
 
 class CMAE(MAE):
-    """CMAE: MAE with a slimmer decoder + contrastive and token-position tasks on the encoder (ContrastiveCrop)."""
+    """CMAE of Mao et al. 2022 (the seed): MAE with a slim decoder + contrast and token position on the encoder."""
 
-    name = "cmae"
+    name = "cmae-mao"
+    section = "cmae"  # the section it had as `cmae` (recipes and runs keep working)
     Options = CMAEOptions
 
     def __init__(self, cfg: Config):

@@ -5,15 +5,25 @@ from __future__ import annotations
 from torch import nn
 
 
-def bn_mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
-    """MoCo v3's MLP (moco-v3 builder.py `_build_mlp`): bias-free Linear layers with BatchNorm + ReLU between
-    them and, when `last_bn`, a BatchNorm without affine after the last."""
+def bn_mlp(
+    num_layers: int,
+    in_dim: int,
+    hidden: int,
+    out_dim: int,
+    last_bn: bool = True,
+    hidden_bias: bool = False,
+    eps: float = 1e-5,
+) -> nn.Sequential:
+    """MoCo v3's MLP (moco-v3 builder.py `_build_mlp`): Linear layers with BatchNorm + ReLU between them and, when
+    `last_bn`, a BatchNorm without affine after the last. The last Linear has no bias; the others have one when
+    `hidden_bias` (mmselfsup's NonLinearNeck with_bias, Huang's CMAE). eps: the hidden BatchNorms'."""
     layers: list[nn.Module] = []
     for i in range(num_layers):
         last = i == num_layers - 1
-        layers.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
+        bias = hidden_bias and not last
+        layers.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=bias))
         if not last:
-            layers += [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            layers += [nn.BatchNorm1d(hidden, eps=eps), nn.ReLU(inplace=True)]
         elif last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
