@@ -48,7 +48,8 @@ class DINOOptions:
     global_scale: tuple[float, float] = (0.4, 1.0)  # --global_crops_scale
     local_scale: tuple[float, float] = (0.05, 0.4)  # --local_crops_scale
     local_crops: NonNegInt = 8  # --local_crops_number (the paper's best: 10)
-    local_size: PositiveInt = 96  # px; the official's 96 at 224
+    # px; None: the official 96 / 224 of data.image_size, to the nearest whole patch (96 at 224, 8 at 16)
+    local_size: PositiveInt | None = None
     # colour (BYOL's pipeline as DataAugmentationDINO): jitter + grayscale on every crop; blur p 1.0 / 0.1 on the
     # global crops, 0.5 on the local ones; solarize 0.2 on global crop 2. Blur sigmas are px of the official 224 px
     # images, scaled by data.image_size / 224 for every crop (the official states them for 96 px locals too)
@@ -60,15 +61,23 @@ class DINOOptions:
     solarize_p: tuple[Probability, Probability, Probability] = (0.0, 0.2, 0.0)
 
 
+def local_size(o: DINOOptions, image_size: int, patch: int) -> int:
+    """The local crops' side in px: `dino.local_size`, or 96 / 224 of the image rounded to whole patches."""
+    if o.local_size is not None:
+        return o.local_size
+    return max(patch, round(image_size * 96 / 224 / patch) * patch)
+
+
 def check_options(o: DINOOptions, image_size: int, patch: int) -> None:
     """ConfigError naming the `dino.*` key for values the schema's ranges cannot express."""
     for key in ("global_scale", "local_scale"):
         lo, hi = getattr(o, key)
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"dino.{key} must be 0 < low <= high <= 1, got {list(getattr(o, key))}")
-    if o.local_crops and (o.local_size % patch or o.local_size > image_size):
+    size = local_size(o, image_size, patch)
+    if o.local_crops and (size % patch or size > image_size):
         raise ConfigError(
-            f"dino.local_size {o.local_size} must be a multiple of the patch size {patch} and at most "
+            f"dino.local_size {size} must be a multiple of the patch size {patch} and at most "
             f"data.image_size {image_size}"
         )
     if min(o.jitter) < 0 or o.jitter[3] > 0.5:
@@ -77,7 +86,7 @@ def check_options(o: DINOOptions, image_size: int, patch: int) -> None:
         raise ConfigError(f"dino.blur_sigma must be 0 < low <= high, got {list(o.blur_sigma)}")
 
 
-def multi_crop_views(o: DINOOptions, image_size: int) -> tuple[View, ...]:
+def multi_crop_views(o: DINOOptions, image_size: int, patch: int) -> tuple[View, ...]:
     """2 global views ('image', 'global2') + `local_crops` local ones ('local0', ...), each its own crop group
     with its own scale, size and colour."""
     s = image_size / 224
@@ -88,7 +97,8 @@ def multi_crop_views(o: DINOOptions, image_size: int) -> tuple[View, ...]:
 
     glob = [View(n, image_size, crop_group=g, color=color(g), scale=tuple(o.global_scale)) for g, n in
             enumerate(("image", "global2"))]  # fmt: skip
-    local = [View(f"local{i}", o.local_size, crop_group=2 + i, color=color(2), scale=tuple(o.local_scale))
+    small = local_size(o, image_size, patch)
+    local = [View(f"local{i}", small, crop_group=2 + i, color=color(2), scale=tuple(o.local_scale))
              for i in range(o.local_crops)]  # fmt: skip
     return tuple(glob + local)
 
@@ -105,7 +115,7 @@ class DINO(Method):
         self.cfg, self.epochs = o, cfg.train.epochs
         vit = V.create_encoder(cfg.model, cfg.data.image_size, sincos_pos=False)  # learned, interpolated
         check_options(o, cfg.data.image_size, V.patch_size(vit))
-        self.views = multi_crop_views(o, cfg.data.image_size)
+        self.views = multi_crop_views(o, cfg.data.image_size, V.patch_size(vit))
         self.color = ViewColour(self.views, cfg.data.mean, cfg.data.std)
         head = DINOHead(vit.embed_dim, o.out_dim, o.head_hidden, o.head_bottleneck, 3, o.norm_last_layer, o.head_bn)
         self.student = nn.ModuleDict({"vit": vit, "head": head})
