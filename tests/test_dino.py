@@ -15,6 +15,7 @@ from mimkit.cli import main
 from mimkit.config import ConfigError, build_config
 from mimkit.methods import build_method
 from mimkit.methods.dino import DINO
+from mimkit.models import vit as V
 
 SMALL = ["dino.out_dim=64", "dino.head_hidden=32", "dino.head_bottleneck=16", "dino.local_crops=2", "dino.local_size=8"]
 
@@ -111,3 +112,11 @@ def test_cli_pretrain_exports_the_teacher_backbone(tmp_path, labeled_folder):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher.items())
     student = state["student.vit.blocks.0.attn.qkv.weight"]
     assert not torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], student)  # the teacher lags
+
+
+def test_pool_avg_feeds_the_head_the_mean_of_the_patch_tokens():
+    m = build("dino.pool=avg")
+    vit, x = m.student["vit"], torch.randn(2, 3, 16, 16)
+    tokens = V.encode_visible(vit, V.embed_patches(vit, x))
+    assert torch.allclose(m.encode(vit, [x]), tokens[:, 1:].mean(dim=1), atol=1e-6)
+    assert torch.allclose(build().encode(vit, [x]), tokens[:, 0], atol=1e-6)

@@ -11,6 +11,7 @@ choice: it is the better one throughout training). Multi-crop is a view list (`V
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ class DINOOptions:
     head_bottleneck: PositiveInt = 256  # DINOHead bottleneck_dim
     norm_last_layer: bool = True  # --norm_last_layer (the README's ViT-S runs: False)
     head_bn: bool = False  # --use_bn_in_head: BatchNorm in the head's MLP (batch statistics in both networks)
+    # the feature the head reads: the class token (the official) | the mean of the patch tokens (mimkit's option,
+    # for runs evaluated on that feature, e.g. the demo's avg-pooled k-NN)
+    pool: Literal["cls", "avg"] = "cls"
     momentum: Probability = 0.996  # --momentum_teacher, raised to momentum_final by a cosine
     momentum_final: Probability = 1.0
     student_temp: PositiveFloat = 0.1  # DINOLoss student_temp
@@ -137,9 +141,10 @@ class DINO(Method):
 
     # ---- steps -------------------------------------------------------------------------------------------
     def encode(self, vit: nn.Module, crops: list[torch.Tensor]) -> torch.Tensor:
-        """Crops (B, 3, h, w) of one size -> (len(crops) * B, D) class tokens, in one pass (as DINO's
+        """Crops (B, 3, h, w) of one size -> (len(crops) * B, D) features (`dino.pool`), in one pass (as DINO's
         MultiCropWrapper: one forward per resolution)."""
-        return V.encode_visible(vit, V.embed_patches_any_size(vit, torch.cat(crops)))[:, 0]
+        tokens = V.encode_visible(vit, V.embed_patches_any_size(vit, torch.cat(crops)))
+        return V.pool_features(vit, tokens, self.cfg.pool)
 
     def student_logits(self, batch: dict) -> torch.Tensor:
         """Every crop -> (n_crops * B, K) student logits, global crops first, then the local ones."""
