@@ -108,3 +108,9 @@ def test_old_cmae_name_is_the_seed_with_a_one_line_notice(capsys, monkeypatch):
     assert method_class("cmae") is CMAE and method_class("cmae") is CMAE and method_class("cmae-mao") is CMAE
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "cmae-mao" in err[0] and "cmae-huang" in err[0]  # once per process
+
+
+def test_mimkit_methods_lists_both_cmaes_and_dino(capsys):
+    assert main(["methods"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"cmae-mao", "cmae-huang", "dino"} <= set(names) and "cmae" not in names
