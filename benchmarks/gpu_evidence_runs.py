@@ -35,6 +35,9 @@ TOY_OTHERS = [  # every method's own parts at toy size, and compare's tokenizer
     "conmim.proj_hidden=32", "conmim.proj_dim=16", "cim.generator_dim=32", "cim.generator_depth=1",
     "cim.generator_heads=2", "cim.eval_images=8", "tokenizer.vocab_size=32", "tokenizer.width=8",
     "tokenizer.code_dim=4", "tokenizer.res_blocks=1", "tokenizer.eval_images=8",
+    "cmae-huang.decoder_dim=32", "cmae-huang.decoder_depth=1", "cmae-huang.decoder_heads=2",
+    "cmae-huang.proj_hidden=32", "cmae-huang.proj_dim=16", "dino.out_dim=64", "dino.head_hidden=32",
+    "dino.head_bottleneck=16", "dino.local_crops=2",
 ]  # fmt: skip
 PER_RUN_OVERHEAD_S = 30  # compare, per method on the GPU (a guess): build, device cache, timing steps, export, probes
 

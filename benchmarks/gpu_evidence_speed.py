@@ -160,7 +160,9 @@ TOY_METHOD_SIZE = [  # sections.MODEL entry of a dry run: every method at toy si
     "model.depth=1", "model.num_heads=2", "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2",
     "cmae.decoder_dim=32", "cmae.decoder_depth=1", "cmae.decoder_heads=2", "cmae.proj_hidden=64", "cmae.proj_dim=16",
     "conmim.proj_hidden=32", "conmim.proj_dim=16", "cim.generator_dim=32", "cim.generator_depth=1",
-    "cim.generator_heads=2", "simmim.mask_patch_size=8",
+    "cim.generator_heads=2", "simmim.mask_patch_size=8", "cmae-huang.decoder_dim=32", "cmae-huang.decoder_depth=1",
+    "cmae-huang.decoder_heads=2", "cmae-huang.proj_hidden=32", "cmae-huang.proj_dim=16", "dino.out_dim=64",
+    "dino.head_hidden=32", "dino.head_bottleneck=16", "dino.local_crops=2",
 ]  # fmt: skip
 
 

@@ -19,7 +19,14 @@ def test_budget_and_method_parsing():
     for bad in ("ten", "0ep", "1.5ep", "5 parsecs"):
         with pytest.raises(ConfigError, match="--budget"):
             parse_budget(bad)
-    assert "tokenizer" not in method_list("all") and {"mae", "cim-respix", "conmim", "cmae"} <= set(method_list("all"))
+    assert "tokenizer" not in method_list("all") and {
+        "mae",
+        "cim-respix",
+        "conmim",
+        "cmae-mao",
+        "cmae-huang",
+        "dino",
+    } <= set(method_list("all"))
     with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
         method_list("mae,nope")
 

@@ -45,7 +45,9 @@ def cuda_test(fn):
 GEN = ["cim.generator_dim=32", "cim.generator_depth=1", "cim.generator_heads=2", "cim.eval_images=8"]
 OPTIONS = {  # shrink what TINY does not reach; methods not named here run with TINY alone
     "simmim": ["simmim.mask_patch_size=8"],
-    "cmae": [
+    "cmae-huang": ["cmae-huang.decoder_dim=32", "cmae-huang.decoder_depth=1", "cmae-huang.decoder_heads=2"],
+    "dino": ["dino.out_dim=64", "dino.head_hidden=32", "dino.head_bottleneck=16", "dino.local_crops=2"],
+    "cmae-mao": [
         "cmae.decoder_dim=32",
         "cmae.decoder_depth=1",
         "cmae.decoder_heads=2",

@@ -9,6 +9,7 @@ import pytest
 
 from mimkit.config import build_config
 from mimkit.masking import block_mask_count
+from mimkit.methods import method_class
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 
@@ -59,8 +60,11 @@ def check_lr(cfg, cell: str) -> None:
 
 
 def check_mask(cfg, cell: str) -> None:
-    """'random 0.75' | 'block 75' (the resolved count) | 'cells 0.6 / 32 px'."""
-    o = getattr(cfg, cfg.method)
+    """'random 0.75' | 'block 75' (the resolved count) | 'cells 0.6 / 32 px' | 'none' (no masking: DINO)."""
+    o = getattr(cfg, method_class(cfg.method).section_name())
+    if cell == "none":
+        assert not hasattr(o, "mask_ratio")
+        return
     kind, rest = cell.split(" ", 1)
     if kind == "random":
         assert o.mask_ratio == number(rest)
@@ -76,7 +80,7 @@ def check_decoder(cfg, cell: str) -> None:
     """'8 x 512' (blocks x width) or a word for methods without a decoder to size."""
     sized = re.fullmatch(r"(\d+) x (\d+)", cell)
     if sized:
-        o = getattr(cfg, cfg.method)
+        o = getattr(cfg, method_class(cfg.method).section_name())
         assert (o.decoder_depth, o.decoder_dim) == (int(sized.group(1)), int(sized.group(2)))
 
 

@@ -1,6 +1,7 @@
 """Masks shared by every method. Convention: in a boolean/float mask, 1 (True) means *masked* (hidden).
 
-- `random_masking`: MAE's per-sample random subset (by argsort of noise), fixed count.
+- `random_masking`: MAE's per-sample random subset (by argsort of noise), fixed count; `cell_masking`: the same
+  over cells of patches, visible cells whole (Huang et al.'s CMAE).
 - `blockwise_masking`: BEiT's rectangles of patches, up to a target *count* (variable per image); the count is
   BEiT's `num_masking_patches` (75 of 14 x 14), `beit_mask_count` scales it to other grids.
 - `coarse_random_masking`: SimMIM's random cells of `cell` x `cell` patches (e.g. 32 px cells over 16 px patches).
@@ -17,15 +18,22 @@ from .errors import ConfigError
 
 
 def random_masking(
-    batch_size: int, num_patches: int, mask_ratio: float, device=None, noise: torch.Tensor | None = None
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device=None,
+    noise: torch.Tensor | None = None,
+    num_keep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE's per-sample random masking by argsort of uniform noise.
 
     Returns ids_keep (B, K) of the visible patches in shuffled order, mask (B, N) float with 1 = masked,
     and ids_restore (B, N) that un-shuffles [visible, masked] back to the patch order. `noise` (B, N) makes the
-    mask deterministic (the same hook transformers' ViTMAE offers, which the parity test relies on).
+    mask deterministic (the same hook transformers' ViTMAE offers, which the parity test relies on). `num_keep`:
+    K itself (default int(N * (1 - mask_ratio))).
     """
-    num_keep = int(num_patches * (1 - mask_ratio))
+    if num_keep is None:
+        num_keep = int(num_patches * (1 - mask_ratio))
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -35,6 +43,20 @@ def random_masking(
     mask[:, :num_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return ids_keep, mask, ids_restore
+
+
+def cell_masking(
+    batch_size: int, grid: tuple[int, int], cell: int, mask_ratio: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`random_masking` over cells of cell x cell patches (Huang et al.'s CMAE: 2 x 2): int(cells * (1 -
+    mask_ratio)) whole cells stay visible. -> ids_keep (B, K * cell^2), mask (B, N), ids_restore (B, N)."""
+    if grid[0] % cell or grid[1] % cell:
+        raise ValueError(f"patch grid {grid[0]}x{grid[1]} is not divisible by the mask cell {cell}")
+    gh, gw = grid[0] // cell, grid[1] // cell
+    noise = torch.rand(batch_size, gh, gw, device=device)
+    patch_noise = noise.repeat_interleave(cell, 1).repeat_interleave(cell, 2).flatten(1)  # one value per cell
+    num_keep = int(gh * gw * (1 - mask_ratio)) * cell * cell
+    return random_masking(batch_size, grid[0] * grid[1], mask_ratio, noise=patch_noise, num_keep=num_keep)
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -222,38 +222,25 @@ def scale_sigma(sigma: tuple[float, float], size: int, reference: int = REFERENC
 
 @dataclass(frozen=True)
 class ColorSpec:
-    """Colour perturbation of a view (a `View`'s `color`): ContrastiveCrop's pipelines (xyupeng/ContrastiveCrop,
-    datasets/transforms/small.py and imagenet.py) by default: ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale
-    with p 0.2; their ImageNet pipelines add Gaussian blur with p 0.5 (sigma 0.1-2 px at 224 px, scaled here to
-    the view's size). Applied on the device by `color_views`, per sample, from the device's global RNG."""
+    """Colour perturbation of a view (a `View`'s `color`), applied on the device by the methods' colour part
+    (`mimkit.methods.parts.color`), per sample, from the device's global RNG. Defaults: ContrastiveCrop's pipelines
+    (xyupeng/ContrastiveCrop, datasets/transforms/small.py and imagenet.py): ColorJitter(0.4, 0.4, 0.4, 0.1) with
+    p 0.8, grayscale with p 0.2; their ImageNet pipelines add Gaussian blur with p 0.5. BYOL's asymmetric pipeline
+    (MoCo v3, DINO) sets blur and solarize per view."""
 
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels of a 224 px image, scaled to the view's size
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels of a `blur_reference`-px image
+    solarize_p: float = 0.0
+    # the image side blur_sigma is stated for: scaled to the view's size so the blur is the same fraction of the
+    # image at any size (the papers state 224 px); None: blur_sigma is in pixels of the view itself
+    blur_reference: int | None = REFERENCE_SIZE
 
     def augment(self, size: int) -> ColorAugment:
-        """The batched perturbation for a `size`-px view (no solarize: none of these pipelines has it)."""
-        sigma = scale_sigma(self.blur_sigma, size)
-        return ColorAugment(self.jitter, self.jitter_p, self.grayscale_p, self.blur_p, sigma, solarize_p=0.0)
-
-
-def color_views(batch: dict, views, mean: torch.Tensor, std: torch.Tensor) -> dict:
-    """The batch with every view that has a `color` spec perturbed, each view drawing its own parameters (two
-    views of a contrastive pair get independent colours). A 'mean_std' view is un-normalised with `mean`/`std`
-    (3,), clamped to [0, 1], perturbed and normalised again; a 'unit' view is perturbed as it is. Views without a
-    spec are passed through. No gradient (the pipeline's views have none)."""
-    out = dict(batch)
-    for view in views:
-        spec = getattr(view, "color", None)
-        if spec is None:
-            continue
-        x = batch[view.name]
-        scale = view.normalize == "mean_std"
-        m, s = mean.to(x.device, torch.float32).view(1, 3, 1, 1), std.to(x.device, torch.float32).view(1, 3, 1, 1)
-        with torch.autocast(x.device.type, enabled=False):
-            unit = (x.float() * s + m).clamp_(0.0, 1.0) if scale else x.float()
-            y = spec.augment(x.shape[-1])(unit)
-            out[view.name] = ((y - m) / s if scale else y).to(x.dtype)
-    return out
+        """The batched perturbation for a `size`-px view."""
+        sigma = self.blur_sigma
+        if self.blur_reference is not None:
+            sigma = scale_sigma(sigma, size, self.blur_reference)
+        return ColorAugment(self.jitter, self.jitter_p, self.grayscale_p, self.blur_p, sigma, self.solarize_p)

@@ -276,7 +276,7 @@ class DeviceCache:
         self.groups = dataset.groups
         self.fast = None
         if cfg.device_crops == "fast":
-            self.fast = FastCrops(cfg, dataset.seed, self.width, self.height, self.groups, self.device)
+            self.fast = FastCrops(cfg, dataset.seed, self.width, self.height, self.groups, self.device, dataset.scales)
 
     def __len__(self) -> int:
         return len(self.used)

@@ -3,11 +3,12 @@ the device cache (mimkit.data.device_cache), whose exact mode draws them on the 
 image (~25 us each), which caps it at a few 10^4 images/s per process.
 
 Same distributions as `pipeline.random_resized_crop_box` and `pipeline.contrastive_crop_box`: RandomResizedCrop's
-area fraction uniform in `data.crop_scale` and log-uniform aspect in `data.crop_ratio`, 10 tries (vectorised over
-the batch, the first fitting one kept), then `_fallback_box`'s centred crop; integer pixel boxes inside the image,
-top/left uniform over the valid range; or, for ContrastiveCrop, the top-left corner at a Beta(alpha, alpha)
-fraction between the corners that put the crop's centre on the box edges (clamped into the image). Flips with
-probability `data.hflip`. Each crop group draws its own crops.
+area fraction uniform in `data.crop_scale` (or the `scale` of the crop group's views: multi-crop) and log-uniform
+aspect in `data.crop_ratio`, 10 tries (vectorised over the batch, the first fitting one kept), then
+`_fallback_box`'s centred crop; integer pixel boxes inside the image, top/left uniform over the valid range; or,
+for ContrastiveCrop, the top-left corner at a Beta(alpha, alpha) fraction between the corners that put the crop's
+centre on the box edges (clamped into the image). Flips with probability `data.hflip`. Each crop group draws its
+own crops.
 
 Randomness: one torch.Generator on the device, re-seeded for every batch from (data seed, epoch, position of
 the batch's first image in the epoch's order), so a run resumed mid-epoch gets exactly the batches of an
@@ -80,16 +81,17 @@ class FastCrops:
     """Draws {crop group: (boxes (B, 4) float64 (left, top, right, bottom) pixels, flips (B,) bool)} for a batch
     on `device` (module docstring); the device cache feeds them to `resize_crops`."""
 
-    def __init__(self, cfg: DataConfig, seed: int, width: int, height: int, groups: Sequence[int], device):
+    def __init__(self, cfg: DataConfig, seed: int, width: int, height: int, groups: Sequence[int], device, scales=None):
         self.cfg, self.seed, self.width, self.height, self.groups = cfg, seed, width, height, list(groups)
+        self.scales = scales or {}  # {group: crop area range} where it is not data.crop_scale (multi-crop)
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         fallback = _fallback_box(width, height, cfg.crop_ratio)
         self.fallback = torch.tensor(fallback, dtype=torch.float64, device=self.device)  # once: no copy per batch
 
-    def _one_group(self, n: int, boxes: torch.Tensor | None):
+    def _one_group(self, n: int, boxes: torch.Tensor | None, scale):
         c, g = self.cfg, self.generator
-        w, h, ok = rrc_sizes(g, n, self.width, self.height, c.crop_scale, c.crop_ratio)
+        w, h, ok = rrc_sizes(g, n, self.width, self.height, scale, c.crop_ratio)
         if boxes is None:
             left, top = uniform_corners(g, w, h, self.width, self.height)
         else:
@@ -102,4 +104,5 @@ class FastCrops:
         """n crops per group for the batch starting at `position` of `epoch`; `boxes` (n, 4) relative
         ContrastiveCrop boxes on the device, or None for RandomResizedCrop."""
         self.generator.manual_seed(batch_seed(self.seed, epoch, position))
-        return {grp: self._one_group(n, boxes) for grp in self.groups}  # group 0 draws first
+        scales = {grp: self.scales.get(grp, self.cfg.crop_scale) for grp in self.groups}
+        return {grp: self._one_group(n, boxes, scales[grp]) for grp in self.groups}  # group 0 draws first

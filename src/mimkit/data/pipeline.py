@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError, DataConfig
 from .folder import ImageSource
-from .views import View
+from .views import View, group_scales
 
 RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -176,6 +176,7 @@ class ViewDataset(Dataset):
         self.source, self.views, self.cfg, self.seed, self.train = source, tuple(views), cfg, seed, train
         self.eval_crop = eval_crop
         self.groups = sorted({v.crop_group for v in self.views})
+        self.scales = group_scales(self.views, cfg.crop_scale)  # {group: crop area range} (multi-crop)
         self.boxes = None
         if train and check_crop_mode(cfg) == "ccrop":
             self.boxes = full_boxes(len(source)).share_memory_()
@@ -186,13 +187,13 @@ class ViewDataset(Dataset):
     def _load(self, index: int) -> tuple[Image.Image, int, list[int]]:
         return load_first_readable(self.source.load, index, len(self.source), self.source.name)
 
-    def _random_crop(self, rng: np.random.Generator, w: int, h: int, epoch: int, index: int):
-        """-> ((left, top, right, bottom), flip) for one crop group of image `index` at `epoch`."""
+    def _random_crop(self, rng: np.random.Generator, w: int, h: int, epoch: int, index: int, scale):
+        """-> ((left, top, right, bottom), flip) for one crop group (area range `scale`) of image `index`."""
         c = self.cfg
         if self.boxes is not None and epoch >= c.ccrop_warmup_epochs:
-            box = contrastive_crop_box(rng, w, h, c.crop_scale, c.crop_ratio, self.boxes[index].tolist(), c.ccrop_alpha)
+            box = contrastive_crop_box(rng, w, h, scale, c.crop_ratio, self.boxes[index].tolist(), c.ccrop_alpha)
         else:
-            box = random_resized_crop_box(rng, w, h, c.crop_scale, c.crop_ratio)
+            box = random_resized_crop_box(rng, w, h, scale, c.crop_ratio)
         return box, c.hflip > 0 and rng.random() < c.hflip
 
     def random_crops(self, epoch: int, index: int, used: int, w: int, h: int) -> dict:
@@ -200,7 +201,7 @@ class ViewDataset(Dataset):
         image actually read, which differs from `index` when that file was unreadable). Shared with
         `device_cache.DeviceCache`, so both paths draw the same crops."""
         rng = np.random.default_rng([self.seed, epoch, index])
-        return {g: self._random_crop(rng, w, h, epoch, used) for g in self.groups}  # group 0 draws first
+        return {g: self._random_crop(rng, w, h, epoch, used, self.scales[g]) for g in self.groups}  # 0 first
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..config import ConfigError
 from .base import Method
 from .beit import BEiT
 from .cim import CIMResPix, CIMRevDet
 from .cmae import CMAE
+from .cmae_huang import CMAEHuang
 from .conmim import ConMIM
+from .dino import DINO
 from .mae import MAE
 from .mocov3 import MoCoV3
 from .simmim import SimMIM
 
 METHODS: dict[str, type[Method]] = {
     "mae": MAE,
-    "cmae": CMAE,
+    "cmae-mao": CMAE,
+    "cmae-huang": CMAEHuang,
     "conmim": ConMIM,
     "mocov3": MoCoV3,
+    "dino": DINO,
     "simmim": SimMIM,
     "beit": BEiT,
     "cim-respix": CIMResPix,
     "cim-revdet": CIMRevDet,
 }
+# old names that still work, with a one-line notice: {old: (new, why)}
+RENAMED = {"cmae": ("cmae-mao", "two papers are called CMAE: cmae-mao (Mao et al. 2022, the seed) and cmae-huang")}
+_noticed: set[str] = set()
 
 
 def option_sections() -> dict[str, type]:
@@ -30,6 +39,12 @@ def option_sections() -> dict[str, type]:
 
 
 def method_class(name: str) -> type[Method]:
+    if name in RENAMED:
+        new, why = RENAMED[name]
+        if name not in _noticed:
+            _noticed.add(name)
+            print(f"notice: --method {name} is now '{new}' ({why})", file=sys.stderr)
+        name = new
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
     return METHODS[name]

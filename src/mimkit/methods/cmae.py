@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Probability
-from ..data.augment import ColorSpec, color_views
+from ..data.augment import ColorSpec
 from ..data.ccrop import outline_boxes
 from ..data.views import View
 from ..ema import cosine_momentum, ema_update, make_teacher
 from ..masking import gather_tokens
 from ..models import vit as V
 from .mae import MAE, MAEOptions, init_mae_weights
+from .parts import ViewColour, info_nce, ln_mlp
 
 TASKS = ("rec", "contrast", "pos")
 
@@ -91,15 +92,11 @@ def color_spec(o) -> ColorSpec | None:
     return ColorSpec(tuple(o.color_jitter), o.color_jitter_p, o.color_grayscale_p, o.color_blur_p)
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """Linear -> LayerNorm -> GELU -> Linear (LayerNorm, not BatchNorm: no batch statistics to sync or EMA)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
-
-
 class CMAE(MAE):
-    """CMAE: MAE with a slimmer decoder + contrastive and token-position tasks on the encoder (ContrastiveCrop)."""
+    """CMAE of Mao et al. 2022 (the seed): MAE with a slim decoder + contrast and token position on the encoder."""
 
-    name = "cmae"
+    name = "cmae-mao"
+    section = "cmae"  # the section it had as `cmae` (recipes and runs keep working)
     Options = CMAEOptions
 
     def __init__(self, cfg: Config):
@@ -119,10 +116,9 @@ class CMAE(MAE):
             online = color if o.color_views == "both" else None
             target = color if o.color_views in ("both", "target") else None
             self.views = (View("image", size, color=online), View("target", size, crop_group=1, color=target))
-            self.register_buffer("data_mean", torch.tensor(cfg.data.mean), persistent=False)
-            self.register_buffer("data_std", torch.tensor(cfg.data.std), persistent=False)
-            self.projector = mlp(dim, o.proj_hidden, o.proj_dim)
-            self.predictor = mlp(o.proj_dim, o.proj_hidden, o.proj_dim) if o.predictor else nn.Identity()
+            self.color = ViewColour(self.views, cfg.data.mean, cfg.data.std)
+            self.projector = ln_mlp(dim, o.proj_hidden, o.proj_dim)
+            self.predictor = ln_mlp(o.proj_dim, o.proj_hidden, o.proj_dim) if o.predictor else nn.Identity()
             init_mae_weights(self.projector)
             init_mae_weights(self.predictor)
             if o.target_encoder == "ema":
@@ -157,10 +153,10 @@ class CMAE(MAE):
         return F.normalize(proj(V.pool_features(vit, tokens, self.cfg.pool)).float(), dim=-1)
 
     def contrast_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch: (B, d), (B, d) -> scalar; the positive of q_b is k_b."""
-        logits = q @ k.t() / self.cfg.temperature
-        labels = torch.arange(q.shape[0], device=q.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+        """Symmetric InfoNCE over this process's batch: (B, d), (B, d) -> scalar; the positive of q_b is k_b, and
+        each query is ranked among the keys and each key among the queries (so no gather: q has a gradient)."""
+        t = self.cfg.temperature
+        return 0.5 * (info_nce(q, k, t)[0] + info_nce(k, q, t)[0])
 
     # ---- position steps ----------------------------------------------------------------------------------
     def hide_positions(self, imgs: torch.Tensor, ids_keep: torch.Tensor, patches=None) -> torch.Tensor:
@@ -190,7 +186,7 @@ class CMAE(MAE):
         """The contrastive pair's views with their colour perturbation (`cmae.color_views`), on the device."""
         if not self.weights["contrast"]:
             return batch
-        return color_views(batch, self.views, self.data_mean, self.data_std)
+        return self.color(batch)
 
     def forward(self, batch: dict, noise: torch.Tensor | None = None):
         batch = self.recolor(batch)

@@ -48,7 +48,7 @@ class MAE(Method):
         super().__init__()
         o = self.options(cfg)
         if not 0.0 < o.mask_ratio < 1.0:
-            raise ConfigError(f"{self.name}.mask_ratio must be in (0, 1), got {o.mask_ratio}")
+            raise ConfigError(f"{self.section_name()}.mask_ratio must be in (0, 1), got {o.mask_ratio}")
         self.cfg = o
         self.views = (View("image", cfg.data.image_size),)
         self.encoder = V.create_encoder(cfg.model, cfg.data.image_size)
@@ -56,7 +56,9 @@ class MAE(Method):
         self.grid = V.grid_size(self.encoder)
         self.num_patches = self.grid[0] * self.grid[1]
         if int(self.num_patches * (1 - o.mask_ratio)) < 1:
-            raise ConfigError(f"{self.name}.mask_ratio {o.mask_ratio} leaves no visible patch of {self.num_patches}")
+            raise ConfigError(
+                f"{self.section_name()}.mask_ratio {o.mask_ratio} leaves no visible patch of {self.num_patches}"
+            )
         self.decoder = MaskedDecoder(
             self.encoder.embed_dim,
             o.decoder_dim,

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, PositiveFloat, PositiveInt, Probability
-from ..data.augment import ColorAugment
+from ..data.augment import ColorSpec
 from ..data.views import View
 from ..ema import cosine_momentum, ema_update, make_teacher
 from ..models import vit as V
 from .base import Method
+from .parts import ViewColour, bn_mlp, info_nce
 
 
 @dataclass
@@ -55,16 +55,6 @@ def check_options(o: MoCoV3Options) -> None:
         raise ConfigError(f"mocov3.blur_sigma must be 0 < low <= high, got {list(o.blur_sigma)}")
 
 
-def mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """MoCo v3's MLP: bias-free Linear layers, BN + ReLU between them, a BN without affine after the last."""
-    layers: list[nn.Module] = []
-    for i in range(num_layers):
-        last = i == num_layers - 1
-        layers.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
-        layers += [nn.BatchNorm1d(out_dim, affine=False)] if last else [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
 def init_mocov3_vit(vit: nn.Module) -> None:
     """The official ViT initialisation: xavier-uniform Linear layers with q, k and v treated as three matrices,
     zero biases, a xavier-uniform patch projection (the one that stays frozen), class token ~ N(0, 1e-6)."""
@@ -84,28 +74,11 @@ def init_mocov3_vit(vit: nn.Module) -> None:
     nn.init.normal_(vit.cls_token, std=1e-6)
 
 
-@torch.no_grad()
-def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(N, d) this process's keys -> ((world * N, d) every process's keys in rank order, index of this process's
-    first key). One process: (k, 0). Equal N on every rank (the sampler's batches are full)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return k, 0
-    parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, k.contiguous())
-    return torch.cat(parts), k.shape[0] * dist.get_rank()
-
-
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """ctr(q, k): (N, d) queries, (N, d) keys -> (loss, top-1 accuracy). Cosine logits of each query against the
-    keys of all processes / temperature; the positive of query i is key i of this process; the cross-entropy is
-    scaled by 2 * temperature (the official `contrastive_loss`)."""
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(k.float(), dim=1)
-    keys, offset = gather_keys(k)
-    logits = q @ keys.t() / temperature  # (N, world * N)
-    labels = torch.arange(q.shape[0], device=q.device) + offset
-    acc = (logits.detach().argmax(dim=1) == labels).float().mean()
-    return F.cross_entropy(logits, labels) * (2 * temperature), acc
+    """ctr(q, k): (N, d) queries, (N, d) keys -> (loss, top-1 accuracy). InfoNCE of each query against the keys
+    of all processes, scaled by 2 * temperature (the official `contrastive_loss`)."""
+    loss, acc = info_nce(q, k, temperature, gather=True)
+    return loss * (2 * temperature), acc
 
 
 class MoCoV3(Method):
@@ -120,20 +93,19 @@ class MoCoV3(Method):
         check_options(o)
         self.cfg = o
         size = cfg.data.image_size
-        # [0, 1] crops: colour is perturbed on the device, then both views are mean/std-normalised
-        self.views = (View("image", size, normalize="unit"), View("target", size, crop_group=1, normalize="unit"))
-        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
-        self.color = tuple(
-            ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p[i], o.blur_sigma, o.solarize_p[i])
-            for i in range(2)
+        # two independent crops, each with its own colour (blur and solarize differ per view), on the device
+        spec = dict(
+            jitter=tuple(o.jitter), jitter_p=o.jitter_p, grayscale_p=o.grayscale_p, blur_sigma=tuple(o.blur_sigma)
         )
+        color = [ColorSpec(**spec, blur_p=o.blur_p[i], solarize_p=o.solarize_p[i], blur_reference=None) for i in (0, 1)]
+        self.views = (View("image", size, color=color[0]), View("target", size, crop_group=1, color=color[1]))
+        self.color = ViewColour(self.views, cfg.data.mean, cfg.data.std)
         vit = V.create_encoder(cfg.model, size)
         init_mocov3_vit(vit)
         if o.freeze_patch_embed:
             vit.patch_embed.requires_grad_(False)
-        self.base = nn.ModuleDict({"vit": vit, "proj": mlp(3, vit.embed_dim, o.proj_hidden, o.proj_dim)})
-        self.predictor = mlp(2, o.proj_dim, o.pred_hidden, o.proj_dim)
+        self.base = nn.ModuleDict({"vit": vit, "proj": bn_mlp(3, vit.embed_dim, o.proj_hidden, o.proj_dim)})
+        self.predictor = bn_mlp(2, o.proj_dim, o.pred_hidden, o.proj_dim)
         self.momentum = make_teacher(self.base)  # same names: the EMA matches parameters by name
         if o.sync_bn and dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
             nn.SyncBatchNorm.convert_sync_batchnorm(self)  # in place: the BN layers are children of children
@@ -152,13 +124,9 @@ class MoCoV3(Method):
 
     # ---- steps -------------------------------------------------------------------------------------------
     def augment(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two crops (B, 3, H, W) in [0, 1] -> their colour-perturbed, mean/std-normalised views (no gradient)."""
-        with torch.autocast(x1.device.type, enabled=False):
-            return self.normalize(self.color[0](x1)), self.normalize(self.color[1](x2))
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> mean/std-normalised (data.mean / data.std)."""
-        return (x - self.mean) / self.std
+        """Two crops (B, 3, H, W), normalised -> their colour-perturbed views, normalised (no gradient)."""
+        out = self.color({"image": x1, "target": x2})
+        return out["image"], out["target"]
 
     def encode(self, vit: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views (B, 3, H, W) in one pass of `vit` (no op mixes samples) -> two (B, D) class tokens."""
@@ -203,4 +171,4 @@ class MoCoV3(Method):
         """Rows of crop 1 | its perturbed view | crop 2 | its perturbed view (what the two encoders see)."""
         x1, x2 = batch["image"].float(), batch["target"].float()
         v1, v2 = self.augment(x1, x2)
-        return torch.cat([self.normalize(x1), v1, self.normalize(x2), v2], dim=3)  # the caller un-normalises
+        return torch.cat([x1, v1, x2, v2], dim=3)  # the caller un-normalises

@@ -13,6 +13,7 @@ import re
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models import checkpoint_seq
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
@@ -141,6 +142,18 @@ def patch_pos_embed(vit: VisionTransformer) -> torch.Tensor:
 def embed_patches(vit: VisionTransformer, imgs: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, D) patch embeddings with their position embedding added (before any masking)."""
     return vit.patch_embed(imgs) + patch_pos_embed(vit)
+
+
+def embed_patches_any_size(vit: VisionTransformer, imgs: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w), sides divisible by the patch size -> (B, n, D) patch embeddings plus the position table
+    resampled (bicubic) to the h/p x w/p grid, as DINO's `interpolate_pos_encoding`: a smaller crop's tokens span
+    the whole table (multi-crop). At the encoder's own size: `embed_patches`."""
+    if tuple(imgs.shape[-2:]) == tuple(vit.patch_embed.img_size):
+        return embed_patches(vit, imgs)
+    p = patch_size(vit)
+    x = vit.patch_embed.norm(vit.patch_embed.proj(imgs).flatten(2).transpose(1, 2))
+    grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
+    return x + resample_abs_pos_embed(patch_pos_embed(vit), list(grid), list(grid_size(vit)), num_prefix_tokens=0)
 
 
 def prefix_tokens(vit: VisionTransformer, batch_size: int) -> torch.Tensor:
