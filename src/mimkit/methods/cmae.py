@@ -50,8 +50,8 @@ class CMAEOptions(MAEOptions):
     pos_weight: NonNegFloat = 0.1
     # contrastive: pooled visible tokens of the masked crop vs the whole second crop through the target encoder
     target_encoder: Literal["ema", "shared"] = "ema"  # momentum copy (mimkit.ema) | the online encoder; both no-grad
-    # EMA momentum: a cosine from a base to momentum_final; the base is `momentum` (rule fixed) or sized to the run
-    # (rule budget: half-life at step 0 = momentum_half_life x the run's steps; mimkit.ema)
+    # EMA momentum: a cosine from a base to momentum_final; the base is `momentum` (rule fixed) or, rule budget,
+    # `momentum` lowered where needed so the half-life at step 0 is at most momentum_half_life x the run (mimkit.ema)
     momentum_rule: MomentumRule = "budget"
     momentum: Probability = 0.996
     momentum_final: Probability = 1.0

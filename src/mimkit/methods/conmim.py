@@ -56,8 +56,9 @@ class ConMIMOptions:
     mask_bank: NonNegInt = 0  # block: > 0 draws masks on the device from this many precomputed (x8 flips) ones
     temperature: PositiveFloat = 0.1  # InfoNCE temperature on L2-normalised projections
     # the teacher's EMA momentum: a cosine from a base to momentum_final; the base is `momentum` (rule fixed: the
-    # reference's 0.996, for its 500k steps) or sized to the run (rule budget: the teacher's half-life at step 0 is
-    # momentum_half_life x the run's steps; mimkit.ema, docs/methods.md "Teachers that fit the budget")
+    # reference's 0.996, for its 500k steps) or, rule budget, `momentum` lowered where needed so that the teacher's
+    # half-life at step 0 is at most momentum_half_life x the run's steps (mimkit.ema; docs/methods.md, "Teachers
+    # that fit the budget")
     momentum_rule: MomentumRule = "budget"
     momentum: Probability = 0.996
     momentum_final: Probability = 1.0

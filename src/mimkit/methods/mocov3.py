@@ -32,7 +32,8 @@ class MoCoV3Options:
 
     temperature: PositiveFloat = 0.2  # --moco-t .2 (ViT)
     # momentum: a half cosine from a base to momentum_final (--moco-m-cos); the base is `momentum` (rule fixed:
-    # --moco-m 0.99, for 300 epochs of 313 steps) or sized to the run (rule budget; mimkit.ema)
+    # --moco-m 0.99, for 300 epochs of 313 steps) or, rule budget, `momentum` lowered where needed so the half-life
+    # at step 0 is at most momentum_half_life x the run (mimkit.ema)
     momentum_rule: MomentumRule = "budget"
     momentum: Probability = 0.99
     momentum_final: Probability = 1.0
