@@ -316,3 +316,21 @@ def test_export_choice_without_labels_or_with_a_setting():
         == "exported the student encoder (conmim.export_encoder=student)"
     )
     assert m.encoder is m.student["vit"] and m.export_meta() == {"encoder": "student"}
+
+
+def test_sincos_variant_tokens_are_not_swamped_by_position():
+    """mimkit's vit_* variant adds a fixed sin-cos table (RMS 0.71): with BEiT's patch init alone the content part
+    of a token was 1/16 of it (RMS 0.04), so every image started as nearly the same tokens (docs/methods.md, the
+    ConMIM diagnosis). The patch projection is MAE's xavier there; the reference's beit_* encoder keeps BEiT's."""
+    from mimkit.models import vit as V
+
+    x = torch.rand(32, 3, 16, 16) * 2 - 1
+    m = make("conmim.center_teacher=true")
+    vit = m.student["vit"]
+    content = vit.patch_embed(x).pow(2).mean().sqrt()
+    position = V.patch_pos_embed(vit).pow(2).mean().sqrt()
+    assert content > 0.3 * position
+    assert torch.equal(m.teacher["vit"].patch_embed.proj.weight, vit.patch_embed.proj.weight)
+    beit = make("model.name=beit_base_patch16_224")
+    w = beit.student["vit"].patch_embed.proj.weight
+    assert w.abs().max() <= 0.02 + 1e-6  # BEiT's trunc-normal cut at +-1 std, untouched
