@@ -117,3 +117,14 @@ def test_every_teacher_moves_by_the_rule(method):
 def test_half_life_must_be_a_fraction():
     with pytest.raises(ConfigError, match="conmim.momentum_half_life"):
         build_config([], None, ["conmim.momentum_half_life=0"])
+
+
+def test_methods_without_a_teacher_print_no_export_line(tmp_path, capsys):
+    from helpers import TINY
+
+    from mimkit.cli import main
+
+    argv = ["pretrain", "--data", "demo", "--max-images", "64", "--epochs", "1", "--out", str(tmp_path / "mae")]
+    assert main([*argv, *TINY, "eval.max_eval_images=32"]) == 0
+    out = capsys.readouterr().out
+    assert "exported the " not in out and "\nNone\n" not in out

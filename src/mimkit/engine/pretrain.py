@@ -173,7 +173,9 @@ class PretrainTask(Task):
         card = {"method": cfg.method, "data": data_name(cfg.data.path), "train_images": self.num_images,
                 "epochs": cfg.train.epochs, "steps": steps,
                 "effective_batch": self.batch_size * self.rt.world * cfg.optim.accum_steps}  # fmt: skip
-        say(choose_export(self.module, cfg, self.splits, self.rt.device))
+        choice = choose_export(self.module, cfg, self.splits, self.rt.device)
+        if choice:
+            say(choice)
         enc_dir = export_method(self.module, cfg, out / "encoder", card)
         summary = {"method": cfg.method, "steps": steps, "encoder": str(enc_dir), "pool": cfg.eval.pool}
         say(f"encoder exported to '{enc_dir}' (timm.create_model('local-dir:{enc_dir}', pretrained=True))")
