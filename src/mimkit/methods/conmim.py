@@ -107,24 +107,6 @@ def check_config(o, num_patches: int, grid: tuple[int, int], cell: int) -> int:
     return masked
 
 
-def fixed_absolute_positions(vit: nn.Module) -> bool:
-    """True for mimkit's sin-cos variant (a vit_* encoder: a fixed absolute position table added to the tokens)."""
-    pos = getattr(vit, "pos_embed", None)
-    return isinstance(pos, nn.Parameter) and not pos.requires_grad
-
-
-def init_patch_embed_like_mae(vit: nn.Module) -> None:
-    """The patch projection as MAE initialises its sin-cos ViT (xavier-uniform on the weight as a Linear, bias 0).
-    BEiT's trunc-normal 0.02 cut at +-1 std makes patch embeddings of RMS ~0.04 on normalised pixels; the reference
-    adds no absolute position, so their scale does not matter (every block starts with a LayerNorm), but beside a
-    fixed sin-cos table of RMS 0.71 they are 1/16 of each token and every image's tokens start nearly alike
-    (docs/methods.md, "ConMIM: the diagnosis"). Xavier gives content and position comparable scales (RMS ~0.44)."""
-    w = vit.patch_embed.proj.weight
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    if vit.patch_embed.proj.bias is not None:
-        nn.init.zeros_(vit.patch_embed.proj.bias)
-
-
 class ConMIM(Method):
     """ConMIM: masked patches contrasted against an EMA teacher's patches of the same image."""
 
@@ -158,8 +140,7 @@ class ConMIM(Method):
         # the reference's initialisation (BEiT's): encoder and projector trunc-normal 0.02 cut at +-1 std
         V.init_beit_encoder(vit)
         V.init_beit_weights(self.student["proj"])
-        if fixed_absolute_positions(vit):
-            init_patch_embed_like_mae(vit)
+        V.init_sincos_patch_embed(vit)  # vit_* only: content at the scale of the sin-cos table
         self.teacher = make_teacher(self.student)  # same names, so the EMA matches parameters by name
         self.exported = "teacher" if o.export_encoder == "auto" else o.export_encoder
         sigma = scale_sigma(o.blur_sigma, cfg.data.image_size)
