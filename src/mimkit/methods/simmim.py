@@ -52,7 +52,6 @@ class SimMIM(Method):
         self.mask_token = V.new_mask_token(dim)
         # SimMIM's ViT initialises as BEiT's (its VisionTransformerForSimMIM cuts the trunc-normal at +-1 std)
         V.init_beit_encoder(self.encoder)
-        V.init_sincos_patch_embed(self.encoder)  # vit_* only: content at the scale of the sin-cos table
         # SimMIM's decoder is a 1x1 conv to p*p*3 channels + PixelShuffle: a per-token Linear is the same map, and
         # keeps PyTorch's default initialisation as the conv does
         self.head = nn.Linear(dim, self.patch**2 * 3)
