@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import timm
@@ -90,7 +91,7 @@ def test_centering_removes_the_position_shortcut():
 
 
 def test_teacher_gets_no_gradient_and_moves_by_the_ema_rule():
-    m = make("conmim.momentum=0.9").train()
+    m = make("conmim.momentum=0.9", "conmim.momentum_rule=fixed").train()
     assert not any(p.requires_grad for p in m.teacher.parameters())
     opt = build_optimizer(m, build_config([], None, SMALL).optim, 1e-2, m.no_weight_decay(), torch.device("cpu"))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -176,7 +177,7 @@ def test_mask_bank_is_seeded_and_on_device():
         ("conmim.mask_ratio=1.5", "conmim.mask_ratio 1.5 leaves no visible patch"),
         ("conmim.blur_p=2", "conmim.blur_p must be in [0, 1], got 2"),
         ("conmim.mask_mode=random", "conmim.mask_mode must be 'block' or 'coarse'"),
-        ("conmim.export_encoder=ema", "conmim.export_encoder must be 'teacher' or 'student'"),
+        ("conmim.export_encoder=ema", "conmim.export_encoder must be 'teacher', 'student' or 'auto'"),
         ("conmim.mask_bank=-1", "conmim.mask_bank must be >= 0"),
     ],
 )
@@ -189,7 +190,7 @@ def test_bad_config_names_the_key(override, message):
 def test_cli_pretrain_export_visualize(tmp_path, capsys, labeled_folder):
     out = tmp_path / "run"
     argv = ["pretrain", "--method", "conmim", "--data", str(labeled_folder), "--out", str(out), "--epochs", "1"]
-    code = main([*argv, *TINY, "conmim.proj_hidden=32", "conmim.proj_dim=16"])
+    code = main([*argv, *TINY, "conmim.proj_hidden=32", "conmim.proj_dim=16", "conmim.export_encoder=teacher"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "conmim" and summary["steps"] == 3 and "knn_top1_random_init" in summary
@@ -273,3 +274,63 @@ def test_reference_backbone_init_masks_and_blur():
 def test_contrastive_crop_boxes_come_from_the_online_encoder():
     m = make()
     assert m.ccrop_encoder is m.student["vit"] and m.encoder is m.teacher["vit"]
+
+
+def test_export_auto_measures_both_encoders_and_says_which(tmp_path, capsys, labeled_folder):
+    """conmim.export_encoder=auto (the default): at the end of a run on labeled data, one line names the exported
+    encoder and the k-NN (among training images) that chose it; the export holds that encoder's weights."""
+    out = tmp_path / "run"
+    argv = ["pretrain", "--method", "conmim", "--data", str(labeled_folder), "--out", str(out), "--epochs", "1"]
+    assert main([*argv, *TINY, "conmim.proj_hidden=32", "conmim.proj_dim=16"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("exported the ")]
+    assert len(lines) == 1
+    m = re.fullmatch(r"exported the (student|teacher) encoder \(conmim\.export_encoder=auto: k-NN top-1 student "
+                     r"([0-9.]+), teacher ([0-9.]+) on \d+ training images, half as memory, half as queries\)",
+                     lines[0])  # fmt: skip
+    assert m, lines[0]
+    chosen, student, teacher = m.group(1), float(m.group(2)), float(m.group(3))
+    assert chosen == ("student" if student > teacher else "teacher")
+    assert json.loads((out / "encoder" / "config.json").read_text())["mimkit"]["encoder"] == chosen
+    model = timm.create_model(f"local-dir:{out / 'encoder'}", pretrained=True)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    prefix = f"{chosen}.vit."
+    ref = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    assert ref and all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
+
+
+def test_export_choice_without_labels_or_with_a_setting():
+    from mimkit.data import Splits
+    from mimkit.engine.pretrain import choose_export
+
+    cfg = build_config([], None, SMALL)
+    m = make()
+    line = choose_export(m, cfg, Splits(None, None, None), "cpu")
+    assert (
+        line == "exported the teacher encoder (conmim.export_encoder=auto, no labeled training images to "
+        "measure: the fallback)"
+    )
+    assert m.encoder is m.teacher["vit"]
+    m = make("conmim.export_encoder=student")
+    assert (
+        choose_export(m, cfg, Splits(None, None, None), "cpu")
+        == "exported the student encoder (conmim.export_encoder=student)"
+    )
+    assert m.encoder is m.student["vit"] and m.export_meta() == {"encoder": "student"}
+
+
+def test_sincos_variant_tokens_are_not_swamped_by_position():
+    """mimkit's vit_* variant adds a fixed sin-cos table (RMS 0.71): with BEiT's patch init alone the content part
+    of a token was 1/16 of it (RMS 0.04), so every image started as nearly the same tokens (docs/methods.md, the
+    ConMIM diagnosis). The patch projection is MAE's xavier there; the reference's beit_* encoder keeps BEiT's."""
+    from mimkit.models import vit as V
+
+    x = torch.rand(32, 3, 16, 16) * 2 - 1
+    m = make("conmim.center_teacher=true")
+    vit = m.student["vit"]
+    content = vit.patch_embed(x).pow(2).mean().sqrt()
+    position = V.patch_pos_embed(vit).pow(2).mean().sqrt()
+    assert content > 0.3 * position
+    assert torch.equal(m.teacher["vit"].patch_embed.proj.weight, vit.patch_embed.proj.weight)
+    beit = make("model.name=beit_base_patch16_224")
+    w = beit.student["vit"].patch_embed.proj.weight
+    assert w.abs().max() <= 0.02 + 1e-6  # BEiT's trunc-normal cut at +-1 std, untouched

@@ -174,6 +174,9 @@ class PretrainTask(Task):
         card = {"method": cfg.method, "data": data_name(cfg.data.path), "train_images": self.num_images,
                 "epochs": cfg.train.epochs, "steps": steps,
                 "effective_batch": self.batch_size * self.rt.world * cfg.optim.accum_steps}  # fmt: skip
+        choice = choose_export(self.module, cfg, self.splits, self.rt.device)
+        if choice:
+            say(choice)
         enc_dir = export_method(self.module, cfg, out / "encoder", card)
         summary = {"method": cfg.method, "steps": steps, "encoder": str(enc_dir), "pool": cfg.eval.pool}
         say(f"encoder exported to '{enc_dir}' (timm.create_model('local-dir:{enc_dir}', pretrained=True))")
@@ -196,6 +199,41 @@ class PretrainTask(Task):
             say(f"  random-init encoder  {baseline['top1']:.4f}")
         replace_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def choose_export(method: Method, cfg: Config, splits: Splits, device, max_images: int = 2000) -> str | None:
+    """For a method with a student and an EMA teacher (`Method.export_options`): select the encoder to export and
+    -> one line saying which and why (None for other methods). A setting of 'auto' measures both by k-NN among the
+    *training* images (up to `max_images` of them, seeded: even ones as memory, odd ones as queries; the held-out
+    split that the run reports is not used to choose) and keeps the better (ties: the fallback); without labels,
+    the fallback. `eval.*` gives k, temperature and pooling."""
+    options = method.export_options()
+    if options is None:
+        return None
+    key, setting, encoders, fallback = options
+    if setting != "auto":
+        method.select_encoder(setting)
+        return f"exported the {setting} encoder ({key}={setting})"
+    source = splits.memory
+    if source is None or not source.labeled or len(source) < 4:
+        method.select_encoder(fallback)
+        return f"exported the {fallback} encoder ({key}=auto, no labeled training images to measure: the fallback)"
+    from ..data.folder import seeded_subset
+    from ..eval.features import extract
+    from ..eval.knn import knn_accuracy
+
+    picked = seeded_subset(source, max_images, cfg.train.seed, key="eval.max_eval_images")
+    top1 = {}
+    for name, enc in encoders.items():
+        feats, labels = extract(enc, picked, cfg.data, cfg.data.image_size, device, cfg.eval.pool)
+        r = knn_accuracy(feats[0::2], labels[0::2], feats[1::2], labels[1::2], len(source.classes), cfg.eval.knn_k,
+                         cfg.eval.knn_temperature)  # fmt: skip
+        top1[name] = r["top1"]
+    best = max(top1, key=lambda n: (top1[n], n == fallback))
+    method.select_encoder(best)
+    scores = ", ".join(f"{n} {v:.4f}" for n, v in top1.items())
+    return (f"exported the {best} encoder ({key}=auto: k-NN top-1 {scores} on {len(picked)} training images, half "
+            f"as memory, half as queries)")  # fmt: skip
 
 
 def data_name(path: str) -> str:

@@ -28,7 +28,9 @@ class Method(nn.Module):
     - `no_weight_decay()`: parameter names without weight decay beyond the 1-D ones; `lr_scale(name)`: a
       parameter's lr relative to the run's (default 1);
     - optional, declared on the class: `needs_tokenizer` (the run needs `tokenizer.path`), `on_epoch_end(ctx)`
-      (per-epoch work; the dict it returns is logged), `export_meta()` (extra keys for the export's metadata).
+      (per-epoch work; the dict it returns is logged), `export_meta()` (extra keys for the export's metadata);
+    - optional, for methods with an EMA teacher: `export_options()` (the encoders a run may export, the setting
+      and the fallback) and `select_encoder(name)`; `engine.pretrain.choose_export` decides at the end of a run.
     """
 
     name: ClassVar[str] = ""
@@ -57,6 +59,15 @@ class Method(nn.Module):
     def export_meta(self) -> dict:
         """Method-specific metadata stored beside the exported encoder (default: none)."""
         return {}
+
+    def export_options(self) -> tuple[str, str, dict[str, nn.Module], str] | None:
+        """(option key, its value, {name: encoder}, fallback name) when the method can export one of several
+        encoders (student or EMA teacher): value 'auto' lets the run choose by measurement; None: only `encoder`."""
+        return None
+
+    def select_encoder(self, name: str) -> None:
+        """Make `encoder` the one named `name` (a key of `export_options()`'s dict)."""
+        raise NotImplementedError(f"method '{self.name}' exports one encoder only")
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that must not get weight decay, beyond the 1-D ones (biases, norms)."""

@@ -27,7 +27,7 @@ from ..config import Config, ConfigError, NonNegFloat, PositiveFloat, PositiveIn
 from ..data.augment import ColorSpec
 from ..data.ccrop import outline_boxes
 from ..data.views import View
-from ..ema import cosine_momentum, ema_update, make_teacher
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule, ema_update, make_teacher, momentum_of
 from ..masking import gather_tokens
 from ..models import vit as V
 from .mae import MAE, MAEOptions, init_mae_weights
@@ -51,8 +51,15 @@ class CMAEOptions(MAEOptions):
     pos_weight: NonNegFloat = 0.1
     # contrastive: pooled visible tokens of the masked crop vs the whole second crop through the target encoder
     target_encoder: Literal["ema", "shared"] = "ema"  # momentum copy (mimkit.ema) | the online encoder; both no-grad
-    momentum: Probability = 0.996  # EMA momentum at step 0, raised by a cosine to momentum_final
+    # EMA momentum: a cosine from a base to momentum_final; the base is `momentum` (rule fixed) or, rule budget,
+    # `momentum` lowered where needed so the half-life at step 0 is at most momentum_half_life x the run (mimkit.ema)
+    momentum_rule: MomentumRule = "budget"
+    momentum: Probability = 0.996
     momentum_final: Probability = 1.0
+    momentum_half_life: HalfLife = BUDGET_HALF_LIFE
+    # which ViT goes downstream: the online one (student), the EMA target (teacher), or auto: the better by k-NN
+    # among the training images at the end of a run on labeled data (the student otherwise)
+    export_encoder: Literal["student", "teacher", "auto"] = "auto"
     temperature: PositiveFloat = 0.2  # InfoNCE over the batch, symmetric [UNVERIFIED: MoCo's 0.2]
     pool: Literal["avg", "cls"] = "avg"  # mean of patch tokens | class token
     proj_hidden: PositiveInt = 1024  # projector D -> hidden -> proj_dim (predictor proj_dim -> hidden -> proj_dim)
@@ -110,6 +117,7 @@ class CMAE(MAE):
             del self.decoder
             self.decoder = None
         self.target_projector = self.target_vit = None
+        self.exported_teacher = False
         if self.weights["contrast"]:
             size = cfg.data.image_size
             color = color_spec(o)
@@ -127,6 +135,22 @@ class CMAE(MAE):
         if self.weights["pos"]:
             self.pos_head = nn.Linear(dim, self.num_patches)
             init_mae_weights(self.pos_head)
+
+    def export_options(self):
+        if self.target_vit is None:
+            return None
+        return ("cmae.export_encoder", self.cfg.export_encoder, {"student": self.encoder, "teacher": self.target_vit},
+                "student")  # fmt: skip
+
+    def select_encoder(self, name: str) -> None:
+        """After the run: the teacher becomes `encoder` (the two swap places; the run's last checkpoint, saved
+        before, keeps the online encoder under `encoder`)."""
+        if name == "teacher" and not self.exported_teacher:
+            self.encoder, self.target_vit = self.target_vit, self.encoder
+            self.exported_teacher = True
+
+    def export_meta(self) -> dict:
+        return {"encoder": "teacher" if self.exported_teacher else "student"}
 
     def train(self, mode: bool = True):
         """The EMA target stays in eval mode (no drop-path on the targets)."""
@@ -209,7 +233,7 @@ class CMAE(MAE):
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.target_vit is not None:
-            m = cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
+            m = momentum_of(self.cfg, step, total_steps)
             ema_update(self.target_vit, self.encoder, m)
             ema_update(self.target_projector, self.projector, m)
 

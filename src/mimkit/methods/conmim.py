@@ -21,7 +21,7 @@ from torch import nn
 from ..config import Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorAugment, scale_sigma
 from ..data.views import View
-from ..ema import cosine_momentum, ema_update, make_teacher
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule, ema_update, make_teacher, momentum_of
 from ..masking import block_mask_count, blockwise_masking, coarse_random_masking, mask_cell
 from ..models import vit as V
 from .base import Method
@@ -55,11 +55,19 @@ class ConMIMOptions:
     mask_patch_size: PositiveInt | None = None  # coarse: cell side in pixels, a multiple of the patch; None = 2 patches
     mask_bank: NonNegInt = 0  # block: > 0 draws masks on the device from this many precomputed (x8 flips) ones
     temperature: PositiveFloat = 0.1  # InfoNCE temperature on L2-normalised projections
-    momentum: Probability = 0.996  # teacher EMA momentum at the first step, raised by a cosine to momentum_final
+    # the teacher's EMA momentum: a cosine from a base to momentum_final; the base is `momentum` (rule fixed: the
+    # reference's 0.996, for its 500k steps) or, rule budget, `momentum` lowered where needed so that the teacher's
+    # half-life at step 0 is at most momentum_half_life x the run's steps (mimkit.ema; docs/methods.md, "Teachers
+    # that fit the budget")
+    momentum_rule: MomentumRule = "budget"
+    momentum: Probability = 0.996
     momentum_final: Probability = 1.0
+    momentum_half_life: HalfLife = BUDGET_HALF_LIFE
     proj_hidden: PositiveInt = 1024  # per-token MLP projector width (the paper: 4096 for ViT-B/L; costly on small ViTs)
     proj_dim: PositiveInt = 256  # projection size (the paper: 256)
-    export_encoder: Literal["teacher", "student"] = "teacher"  # which ViT goes downstream (the reference: teacher)
+    # which ViT goes downstream: the EMA teacher (the reference's), the student, or auto: the better of the two by
+    # k-NN among the training images at the end of a run on labeled data (the teacher on unlabeled data)
+    export_encoder: Literal["teacher", "student", "auto"] = "auto"
     center_teacher: bool = False  # subtract the teacher's per-position batch mean (not in the reference; see docs)
     # the strong perturbation of the teacher's view (batched, on the device; see mimkit.data.augment)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
@@ -132,7 +140,9 @@ class ConMIM(Method):
         # the reference's initialisation (BEiT's): encoder and projector trunc-normal 0.02 cut at +-1 std
         V.init_beit_encoder(vit)
         V.init_beit_weights(self.student["proj"])
+        V.init_sincos_patch_embed(vit)  # vit_* only: content at the scale of the sin-cos table
         self.teacher = make_teacher(self.student)  # same names, so the EMA matches parameters by name
+        self.exported = "teacher" if o.export_encoder == "auto" else o.export_encoder
         sigma = scale_sigma(o.blur_sigma, cfg.data.image_size)
         self.augment = ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p, sigma, o.solarize_p)
         self.bank_seed = cfg.train.seed
@@ -140,8 +150,16 @@ class ConMIM(Method):
 
     @property
     def encoder(self) -> nn.Module:
-        """The timm ViT (or Beit) that is evaluated and exported: the EMA teacher's (default) or the student's."""
-        return self.teacher["vit"] if self.cfg.export_encoder == "teacher" else self.student["vit"]
+        """The timm ViT (or Beit) that is evaluated and exported: the EMA teacher's or the student's
+        (`conmim.export_encoder`; under auto the teacher until the end of the run chooses, `select_encoder`)."""
+        return self.teacher["vit"] if self.exported == "teacher" else self.student["vit"]
+
+    def export_options(self):
+        return ("conmim.export_encoder", self.cfg.export_encoder,
+                {"student": self.student["vit"], "teacher": self.teacher["vit"]}, "teacher")  # fmt: skip
+
+    def select_encoder(self, name: str) -> None:
+        self.exported = name
 
     @property
     def ccrop_encoder(self) -> nn.Module:
@@ -234,8 +252,7 @@ class ConMIM(Method):
         return loss, metrics
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
-        ema_update(self.teacher, self.student, m)
+        ema_update(self.teacher, self.student, momentum_of(self.cfg, step, total_steps))
 
     def no_weight_decay(self) -> set[str]:
         """The reference's (BEiT's optim_factory with the model's no_weight_decay): the class token and absolute
@@ -243,7 +260,7 @@ class ConMIM(Method):
         return {"student.vit.cls_token", "student.vit.pos_embed"}
 
     def export_meta(self) -> dict:
-        return {"encoder": self.cfg.export_encoder}
+        return {"encoder": self.exported}
 
     @torch.no_grad()
     def similarity_maps(self, x: torch.Tensor, num_queries: int = 3):

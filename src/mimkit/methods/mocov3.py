@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from torch import nn
 from ..config import Config, ConfigError, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.views import View
-from ..ema import cosine_momentum, ema_update, make_teacher
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule, ema_update, make_teacher, momentum_of
 from ..models import vit as V
 from .base import Method
 from .parts import ViewColour, bn_mlp, info_nce
@@ -30,12 +31,20 @@ class MoCoV3Options:
     """The official ViT recipe's values (facebookresearch/moco-v3 main_moco.py, CONFIG.md) unless noted."""
 
     temperature: PositiveFloat = 0.2  # --moco-t .2 (ViT)
-    momentum: Probability = 0.99  # momentum at step 0, raised by a half cosine to momentum_final (--moco-m-cos)
+    # momentum: a half cosine from a base to momentum_final (--moco-m-cos); the base is `momentum` (rule fixed:
+    # --moco-m 0.99, for 300 epochs of 313 steps) or, rule budget, `momentum` lowered where needed so the half-life
+    # at step 0 is at most momentum_half_life x the run (mimkit.ema)
+    momentum_rule: MomentumRule = "budget"
+    momentum: Probability = 0.99
     momentum_final: Probability = 1.0
+    momentum_half_life: HalfLife = BUDGET_HALF_LIFE
     # MLP widths: the paper's 4096 / 256 / 4096 cost more than a ViT-Tiny itself; 1024 suits ViT-Tiny/Small
     proj_hidden: PositiveInt = 1024  # projector: 3 layers, Linear-BN-ReLU x 2, Linear-BN (no affine)
     proj_dim: PositiveInt = 256
     pred_hidden: PositiveInt = 1024  # predictor: 2 layers, Linear-BN-ReLU, Linear-BN (no affine)
+    # which ViT goes downstream: the base one (student, the paper's), the momentum one (teacher), or auto: the
+    # better by k-NN among the training images at the end of a run on labeled data (the student otherwise)
+    export_encoder: Literal["student", "teacher", "auto"] = "auto"
     freeze_patch_embed: bool = True  # random, frozen patch projection (--stop-grad-conv1)
     sync_bn: bool = True  # under torch.distributed with NCCL, the MLPs' BatchNorm uses the global batch (SyncBN)
     # per-view colour perturbation (BYOL's asymmetric pipeline, as main_moco.py); pairs are (view 1, view 2)
@@ -107,13 +116,25 @@ class MoCoV3(Method):
         self.base = nn.ModuleDict({"vit": vit, "proj": bn_mlp(3, vit.embed_dim, o.proj_hidden, o.proj_dim)})
         self.predictor = bn_mlp(2, o.proj_dim, o.pred_hidden, o.proj_dim)
         self.momentum = make_teacher(self.base)  # same names: the EMA matches parameters by name
+        self.exported = "student" if o.export_encoder == "auto" else o.export_encoder
         if o.sync_bn and dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
             nn.SyncBatchNorm.convert_sync_batchnorm(self)  # in place: the BN layers are children of children
 
     @property
     def encoder(self) -> nn.Module:
-        """The base (online) timm ViT: evaluated and exported."""
-        return self.base["vit"]
+        """The timm ViT that is evaluated and exported: the base (online) one (the paper's; under
+        `mocov3.export_encoder=auto` until the end of the run chooses) or the momentum one."""
+        return self.momentum["vit"] if self.exported == "teacher" else self.base["vit"]
+
+    def export_options(self):
+        return ("mocov3.export_encoder", self.cfg.export_encoder,
+                {"student": self.base["vit"], "teacher": self.momentum["vit"]}, "student")  # fmt: skip
+
+    def select_encoder(self, name: str) -> None:
+        self.exported = name
+
+    def export_meta(self) -> dict:
+        return {"encoder": self.exported}
 
     def train(self, mode: bool = True):
         """The momentum ViT stays in eval mode (no stochastic depth on the keys); its projector keeps training
@@ -160,8 +181,7 @@ class MoCoV3(Method):
         return loss, {"loss": loss.detach(), "contrast_acc": acc.detach()}
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = cosine_momentum(step, total_steps, self.cfg.momentum, self.cfg.momentum_final)
-        ema_update(self.momentum, self.base, m)
+        ema_update(self.momentum, self.base, momentum_of(self.cfg, step, total_steps))
 
     def no_weight_decay(self) -> set[str]:
         return {"base.vit.cls_token", "base.vit.pos_embed"}

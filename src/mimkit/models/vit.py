@@ -224,6 +224,23 @@ def init_beit_encoder(vit: nn.Module, std: float = 0.02) -> None:
         block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
 
+def init_sincos_patch_embed(vit: nn.Module) -> bool:
+    """On mimkit's sin-cos variant (a vit_* encoder with a fixed absolute position table), the patch projection as
+    MAE initialises its sin-cos ViT: xavier-uniform on the weight as a Linear, bias 0. -> whether it applied.
+    After BEiT's initialisation (trunc-normal 0.02 cut at +-1 std) patch embeddings have RMS ~0.04 on normalised
+    pixels; BEiT, SimMIM and ConMIM add no absolute position, so there the scale does not matter (every block starts
+    with a LayerNorm), but beside a fixed sin-cos table of RMS 0.71 the content is 1/16 of each token and every
+    image's tokens start nearly alike (docs/methods.md, "ConMIM: the diagnosis"). Xavier gives RMS ~0.44."""
+    pos = getattr(vit, "pos_embed", None)
+    if not isinstance(pos, nn.Parameter) or pos.requires_grad:
+        return False
+    w = vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    if vit.patch_embed.proj.bias is not None:
+        nn.init.zeros_(vit.patch_embed.proj.bias)
+    return True
+
+
 def new_mask_token(dim: int, std: float = 0.02) -> nn.Parameter:
     """(1, 1, dim) learned [MASK] embedding, trunc-normal std 0.02 cut at +-1 std (BEiT, SimMIM, ConMIM)."""
     token = nn.Parameter(torch.zeros(1, 1, dim))
