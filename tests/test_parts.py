@@ -16,6 +16,7 @@ from mimkit.methods import build_method
 from mimkit.methods.parts import DINOHead, MomentumTeacher, TeacherCentre, ViewColour, info_nce
 
 MOCO = ["method=mocov3", "mocov3.proj_hidden=32", "mocov3.proj_dim=16", "mocov3.pred_hidden=32"]
+FIXED = ["mocov3.momentum_rule=fixed", "cmae.momentum_rule=fixed"]  # the schedule the values below were made with
 
 # Losses of two SGD steps on fixed images, fixed init and fixed RNG (masks, colours), computed with the code of
 # commit 61ca9f3, before InfoNCE, the heads and the colour perturbation moved onto the parts. The second step
@@ -34,7 +35,7 @@ BEFORE_PARTS = {
 def two_steps(extra) -> list[float]:
     """Loss of two plain SGD steps (lr 0.1, momentum update between them) on 8 fixed images per view."""
     torch.manual_seed(0)
-    cfg = build_config([], None, [*TINY, *extra])
+    cfg = build_config([], None, [*TINY, *FIXED, *extra])
     m = build_method(cfg)
     g = torch.Generator().manual_seed(1)
     mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)

@@ -20,6 +20,7 @@ import torch
 from ..config import Config, ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.views import View
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..masking import cell_masking, mask_cell
 from ..models import vit as V
 from ..models.decoder import MaskedDecoder
@@ -45,6 +46,8 @@ class CMAEHuangOptions(MAEOptions):
     contrast_weight: NonNegFloat = 1.0  # head.ct_weight
     momentum: Probability = 0.996  # base_momentum; MomentumUpdateHook end_momentum 0.996: constant
     momentum_final: Probability = 0.996
+    momentum_rule: MomentumRule = "budget"  # the paper's base, lowered for short runs (mimkit.ema)
+    momentum_half_life: HalfLife = BUDGET_HALF_LIFE
     shift: NonNegFloat = 32 / 224  # pixel shift: the crop is (1 + shift) x data.image_size (the official 256 / 224)
     # the target view's colour (CMAEDataset pipeline_aug): ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2,
     # Gaussian blur sigma 0.1-2 px (at 224 px) p 0.5; the online view has none
@@ -83,9 +86,10 @@ class CMAEHuang(MAE):
         init_mae_weights(self.feature_decoder)
         self.projector = bn_mlp(2, dim, o.proj_hidden, o.proj_dim, last_bn=False, hidden_bias=True, eps=1e-6)
         self.predictor = bn_mlp(2, o.proj_dim, o.proj_hidden, o.proj_dim, last_bn=False, hidden_bias=True, eps=1e-6)
-        self.target_encoder = MomentumTeacher(self.encoder, o.momentum, o.momentum_final)
+        rule = {"rule": o.momentum_rule, "half_life": o.momentum_half_life}
+        self.target_encoder = MomentumTeacher(self.encoder, o.momentum, o.momentum_final, **rule)
         # the official trains the whole model: the momentum projector's BatchNorm uses its batch's statistics
-        self.target_projector = MomentumTeacher(self.projector, o.momentum, o.momentum_final, eval_mode=False)
+        self.target_projector = MomentumTeacher(self.projector, o.momentum, o.momentum_final, eval_mode=False, **rule)
 
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device, noise=None):

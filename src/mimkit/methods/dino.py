@@ -20,6 +20,7 @@ from torch import nn
 from ..config import Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.views import View
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..models import vit as V
 from .base import Method
 from .parts import DINOHead, MomentumTeacher, TeacherCentre, ViewColour, perturb_views
@@ -39,6 +40,8 @@ class DINOOptions:
     pool: Literal["cls", "avg"] = "cls"
     momentum: Probability = 0.996  # --momentum_teacher, raised to momentum_final by a cosine
     momentum_final: Probability = 1.0
+    momentum_rule: MomentumRule = "budget"  # the paper's base, lowered for short runs (mimkit.ema)
+    momentum_half_life: HalfLife = BUDGET_HALF_LIFE
     student_temp: PositiveFloat = 0.1  # DINOLoss student_temp
     teacher_temp: PositiveFloat = 0.04  # --teacher_temp
     warmup_teacher_temp: PositiveFloat = 0.04  # --warmup_teacher_temp
@@ -123,7 +126,9 @@ class DINO(Method):
         self.color = ViewColour(self.views, cfg.data.mean, cfg.data.std)
         head = DINOHead(vit.embed_dim, o.out_dim, o.head_hidden, o.head_bottleneck, 3, o.norm_last_layer, o.head_bn)
         self.student = nn.ModuleDict({"vit": vit, "head": head})
-        self.teacher = MomentumTeacher(self.student, o.momentum, o.momentum_final)  # starts as the student
+        self.teacher = MomentumTeacher(  # starts as the student
+            self.student, o.momentum, o.momentum_final, rule=o.momentum_rule, half_life=o.momentum_half_life
+        )
         self.centre = TeacherCentre(o.out_dim, o.center_momentum)
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # saved: the schedules resume with it
 
