@@ -246,8 +246,9 @@ def train(task: Task) -> dict:
                     scaler.scale(loss / accum).backward()
                 if bad:
                     bad_seen.update(bad)
-                    if len(bad_seen) > bad_limit:
-                        raise_data(cfg, task, bad_seen, bad_limit)
+                    if len(bad_seen) > bad_limit:  # listed first: the file names are what the user needs
+                        folder.record_bad_files(pos.epoch + 1, task.bad_file_names(sorted(bad_seen)))
+                        raise_data(cfg, task, bad_seen, bad_limit, folder.bad_files)
                 window.add(loss, metrics, pos.step + 1, task.batch_size * rt.world)
                 pos.batch += 1
                 if not update:
@@ -296,7 +297,8 @@ def train(task: Task) -> dict:
                 stop.exit(folder.last)
     except DivergedError as e:
         kept = folder.after_divergence(e.step)
-        raise TrainingError(f"{e}; {kept} (try a lower optim.blr, optim.clip_grad, or train.precision=fp32)") from None
+        raise TrainingError(f"{e}; {kept} (re-run with a lower optim.blr, optim.clip_grad or train.precision=fp32, "
+                            "and --allow-config-change to go on from it)") from None  # fmt: skip
     finally:
         bar.close()
         log.close()
@@ -338,13 +340,13 @@ def raise_config(message: str):
     raise ConfigError(message)
 
 
-def raise_data(cfg: Config, task: Task, bad: set[int], limit: int):
+def raise_data(cfg: Config, task: Task, bad: set[int], limit: int, listed: Path):
     from ..errors import DataError
 
     names = task.bad_file_names(sorted(bad)[:3])
     raise DataError(
         f"{len(bad)} unreadable images in '{cfg.data.path}' this epoch, more than data.bad_file_limit="
-        f"{cfg.data.bad_file_limit} allows ({limit}); e.g. {names}"
+        f"{cfg.data.bad_file_limit} allows ({limit}); e.g. {names}, all listed in '{listed}'"
     )
 
 
