@@ -148,3 +148,9 @@ def test_conmim_on_an_absolute_position_encoder_is_not_the_degenerate_setup():
     assert not cfg.conmim.center_teacher and note.startswith("warning:") and "position alone" in note
     cfg = build_config(dotted=[*TINY, "method=conmim", "model.name=beit_base_patch16_224"])  # the paper's encoder
     assert compare.conmim_note(cfg, []) is None and not cfg.conmim.center_teacher
+
+
+def test_the_report_picture_names_the_data_not_the_machine_path():
+    results = {"data": "/home/someone/shared/data/cifar10/", "model": "vit/4 at 16px", "budget": "7min"}
+    title = compare.plot_title(results)
+    assert title == "cifar10, vit/4 at 16px - budget 7min" and "/home" not in title

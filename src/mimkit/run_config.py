@@ -9,8 +9,6 @@ import re
 from pathlib import Path
 
 from .config import Config, build_config, read_yaml
-from .models.vit import resolve_patch_size
-from .runtime import is_vit
 
 MIN_GRID = 8  # tokens per side a default model gets on small images (MAE's 75% masking leaves 16 of 64 visible)
 
@@ -62,8 +60,10 @@ def _data_name(cfg) -> str:
     minds (`runs/mae-imagenette-pq`, not `runs/mae-hf:imagenette-pq`)."""
     if cfg.data.path == "demo":
         return "demo"
-    path = re.sub(r"^[a-z][a-z0-9+]*:(//)?", "", cfg.data.path.split("::")[0])  # hf:x, s3://bucket/x
-    name = Path(path.rstrip("/")).name or Path(path).resolve().name
+    path = cfg.data.path.split("::")[0]
+    remote = re.sub(r"^[a-z][a-z0-9+]*:(//)?", "", path)  # hf:x, s3://bucket/x
+    name = Path(remote.rstrip("/")).name if remote != path else Path(path).resolve().name  # '.' -> its name
+    name = re.sub(r"[-_]?\{[^}]*\}", "", name)  # shard patterns: train-{000000..000255}.tar -> train.tar
     return re.sub(r"[^\w.-]+", "-", name).strip("-") or "data"
 
 
@@ -78,6 +78,9 @@ def small_image_patch(cfg: Config, chosen: bool) -> str | None:
     """On small images the default model's own patch (16) leaves a token grid of 2x2 at 32 px: unless the user
     chose the model, take the largest patch that divides the image into at least MIN_GRID x MIN_GRID tokens.
     -> the line that says so (None: nothing changed)."""
+    from .models.vit import resolve_patch_size  # torch and timm: not for `mimkit --help`
+    from .runtime import is_vit
+
     m, size = cfg.model, cfg.data.image_size
     if chosen or not is_vit(m.name):
         return None

@@ -29,7 +29,7 @@ from ..run_config import names_model, say_first, small_image_patch
 from ..runtime import is_vit, resolve_device
 from .downstream import build_model, encoder_spec
 from .finetune import finetune
-from .fit import fitted_batch
+from .fit import fit_workers, fitted_batch
 from .logging import say
 from .loop import Runtime, seconds_per_step
 from .pretrain import PretrainTask, data_name, pretrain
@@ -133,6 +133,7 @@ def base_config(args) -> Config:
         flags.setdefault("train", {})["device"] = args.device
     cfg = build_config(files, flags, args.overrides)
     say_first(small_image_patch(cfg, names_model(files, args)))
+    fit_workers(cfg)  # the evaluations read with the base config's workers too
     return cfg
 
 
