@@ -319,7 +319,7 @@ def cmd_methods(args) -> int:
     if args.name is None:
         for name, cls in METHODS.items():
             print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
-        print("`mimkit methods NAME` lists a method's options (set them as NAME.key=value)")
+        print("`mimkit methods NAME` lists a method's options with types and defaults (set as e.g. mae.mask_ratio=0.6)")
         return 0
     cls = method_class(args.name)
     section = cls.section_name()

@@ -84,9 +84,10 @@ def compare_from_args(args) -> dict:
         own = budget
         if METHODS[name].needs_tokenizer and budget[0] == "seconds":  # the tokenizer's time is part of its budget
             own = ("seconds", max(budget[1] - tokenizer_seconds, 1.0))
-        cfg = method_config(base, name, out / name, finished_budget(out / name) or own)
+        own_base = copy.deepcopy(base) if name == "conmim" else base
+        note = conmim_note(own_base, args.overrides) if name == "conmim" else None  # before timing its steps
+        cfg = method_config(own_base, name, out / name, finished_budget(out / name) or own)
         cfg.train.log_every = loss_log_every(cfg, num_images)
-        note = conmim_note(cfg, args.overrides) if name == "conmim" else None
         results["methods"][name] = run_one(cfg, args, evals, out / name) | ({"note": note} if note else {})
     results["scratch"] = run_scratch(base, args, evals, out / "scratch")
     write_report(out, results, evals)
