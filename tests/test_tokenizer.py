@@ -291,7 +291,9 @@ def test_resume_with_other_tokenizer_sizes_is_refused(tmp_path, capsys, labeled_
     assert main(argv) == 0
     capsys.readouterr()
     assert main([*argv, "train.epochs=2", "tokenizer.vocab_size=64"]) == 2
-    err = capsys.readouterr().err
+    assert "tokenizer.vocab_size: 32 -> 64" in capsys.readouterr().err  # another experiment: refused by name
+    assert main([*argv, "train.epochs=2", "tokenizer.vocab_size=64", "train.allow_config_change=true"]) == 2
+    err = capsys.readouterr().err  # even when asked to go on: the weights cannot fit
     assert "the checkpoint's tokenizer does not fit this run's tokenizer.* settings" in err and "size mismatch" in err
 
 

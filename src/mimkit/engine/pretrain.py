@@ -216,7 +216,8 @@ def generator_patch_from_tokenizer(cfg: Config, main: bool = True) -> None:
     """CIM with a CNN enhancer: a CNN has no patch, so the generator's pixels per token (`cim.generator_patch`)
     come from the tokenizer's grid over the run's images (8x8 tokens over 32 px: 4) when the user gave none."""
     options = cfg.sections.get(method_class(cfg.method).section_name())
-    if getattr(options, "generator_patch", 0) is not None or is_vit(cfg.model.name) or not cfg.tokenizer.path:
+    unset = hasattr(options, "generator_patch") and options.generator_patch is None  # CIM's, and left to us
+    if not unset or is_vit(cfg.model.name) or not cfg.tokenizer.path:
         return
     from ..models.tokenizer import read_tokenizer_config
 
