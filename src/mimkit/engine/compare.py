@@ -326,7 +326,7 @@ def budget_lines(results: dict) -> list[str]:
         f"Budget: {results['budget']} of pre-training per method (BEiT and CIM: their tokenizer's included); "
         f"{pretrain_s:.0f} s of pre-training in all (`pre-train s`).",
         f"Evaluation (k-NN, linear probe, fine-tuning) is outside the budget: {eval_s:.0f} s in all (`eval s`); "
-        "the command's wall time is about the sum of both.",
+        "the command's wall time is both plus the few steps timed per method to size its epochs.",
     ]
 
 
