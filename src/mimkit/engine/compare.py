@@ -318,7 +318,7 @@ def write_report(out: Path, results: dict, evals: list[str]) -> None:
 
 def budget_lines(results: dict) -> list[str]:
     """What the budget covered and what it did not: pre-training (and the tokenizer) is inside it, every
-    evaluation outside, so the command's wall time is the sum of both columns."""
+    evaluation outside; the command also times a few steps per method to size its epochs."""
     runs = [*results["methods"].values(), results["scratch"]]
     pretrain_s = sum(r.get("pretrain_seconds") or 0 for r in runs) + results.get("tokenizer", {}).get("seconds", 0)
     eval_s = sum(r.get("eval_seconds", 0) for r in runs)
