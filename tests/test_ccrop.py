@@ -182,7 +182,9 @@ def test_box_state_survives_checkpoint_and_resume(tmp_path, labeled_folder, monk
     # the same run folder with another subset: the saved boxes do not fit, and the error names the file
     capsys.readouterr()
     assert main(["pretrain", "--out", str(tmp_path / "cut"), *base, "--max-images", "32"]) == 2
-    err = capsys.readouterr().err
+    assert "data.max_images: None -> 32" in capsys.readouterr().err  # another experiment: refused by name
+    assert main(["pretrain", "--out", str(tmp_path / "cut"), *base, "--max-images", "32", "--allow-config-change"]) == 2
+    err = capsys.readouterr().err  # even when asked to go on: the saved boxes cannot fit
     assert "last.pt' holds ContrastiveCrop boxes for 48 images but the training set has 32" in err
 
 

@@ -54,6 +54,7 @@ def test_compare_runs_methods_writes_report_and_resumes(tmp_path, capsys, labele
         *TINY,
         *tok,
         *gen,
+        "eval.knn_every=1",  # a recipe's k-NN monitor reaches the methods, not the tokenizer (README's compare)
     ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
@@ -74,7 +75,12 @@ def test_compare_runs_methods_writes_report_and_resumes(tmp_path, capsys, labele
     assert report["tokenizer"] == {"epochs": 1, "seconds": tok_run["seconds"]} and "steps" in tok_run
     table = (out / "report.md").read_text()
     assert "| mae | 1 |" in table and "| cim-revdet | 1 |" in table and "random init (scratch)" in table
-    assert f"| (VQ tokenizer for BEiT/CIM) | 1 | {tok_run['seconds']} |" in table
+    assert f"| (VQ tokenizer for BEiT/CIM) | 1 | {tok_run['seconds']} | - |" in table
+    mae = report["methods"]["mae"]  # what the budget covered, and what evaluation cost beside it
+    assert mae["pretrain_seconds"] > 0 and mae["eval_seconds"] > 0 and report["scratch"]["eval_seconds"] > 0
+    assert f"| mae | 1 | {mae['pretrain_seconds']} | {mae['eval_seconds']} |" in table
+    assert "Budget: 1ep of pre-training per method" in table
+    assert "Evaluation (k-NN, linear probe, fine-tuning) is outside the budget" in table
     assert (out / "report.png").stat().st_size > 10_000
 
     def must_not_run(*_, **__):
@@ -102,7 +108,7 @@ def test_tokenizer_budget_is_charged_to_the_methods_that_need_it(tmp_path, label
     assert compare.tokenizer_budget(("epochs", 3), None) == ("epochs", 3)
     seen = {}
     monkeypatch.setattr(compare, "ensure_tokenizer", lambda base, out, budget: (out, {"epochs": 1, "seconds": 90.0}))
-    monkeypatch.setattr(compare, "method_config", lambda base, name, out, budget: seen.setdefault(name, budget))
+    monkeypatch.setattr(compare, "method_config", lambda base, name, out, b: seen.setdefault(name, b) and base)
     monkeypatch.setattr(compare, "run_one", lambda *a: {})
     monkeypatch.setattr(compare, "run_scratch", lambda *a: {})
     monkeypatch.setattr(compare, "write_report", lambda *a: None)
@@ -123,3 +129,35 @@ def test_a_finished_run_keeps_the_epochs_it_ran(tmp_path, labeled_folder):
     assert compare.finished_budget(run) is None  # not finished: no summary yet
     (run / "summary.json").write_text("{}")
     assert compare.finished_budget(run) == ("epochs", 3)
+
+
+def test_short_runs_log_enough_losses_for_a_curve(labeled_folder):
+    """A GPU recipe logs every 20 steps: a 3-step compare run would draw a single dot (README's compare)."""
+    from mimkit.config import build_config
+
+    cfg = build_config(dotted=[*TINY, "train.log_every=20", "train.epochs=1"])
+    assert compare.loss_log_every(cfg, 48) == 1  # 3 steps: log every one
+    cfg.train.epochs = 400  # 1200 steps: the recipe's own interval
+    assert compare.loss_log_every(cfg, 48) == 20
+    cfg.train.batch_size = 1024  # more than the images: the batch the run will use (16 per step) counts
+    cfg.train.epochs = 1
+    assert compare.loss_log_every(cfg, 512) == 1
+
+
+def test_conmim_on_an_absolute_position_encoder_is_not_the_degenerate_setup():
+    from mimkit.config import build_config
+
+    cfg = build_config(dotted=[*TINY, "method=conmim"])  # vit_*: absolute sin-cos positions, no centring
+    note = compare.conmim_note(cfg, [])
+    assert cfg.conmim.center_teacher and "center_teacher=true" in note
+    cfg = build_config(dotted=[*TINY, "method=conmim", "conmim.center_teacher=false"])
+    note = compare.conmim_note(cfg, ["conmim.center_teacher=false"])  # the user asked: kept, and said
+    assert not cfg.conmim.center_teacher and note.startswith("warning:") and "position alone" in note
+    cfg = build_config(dotted=[*TINY, "method=conmim", "model.name=beit_base_patch16_224"])  # the paper's encoder
+    assert compare.conmim_note(cfg, []) is None and not cfg.conmim.center_teacher
+
+
+def test_the_report_picture_names_the_data_not_the_machine_path():
+    results = {"data": "/home/someone/shared/data/cifar10/", "model": "vit/4 at 16px", "budget": "7min"}
+    title = compare.plot_title(results)
+    assert title == "cifar10, vit/4 at 16px - budget 7min" and "/home" not in title

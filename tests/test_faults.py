@@ -131,7 +131,9 @@ def test_diverged_run_stops_before_saving_a_non_finite_state(diverged):
 def test_diverged_run_goes_on_with_a_sane_learning_rate(diverged, copy_of, capsys):
     """'last.pt still holds the last good state' is true only if training can go on from it."""
     out = copy_of(diverged[0])
-    code, _, err = run(out, capsys, "optim.blr=1e-4")
+    code, _, err = run(out, capsys, "optim.blr=1e-4")  # another lr: refused unless asked, naming the key
+    assert code == 2 and "optim.blr: " in err and "-> 0.0001" in err, err
+    code, _, err = run(out, capsys, "optim.blr=1e-4", "train.allow_config_change=true")
     assert code == 0, err
     state = load(out / "checkpoints" / "last.pt")
     assert state["finished"] and state["run"]["step"] == TOTAL_STEPS and non_finite(state) == []

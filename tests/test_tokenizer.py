@@ -86,7 +86,10 @@ def test_check_grid_names_both_grids():
     vq = tiny_vq(image_size=32)  # 8x8 tokens
     with pytest.raises(ConfigError, match=r"tokenizer grid 8x8 != encoder grid 14x14") as e:
         check_grid(vq, 224, 16)
-    assert "feed the tokenizer 56 px images" in str(e.value)
+    assert "set model.patch_size=28 (one patch per token) or data.image_size=128" in str(e.value)
+    with pytest.raises(ConfigError, match=r"8x8 != encoder grid 2x2") as e:  # a patch16 name at 32 px
+        check_grid(vq, 32, 16)
+    assert "set model.patch_size=4 (one patch per token)" in str(e.value)  # the fix, not "feed it 8 px images"
     assert check_grid(vq, 224, 16, tokenizer_size=56) == 14
     with pytest.raises(ConfigError, match="not a multiple of its downsampling 4"):
         check_grid(vq, 224, 16, tokenizer_size=30)
@@ -288,7 +291,9 @@ def test_resume_with_other_tokenizer_sizes_is_refused(tmp_path, capsys, labeled_
     assert main(argv) == 0
     capsys.readouterr()
     assert main([*argv, "train.epochs=2", "tokenizer.vocab_size=64"]) == 2
-    err = capsys.readouterr().err
+    assert "tokenizer.vocab_size: 32 -> 64" in capsys.readouterr().err  # another experiment: refused by name
+    assert main([*argv, "train.epochs=2", "tokenizer.vocab_size=64", "train.allow_config_change=true"]) == 2
+    err = capsys.readouterr().err  # even when asked to go on: the weights cannot fit
     assert "the checkpoint's tokenizer does not fit this run's tokenizer.* settings" in err and "size mismatch" in err
 
 

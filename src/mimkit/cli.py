@@ -13,28 +13,9 @@ from pathlib import Path
 
 from .config import build_config
 from .errors import MimkitError, TrainingError, write_failure
+from .run_config import downstream_config, flag_overrides, pretrain_config
 
 EXIT_BAD_INPUT = 2
-
-# flag -> the config key it sets (flags a sub-command does not have are simply absent from its namespace)
-FLAG_KEYS = {
-    "method": "method",
-    "model": "model.name",
-    "data": "data.path",
-    "out": "out",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "image_size": "data.image_size",
-    "max_images": "data.max_images",
-    "device": "train.device",
-    "num_workers": "data.num_workers",
-    "pool": "eval.pool",
-    "knn_k": "eval.knn_k",
-    "knn_temperature": "eval.knn_temperature",
-    "linear_epochs": "eval.linear_epochs",
-    "max_eval_images": "eval.max_eval_images",
-}
-
 
 def _run_flags(p, *, out_default: str, config_example: str, override_example: str) -> None:
     """The data, budget and override flags of every command that trains."""
@@ -50,6 +31,12 @@ def _run_flags(p, *, out_default: str, config_example: str, override_example: st
     p.add_argument("--image-size", type=int, help="data.image_size")
     p.add_argument("--max-images", type=int, help="data.max_images: a fixed, seeded subset of the training images")
     p.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_const",
+        const=True,
+        help="train.allow_config_change: resume --out although its checkpoint has other settings (named either way)",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help=f"dotted config overrides, e.g. {override_example}"
     )
@@ -189,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="prepare data: pack a folder into tar shards or Parquet files")
     add_pack_parser(d.add_subparsers(dest="data_command", required=True))
-    sub.add_parser("methods", help="list the registered methods")
+    p = sub.add_parser("methods", help="list the registered methods, or one method's options with their defaults")
+    p.add_argument("name", nargs="?", help="a method: list its options (type, default, what it does)")
+    sub.add_parser("recipes", help="list the packaged recipes (--config NAME) and what each is")
     return parser
 
 
@@ -202,59 +191,6 @@ DOWNSTREAM = {
     "encoder's multi-level features. Data: a folder with train/ and val|test/, each holding images/ and masks/ of "
     "the same file stems. Writes <out>/segment.json with mIoU and per-class IoU.",
 }
-
-
-# --------------------------------------------------------------------------------------------- configs
-def flag_overrides(args, **extra) -> dict:
-    """The flags the user gave, as a nested override dict keyed like the config."""
-    overrides: dict = {}
-    given = {FLAG_KEYS[k]: v for k, v in vars(args).items() if k in FLAG_KEYS and v is not None}
-    for key, value in {**given, **extra}.items():
-        node = overrides
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return overrides
-
-
-def _recipe_sets_out(files) -> bool:
-    from .config import read_yaml
-
-    return any("out" in read_yaml(f) for f in files)
-
-
-def _default_out(args, files) -> bool:
-    """True when neither --out, an `out=` override nor a recipe names the run folder."""
-    return not args.out and not any(o.startswith("out=") for o in args.overrides) and not _recipe_sets_out(files)
-
-
-def _data_name(cfg) -> str:
-    return "demo" if cfg.data.path == "demo" else Path(cfg.data.path.split("::")[0]).resolve().name
-
-
-def pretrain_config(args, kind: str = "pretrain"):
-    files = [args.config] if args.config else []
-    if not files and kind == "pretrain" and args.data in (None, "demo"):
-        files = ["demo"]  # the packaged demo recipe
-    cfg = build_config(files, flag_overrides(args), args.overrides)
-    if _default_out(args, files):
-        cfg.out = f"runs/{cfg.method if kind == 'pretrain' else kind}-{_data_name(cfg)}"
-    return cfg
-
-
-def downstream_config(args, recipe: str):
-    """Config of `finetune` / `segment`: the packaged `recipe` (<recipe>-demo on the demo data) <- --config
-    <- flags <- dotted overrides."""
-    files = [f"{recipe}-demo" if args.data in (None, "demo") else recipe]
-    if args.config:
-        files.append(args.config)
-    cfg = build_config(files, flag_overrides(args), args.overrides)
-    if _default_out(args, files[1:]):
-        source = "scratch" if args.checkpoint == "none" else Path(args.checkpoint).resolve().parent.name
-        data = _data_name(cfg)
-        cfg.out = f"runs/{recipe}-{source}" + ("" if source.endswith(f"-{data}") else f"-{data}")
-    return cfg
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -377,10 +313,29 @@ def cmd_data(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import METHODS
+    from .discover import option_lines
+    from .methods import METHODS, method_class
 
-    for name, cls in METHODS.items():
-        print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    if args.name is None:
+        for name, cls in METHODS.items():
+            print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        print("`mimkit methods NAME` lists a method's options with types and defaults (set as e.g. mae.mask_ratio=0.6)")
+        return 0
+    cls = method_class(args.name)
+    section = cls.section_name()
+    lines = option_lines(cls.Options, section)
+    print(f"{args.name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+    print(f"options (set as {section}.key=value; shared sections: model, data, optim, train, eval, tokenizer):"
+          if lines else "no options of its own (shared sections: model, data, optim, train, eval, tokenizer)")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .discover import recipe_lines
+
+    print("\n".join(recipe_lines()))
+    print("use one with --config NAME; keys are overridden by flags and key=value; src/mimkit/configs/ holds them")
     return 0
 
 
@@ -395,11 +350,25 @@ COMMANDS = {
     "compare": cmd_compare,
     "data": cmd_data,
     "methods": cmd_methods,
+    "recipes": cmd_recipes,
 }
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come before, between or after the options: argparse stops collecting the
+    # positional ones at the first option, so the later ones come back here
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except MimkitError as e:

@@ -153,6 +153,7 @@ class TrainConfig:
     max_loss_jump: NonNegFloat = 1000.0
     stop_signals: str = "SIGTERM,SIGUSR1"  # finish the step, checkpoint and exit 3 on these ("" = ignore)
     channels_last: bool = True  # CUDA: convolution weights in NHWC (faster cuDNN kernels for CNNs); ignored on CPU
+    allow_config_change: bool = False  # resume a run whose checkpoint has other settings (they are named either way)
 
 
 @dataclass
@@ -388,7 +389,11 @@ def read_yaml(path: str | Path) -> dict:
         if packaged.is_file():
             p = packaged
         else:
-            raise ConfigError(f"config file '{path}' does not exist")
+            from .discover import did_you_mean_recipe
+
+            if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+                raise ConfigError(f"config file '{path}' does not exist")
+            raise ConfigError(f"'{path}' is neither a config file nor a packaged recipe{did_you_mean_recipe(p.stem)}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

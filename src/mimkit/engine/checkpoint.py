@@ -26,6 +26,7 @@ from ..config import config_from_dict, to_dict
 from ..errors import CheckpointError, TrainingError
 from ..export import torch_load_safely
 from .logging import say
+from .resume_check import check_config_change, flatten, with_patch_size
 
 # the lock appears with its holder in it (a hard link of a complete file); an empty or unreadable one comes from
 # an older mimkit, which created it empty and then wrote it: younger than this, its writer may still be at work
@@ -155,7 +156,10 @@ class RunFolder:
                 raise CheckpointError(f"neither checkpoint can continue the run: {e}; {e2}") from None
             self.resumed_from = self.prev
             say(f"warning: {e}; resuming from the previous checkpoint '{self.prev}' instead", self.main)
-        check_same_run(state, self.resumed_from, kind, cfg, resume_keys, identity)
+        changes = check_same_run(state, self.resumed_from, kind, cfg, resume_keys, identity)
+        if changes:
+            say(f"continuing '{self.resumed_from}' with changed settings (train.allow_config_change): "
+                + "; ".join(changes), self.main)  # fmt: skip
         return state
 
     # ---- lock, clean-up ------------------------------------------------------------------------------------
@@ -326,9 +330,10 @@ def saved_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["run"]["step"]
 
 
-def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identity: dict) -> None:
+def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identity: dict) -> list[str]:
     """A checkpoint continues this run only if it is of the same `kind` and shares `identity` and the config
-    values at `resume_keys`; otherwise an error naming the file and the first difference."""
+    values at `resume_keys`; otherwise an error naming the file and the first difference. Other settings that
+    differ are refused too unless `train.allow_config_change` (resume_check.py). -> the allowed changes."""
     stored_kind = state.get("kind", "pretrain")
     if stored_kind != kind:
         raise CheckpointError(f"'{path}' is a {stored_kind} checkpoint, not a {kind} one; use another --out")
@@ -339,10 +344,12 @@ def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identit
             raise CheckpointError(f"checkpoint '{path}' was written by {key} '{old}', not '{value}'; use another --out")
     old_cfg = to_dict(config_from_dict(state["config"]))  # keys added since then: their defaults
     new_cfg = to_dict(cfg)
+    old_flat, new_flat = with_patch_size(flatten(old_cfg)), with_patch_size(flatten(new_cfg))  # None -> 16
     for key in resume_keys:
-        a, b = dotted(old_cfg, key), dotted(new_cfg, key)
+        a, b = old_flat.get(key, dotted(old_cfg, key)), new_flat.get(key, dotted(new_cfg, key))
         if a != b:
             raise CheckpointError(
                 f"checkpoint '{path}' has {key}={a!r} but this run asks for {b!r}; use another --out or the same "
                 "settings"
             )
+    return check_config_change(path, old_cfg, new_cfg, cfg.train.allow_config_change, state.get("finished", False))

@@ -21,16 +21,18 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, build_config
-from ..data import labeled_splits
+from ..data import labeled_splits, load_splits
 from ..eval import FeatureEval
 from ..methods import METHODS
 from ..models.vit import resolve_patch_size
+from ..run_config import names_model, say_first, small_image_patch
 from ..runtime import is_vit, resolve_device
 from .downstream import build_model, encoder_spec
 from .finetune import finetune
+from .fit import fit_workers, fitted_batch
 from .logging import say
 from .loop import Runtime, seconds_per_step
-from .pretrain import PretrainTask, pretrain
+from .pretrain import PretrainTask, data_name, pretrain
 from .run import load_encoder
 from .tokenizer import TokenizerTask, train_tokenizer
 
@@ -70,6 +72,7 @@ def compare_from_args(args) -> dict:
     out = Path(args.out)
     base = base_config(args)
     labeled_splits(base.data.path, base.data, base.train.seed, base.eval.max_eval_images)  # fails early: labels?
+    num_images = len(load_splits(base.data, base.train.seed, base.eval.max_eval_images).train)
     out.mkdir(parents=True, exist_ok=True)
     results = {"budget": args.budget, "data": base.data.path, "model": model_name(base), "methods": {}}
     tokenizer_seconds = 0.0
@@ -81,11 +84,42 @@ def compare_from_args(args) -> dict:
         own = budget
         if METHODS[name].needs_tokenizer and budget[0] == "seconds":  # the tokenizer's time is part of its budget
             own = ("seconds", max(budget[1] - tokenizer_seconds, 1.0))
-        cfg = method_config(base, name, out / name, finished_budget(out / name) or own)
-        results["methods"][name] = run_one(cfg, args, evals, out / name)
+        own_base = copy.deepcopy(base) if name == "conmim" else base
+        note = conmim_note(own_base, args.overrides) if name == "conmim" else None  # before timing its steps
+        cfg = method_config(own_base, name, out / name, finished_budget(out / name) or own)
+        cfg.train.log_every = loss_log_every(cfg, num_images)
+        results["methods"][name] = run_one(cfg, args, evals, out / name) | ({"note": note} if note else {})
     results["scratch"] = run_scratch(base, args, evals, out / "scratch")
     write_report(out, results, evals)
     return results
+
+
+LOSS_POINTS = 20  # logged losses per method at least, so that report.png has curves, not single dots
+
+
+def loss_log_every(cfg: Config, num_images: int) -> int:
+    """`train.log_every` for one method's run: the recipe's, or less when the run has fewer than LOSS_POINTS
+    times that many steps (a 1-epoch run of a GPU recipe logging every 20 steps would draw no curve)."""
+    batch = fitted_batch(cfg.train.batch_size, num_images, 1) * cfg.optim.accum_steps
+    steps = cfg.train.epochs * (num_images // batch)
+    return max(1, min(cfg.train.log_every, steps // LOSS_POINTS))
+
+
+def conmim_note(cfg: Config, overrides: list[str]) -> str | None:
+    """ConMIM on the shared encoder: with absolute positions (any vit_* model) and no centring, its loss is solved
+    from position alone (the method's own warning). compare then trains mimkit's variant with
+    conmim.center_teacher=true, unless the user set that key; either way the report says which ConMIM ran."""
+    absolute = not cfg.model.name.startswith("beit") or cfg.model.abs_pos_embed
+    if not absolute:
+        return None
+    if cfg.conmim.center_teacher:
+        return "ConMIM ran with conmim.center_teacher=true (the shared encoder has absolute positions)"
+    if not any(o.startswith("conmim.center_teacher=") for o in overrides):
+        cfg.conmim.center_teacher = True
+        return ("ConMIM ran as mimkit's variant, conmim.center_teacher=true: the shared encoder has absolute "
+                "positions, with which the paper's objective is solved from position alone (docs/methods.md)")
+    return ("warning: ConMIM ran with absolute positions and conmim.center_teacher=false, so its loss can be solved "
+            "from position alone (pos_acc -> 1): its accuracies say little (docs/methods.md)")
 
 
 def base_config(args) -> Config:
@@ -98,7 +132,10 @@ def base_config(args) -> Config:
         flags["train"] = {"batch_size": args.batch_size}
     if args.device:
         flags.setdefault("train", {})["device"] = args.device
-    return build_config(files, flags, args.overrides)
+    cfg = build_config(files, flags, args.overrides)
+    say_first(small_image_patch(cfg, names_model(files, args)))
+    fit_workers(cfg)  # the evaluations read with the base config's workers too
+    return cfg
 
 
 def model_name(cfg: Config) -> str:
@@ -153,6 +190,7 @@ def ensure_tokenizer(base: Config, out: Path, budget: tuple[str, float]) -> tupl
     if not (folder / "tokenizer.json").is_file() or "seconds" not in load_json(summary_file):
         tok_base = copy.deepcopy(base)
         tok_base.tokenizer.downsample = resolve_patch_size(base.model.name, base.model.patch_size)
+        tok_base.eval.knn_every = 0  # the methods' recipe may monitor k-NN; a tokenizer has no features for it
         cfg = method_config(tok_base, base.method, out, budget, task=TokenizerTask)
         say(f"training the VQ tokenizer BEiT/CIM read their targets from ({cfg.train.epochs} epoch(s)) in '{out}'")
         t0 = time.perf_counter()
@@ -196,6 +234,7 @@ def run_evals(cfg: Config, args, evals: list[str], run_dir: Path, checkpoint: st
     """The evaluations of `evals` not yet in run_dir/evals.json, each stored as soon as it is done. The probes
     share one feature extraction; `encoder_fn` builds the frozen encoder only when a probe is missing."""
     done = load_evals(run_dir)
+    t0 = time.perf_counter()
     probes = [e for e in evals if e in ("knn", "linear") and e not in done]
     if probes:
         encoder = encoder_fn()
@@ -203,10 +242,17 @@ def run_evals(cfg: Config, args, evals: list[str], run_dir: Path, checkpoint: st
         device = next(encoder.parameters()).device
         fe = FeatureEval(memory, query, cfg.data, cfg.data.image_size, device, cfg.eval)
         done.update({k: v["top1"] for k, v in fe.scores(encoder, probes, seed=cfg.train.seed).items()})
-        save_evals(run_dir, done)
+        save_evals(run_dir, add_seconds(done, t0))
     if "finetune" in evals and "finetune" not in done:
+        t0 = time.perf_counter()
         done["finetune"] = run_finetune(cfg, args, checkpoint, run_dir / "finetune")
-        save_evals(run_dir, done)
+        save_evals(run_dir, add_seconds(done, t0))
+    return done
+
+
+def add_seconds(done: dict, t0: float) -> dict:
+    """Evaluation time is outside the budget: it is summed in `eval_seconds` (over re-runs) for the report."""
+    done["eval_seconds"] = round(done.get("eval_seconds", 0.0) + time.perf_counter() - t0, 1)
     return done
 
 
@@ -241,20 +287,20 @@ def save_evals(run_dir: Path, done: dict) -> None:
 def write_report(out: Path, results: dict, evals: list[str]) -> None:
     """report.json (everything), report.md (the table), report.png (accuracies; pre-training loss curves)."""
     (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
-    head = "| method | epochs | pre-train s | " + " | ".join(evals) + " |"
-    lines = [f"# mimkit compare: {results['data']}, {results['model']}, budget {results['budget']}", "", head,
-             "|" + "---|" * (3 + len(evals))]  # fmt: skip
+    head = "| method | epochs | pre-train s | eval s | " + " | ".join(evals) + " |"
+    lines = [f"# mimkit compare: {results['data']}, {results['model']}, budget {results['budget']}", "",
+             *budget_lines(results), "", head, "|" + "---|" * (4 + len(evals))]  # fmt: skip
     rows = dict(results["methods"])
     for name, r in rows.items():
         cells = [f"{r[e]:.4f}" if e in r else "-" for e in evals]
-        lines.append(f"| {name} | {r['epochs']} | {r.get('pretrain_seconds') or '-'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {r['epochs']} | {r.get('pretrain_seconds') or '-'} | {r.get('eval_seconds', '-')} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
     if "tokenizer" in results:
         t = results["tokenizer"]
-        lines.append(f"| (VQ tokenizer for BEiT/CIM) | {t['epochs']} | {t['seconds']} |" + " - |" * len(evals))
+        lines.append(f"| (VQ tokenizer for BEiT/CIM) | {t['epochs']} | {t['seconds']} | - |" + " - |" * len(evals))
     s = results["scratch"]
-    lines.append(
-        "| random init (scratch) | - | - | " + " | ".join(f"{s[e]:.4f}" if e in s else "-" for e in evals) + " |"
-    )
+    lines.append(f"| random init (scratch) | - | - | {s.get('eval_seconds', '-')} | "
+                 + " | ".join(f"{s[e]:.4f}" if e in s else "-" for e in evals) + " |")  # fmt: skip
     lines += [
         "",
         "k-NN and linear: top-1 of frozen features; finetune: top-1 after the last fine-tuning epoch, the",
@@ -264,10 +310,30 @@ def write_report(out: Path, results: dict, evals: list[str]) -> None:
             if "tokenizer" in results and parse_budget(results["budget"])[0] == "seconds"
             else []
         ),  # fmt: skip
+        *[f"{name}: {r['note']}" for name, r in rows.items() if r.get("note")],
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_report(out, results, evals)
     say(f"report written to '{out / 'report.md'}', '{out / 'report.json'}' and '{out / 'report.png'}'")
+
+
+def budget_lines(results: dict) -> list[str]:
+    """What the budget covered and what it did not: pre-training (and the tokenizer) is inside it, every
+    evaluation outside; the command also times a few steps per method to size its epochs."""
+    runs = [*results["methods"].values(), results["scratch"]]
+    pretrain_s = sum(r.get("pretrain_seconds") or 0 for r in runs) + results.get("tokenizer", {}).get("seconds", 0)
+    eval_s = sum(r.get("eval_seconds", 0) for r in runs)
+    return [
+        f"Budget: {results['budget']} of pre-training per method (BEiT and CIM: their tokenizer's included); "
+        f"{pretrain_s:.0f} s of pre-training in all (`pre-train s`).",
+        f"Evaluation (k-NN, linear probe, fine-tuning) is outside the budget: {eval_s:.0f} s in all (`eval s`); "
+        "the command's wall time is both plus the few steps timed per method to size its epochs.",
+    ]
+
+
+def plot_title(results: dict) -> str:
+    """The data's name, not its path: a picture is shared beyond the machine it was made on."""
+    return f"{data_name(results['data'])}, {results['model']} - budget {results['budget']}"
 
 
 def plot_report(out: Path, results: dict, evals: list[str]) -> None:
@@ -285,7 +351,7 @@ def plot_report(out: Path, results: dict, evals: list[str]) -> None:
         ax_acc.bar(xs, [r.get(e, 0.0) for r in rows], width, label=e)
     ax_acc.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax_acc.set_ylabel("top-1")
-    ax_acc.set_title(f"{results['data']} - budget {results['budget']}")
+    ax_acc.set_title(plot_title(results))
     ax_acc.legend()
     for name in results["methods"]:
         metrics = out / name / "metrics.jsonl"

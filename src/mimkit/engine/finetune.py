@@ -30,6 +30,7 @@ from ..data.pipeline import EpochBatchSampler, train_loader
 from ..runtime import enable_grad_checkpointing
 from . import distributed as D
 from .downstream import EncoderSpec, build_model, encoder_spec, init_head
+from .fit import fit_to_machine
 from .logging import say
 from .loop import Runtime, Task, start_runtime, train
 
@@ -60,6 +61,7 @@ class FinetuneTask(Task):
         train_tf, eval_tf = finetune_transforms(ft, cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.data.hflip)
         self.train_ds = KeyedDataset(ClassificationDataset(self.train_src, train_tf), cfg.train.seed)
         self.eval_ds = ClassificationDataset(self.eval_src, eval_tf)
+        fit_to_machine(cfg, len(self.train_ds), rt.world, rt.main)  # a GPU recipe on a small machine or subset
         self.batch_size = cfg.train.batch_size
         self.sampler = EpochBatchSampler(len(self.train_ds), self.batch_size, cfg.train.seed, rt.rank, rt.world)
         self.num_images = len(self.train_ds)

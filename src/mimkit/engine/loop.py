@@ -258,8 +258,9 @@ def train(task: Task, finish: Callable[[int], dict] | None = None) -> dict:
                     scaler.scale(loss / accum).backward()
                 if bad:
                     bad_seen.update(bad)
-                    if len(bad_seen) > bad_limit:
-                        raise_data(cfg, task, bad_seen, bad_limit)
+                    if len(bad_seen) > bad_limit:  # listed first: the file names are what the user needs
+                        folder.record_bad_files(pos.epoch + 1, task.bad_file_names(sorted(bad_seen)))
+                        raise_data(cfg, task, bad_seen, bad_limit, folder.bad_files)
                 window.add(loss, metrics, pos.step + 1, task.batch_size * rt.world)
                 pos.batch += 1
                 if not update:
@@ -310,7 +311,8 @@ def train(task: Task, finish: Callable[[int], dict] | None = None) -> dict:
         cleanup.close()  # a full disk while TensorBoard closes is said like any other
     except DivergedError as e:
         kept = folder.after_divergence(e.step)
-        raise TrainingError(f"{e}; {kept} (try a lower optim.blr, optim.clip_grad, or train.precision=fp32)") from None
+        raise TrainingError(f"{e}; {kept} (re-run with a lower optim.blr, optim.clip_grad or train.precision=fp32, "
+                            "and --allow-config-change to go on from it)") from None  # fmt: skip
     except DiskFullError as e:
         holds = folder.holds()
         said = f"{e}" if holds in str(e) else f"{e}; {holds}"
@@ -354,11 +356,11 @@ def raise_config(message: str):
     raise ConfigError(message)
 
 
-def raise_data(cfg: Config, task: Task, bad: set[int], limit: int):
+def raise_data(cfg: Config, task: Task, bad: set[int], limit: int, listed: Path):
     from ..errors import DataError
 
     names = task.bad_file_names(sorted(bad)[:3])
     raise DataError(
         f"{len(bad)} unreadable images in '{cfg.data.path}' this epoch, more than data.bad_file_limit="
-        f"{cfg.data.bad_file_limit} allows ({limit}); e.g. {names}"
+        f"{cfg.data.bad_file_limit} allows ({limit}); e.g. {names}, all listed in '{listed}'"
     )

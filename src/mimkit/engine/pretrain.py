@@ -19,10 +19,11 @@ from ..data.gpu_decode import GPUDecodeLoader
 from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
 from ..eval import FeatureEval
 from ..export import export_encoder, write_model_card
-from ..methods import Method, build_method
-from ..runtime import enable_grad_checkpointing
+from ..methods import Method, build_method, method_class
+from ..runtime import enable_grad_checkpointing, is_vit
 from . import distributed as D
 from .checkpoint import load_checkpoint
+from .fit import fit_to_machine
 from .logging import say
 from .loop import Runtime, Task, start_runtime, train
 from .optim import build_optimizer
@@ -60,8 +61,9 @@ class PretrainTask(Task):
         if cfg.model.grad_checkpointing:
             enable_grad_checkpointing(self.module)
         self.model = self.module
-        self.batch_size = cfg.train.batch_size
         self.dataset = ViewDataset(self.splits.train, self.module.views, cfg.data, seed=cfg.train.seed)
+        fit_to_machine(cfg, len(self.dataset), rt.world, rt.main)  # a GPU recipe on a small machine or subset
+        self.batch_size = cfg.train.batch_size
         self.sampler = EpochBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, rt.rank, rt.world)
         self.num_images = len(self.dataset)
         if cfg.data.device_cache and cfg.data.decode == "gpu":
@@ -249,11 +251,31 @@ def export_method(method: Method, cfg: Config, out_dir, card: dict | None = None
                           std=cfg.data.std, mimkit_meta=meta, global_pool=cfg.eval.pool, card=card)  # fmt: skip
 
 
+def generator_patch_from_tokenizer(cfg: Config, main: bool = True) -> None:
+    """CIM with a CNN enhancer: a CNN has no patch, so the generator's pixels per token (`cim.generator_patch`)
+    come from the tokenizer's grid over the run's images (8x8 tokens over 32 px: 4) when the user gave none."""
+    options = cfg.sections.get(method_class(cfg.method).section_name())
+    unset = hasattr(options, "generator_patch") and options.generator_patch is None  # CIM's, and left to us
+    if not unset or is_vit(cfg.model.name) or not cfg.tokenizer.path:
+        return
+    from ..models.tokenizer import read_tokenizer_config
+
+    grid = read_tokenizer_config(cfg.tokenizer.path)["grid"]
+    if cfg.data.image_size % grid:
+        raise ConfigError(f"data.image_size {cfg.data.image_size} is not a multiple of the tokenizer's grid {grid} "
+                          f"('{cfg.tokenizer.path}'): set cim.generator_patch (pixels per token)")  # fmt: skip
+    options.generator_patch = cfg.data.image_size // grid
+    say(f"cim.generator_patch={options.generator_patch}: the tokenizer's {grid}x{grid} tokens over "
+        f"{cfg.data.image_size} px images (a CNN enhancer has no patch of its own)", main)  # fmt: skip
+
+
 def pretrain(cfg: Config, task_cls: type[PretrainTask] | None = None) -> dict:
     """`mimkit pretrain` (or another pre-training-like task, e.g. the tokenizer's): train, then export and report
     on rank 0. -> the summary (empty on other ranks)."""
     try:
         rt = start_runtime(cfg)
+        if task_cls is None:
+            generator_patch_from_tokenizer(cfg, rt.main)
         task = (task_cls or PretrainTask)(cfg, rt)
         result = train(task, finish=task.report if rt.main else None)  # under the run lock, as the training
         summary = result["report"]

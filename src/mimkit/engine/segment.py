@@ -46,6 +46,7 @@ from ..models.seg_heads import SegmentationModel, resize
 from ..runtime import enable_grad_checkpointing, is_vit
 from . import distributed as D
 from .downstream import EncoderSpec, build_model, encoder_spec
+from .fit import fit_workers
 from .logging import say
 from .loop import Runtime, Task, start_runtime, train
 from .optim import lr_at
@@ -234,6 +235,7 @@ class SegmentTask(Task):
         check_config(s)
         self.names = class_names(s)
         self.checkpoint = checkpoint
+        fit_workers(cfg, rt.main)
         torch.manual_seed(cfg.train.seed)
         self.spec = encoder_spec(checkpoint, cfg, model_flag, allow_download)
         self.train_pairs, self.eval_pairs = load_pairs(cfg)

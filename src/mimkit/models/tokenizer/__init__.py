@@ -126,9 +126,17 @@ def check_grid(tok: ImageTokenizer, image_size: int, patch_size: int, tokenizer_
         raise ConfigError(
             f"tokenizer grid {grid}x{grid} != encoder grid {enc}x{enc}: the {tok.kind} tokenizer turns {size} px "
             f"images into {grid}x{grid} tokens (downsampling {tok.downsample}), the encoder cuts {image_size} px "
-            f"images into {patch_size} px patches; feed the tokenizer {aligned} px images or use another tokenizer"
+            f"images into {patch_size} px patches; {grid_fix(grid, image_size, patch_size)}"
         )
     return grid
+
+
+def grid_fix(grid: int, image_size: int, patch_size: int) -> str:
+    """What makes the encoder's grid the tokenizer's `grid`: one patch per token, or images of that many patches."""
+    fixes = [f"model.patch_size={image_size // grid} (one patch per token)"] if image_size % grid == 0 else []
+    fixes.append(f"data.image_size={grid * patch_size} ({grid}x{grid} patches of {patch_size} px)")
+    enc = image_size // patch_size
+    return f"set {' or '.join(fixes)}, or use a tokenizer with {enc}x{enc} tokens"
 
 
 def aligned_input_size(tok: ImageTokenizer, image_size: int, patch_size: int) -> int:
