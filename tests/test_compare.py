@@ -29,6 +29,7 @@ def test_budget_and_method_parsing():
     } <= set(method_list("all"))
     with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
         method_list("mae,nope")
+    assert method_list("mae,cmae") == ["mae", "cmae-mao"]  # the old name keeps working, as in --method
 
 
 def test_compare_runs_methods_writes_report_and_resumes(tmp_path, capsys, labeled_folder, monkeypatch):

@@ -23,7 +23,7 @@ import torch
 from ..config import Config, ConfigError, build_config
 from ..data import labeled_splits, load_splits
 from ..eval import FeatureEval
-from ..methods import METHODS
+from ..methods import METHODS, RENAMED, method_class
 from ..models.vit import resolve_patch_size
 from ..run_config import names_model, say_first, small_image_patch
 from ..runtime import is_vit, resolve_device
@@ -55,7 +55,9 @@ def parse_budget(text: str) -> tuple[str, float]:
 
 
 def method_list(text: str) -> list[str]:
+    """--methods 'all' or 'a,b,...' -> registry names; a renamed method (cmae) becomes its new name, with its notice."""
     names = list(METHODS) if text == "all" else [s.strip() for s in text.split(",") if s]
+    names = [method_class(m).name if m in RENAMED else m for m in names]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         known = ", ".join(METHODS)

@@ -27,7 +27,7 @@ from ..data.classify import ClassificationDataset, collate_labeled, finetune_tra
 from ..data.folder import ImageSource
 from ..data.keyed import KeyedDataset, item_seed
 from ..data.pipeline import EpochBatchSampler, train_loader
-from ..runtime import enable_grad_checkpointing
+from ..runtime import enable_grad_checkpointing, fused_adamw
 from . import distributed as D
 from .downstream import EncoderSpec, build_model, encoder_spec, init_head
 from .fit import fit_to_machine
@@ -199,7 +199,7 @@ def build_finetune_optimizer(model: nn.Module, cfg: Config, lr: float, device) -
 
     o = cfg.optim
     layer_decay = cfg.finetune.layer_decay if cfg.finetune.layer_decay < 1.0 else None
-    kwargs = {"fused": True} if device.type == "cuda" else {}
+    kwargs = {"fused": fused_adamw(device)}
     return create_optimizer_v2(
         model, "adamw", lr=lr, weight_decay=o.weight_decay, layer_decay=layer_decay, betas=tuple(o.betas), **kwargs
     )

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
+from ..runtime import fused_adamw
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str], lr_scale=None) -> list[dict]:
@@ -37,8 +38,7 @@ def peak_lr(cfg: OptimConfig, effective_batch: int) -> float:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, no_decay: set[str], device,
                     lr_scale=None) -> torch.optim.Optimizer:  # fmt: skip
     groups = param_groups(model, cfg.weight_decay, no_decay, lr_scale)
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused_adamw(device))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

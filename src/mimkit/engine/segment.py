@@ -43,7 +43,7 @@ from ..data.segmentation import (
     synthetic_pairs,
 )
 from ..models.seg_heads import SegmentationModel, resize
-from ..runtime import enable_grad_checkpointing, is_vit
+from ..runtime import enable_grad_checkpointing, fused_adamw, is_vit
 from . import distributed as D
 from .downstream import EncoderSpec, build_model, encoder_spec
 from .fit import fit_workers
@@ -287,8 +287,7 @@ class SegmentTask(Task):
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.segment, self.cfg.optim.weight_decay)
-        fused = {"fused": True} if self.rt.device.type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=lr, betas=self.cfg.optim.betas, **fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=self.cfg.optim.betas, fused=fused_adamw(self.rt.device))
 
     def lr(self, step: int, total: int, warmup: int, peak: float) -> float:
         return lr_for(step, total, warmup, peak, self.cfg.optim.min_lr, self.cfg.segment.lr_schedule)
