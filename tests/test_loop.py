@@ -156,3 +156,15 @@ def test_epoch_snapshots_keep_the_newest_n(tmp_path):
     for e in (2, 3):
         state = torch.load(ckpt / f"epoch-{e}.pt", weights_only=True)
         assert state["run"]["epoch"] == e and state["run"]["batch"] == 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_the_run_says_its_precision_and_why(tmp_path, capsys, precision):
+    from mimkit.engine.loop import start_runtime
+
+    cfg = toy_config(tmp_path / "run", "train.batch_size=16", f"train.precision={precision}")
+    rt = start_runtime(cfg)
+    train(ToyTask(cfg, rt))
+    described = [line for line in capsys.readouterr().out.splitlines() if line.startswith("toy")]
+    assert described and described[0].endswith(f"; precision {rt.precision}")
+    assert rt.precision.startswith(precision if precision != "auto" else ("bf16 (auto:", "fp32 (auto:"))
