@@ -199,7 +199,7 @@ class IssueCases:
         said = re.search(r"loss \S+ at step (\d+) is over .* now holds step (\d+)", r.last_line())
         stopped = r.code == 1 and said is not None and int(said[2]) == int(said[1]) - 2
         first = metrics(out)[0]["loss"] if metrics(out) else float("nan")
-        again = self.run(self.argv(out, "mae"))
+        again = self.run(self.argv(out, "mae", "train.allow_config_change=true"))  # another lr: said, then allowed
         losses = [row["loss"] for row in metrics(out)]
         sane = again.code == 0 and bool(losses) and max(losses) < 2 * first
         self.add(stopped and sane, "exploded loss (optim.blr=1000)",
@@ -212,7 +212,7 @@ class IssueCases:
         said = re.search(r"now holds step (\d+)", r.last_line())
         kept = int(said[1]) if said else -1
         level = {row["step"]: row["loss"] for row in metrics(demo)}.get(kept + 1, float("inf"))
-        again = self.run([*argv[:4], "1", *argv[5:]])  # one epoch at the recipe's lr
+        again = self.run([*argv[:4], "1", *argv[5:], "train.allow_config_change=true"])  # 1 epoch at the recipe's lr
         losses = [row["loss"] for row in metrics(demo)]
         ok = r.code == 1 and level < 10 and again.code == 0 and max(losses) < 10
         self.add(ok, "demo at optim.blr=300", f"exit {r.code}, kept step {kept} (its loss {level:.3g}); re-run: exit "

@@ -59,7 +59,9 @@ def test_an_exploded_loss_stops_the_run_and_its_checkpoint_is_not_kept(tmp_path,
     first = metrics(out)[0]["loss"]
     assert [r["step"] for r in metrics(out)] == list(range(1, bad))
 
-    code, _, err = run(out, capsys, "optim.blr=1e-4")
+    code, _, err = run(out, capsys, "optim.blr=1e-4")  # a changed lr is refused unless the user says so
+    assert code == 2 and "optim.blr: 1000.0 -> 0.0001" in err and "--allow-config-change" in err
+    code, _, err = run(out, capsys, "optim.blr=1e-4", "train.allow_config_change=true")
     assert code == 0, err
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, TOTAL_STEPS + 1))
