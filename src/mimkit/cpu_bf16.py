@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import replace_text
+from .errors import DiskFullError
+
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 products
 PAYS_AT = 1.5  # bf16/fp32 product-rate ratio from which bf16 is chosen: products are 50-70% of a CPU step
 
@@ -76,23 +79,18 @@ def bf16_speedup() -> tuple[float | None, str]:
     key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = _cache_file()
     try:
-        cached = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        cached = None
-    if isinstance(cached, int | float):
-        return float(cached), f"{'/'.join(sorted(flags))}; cached measurement"
+        table = json.loads(path.read_text())
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        table = {}
+    if isinstance(table.get(key), int | float):
+        return float(table[key]), f"{'/'.join(sorted(flags))}; cached measurement"
     ratio = matmul_rate(torch.bfloat16) / matmul_rate(torch.float32)
+    table[key] = round(ratio, 3)
     try:
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
-        table[key] = round(ratio, 3)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
-    except OSError:
+        replace_text(path, json.dumps(table, indent=1))
+    except (OSError, DiskFullError):
         pass  # an unwritable cache only costs the next run the same ~0.1 s measurement
     return ratio, f"{'/'.join(sorted(flags))}; measured now"
 

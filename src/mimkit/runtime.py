@@ -33,18 +33,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """-> the autocast dtype, or None for fp32 (`describe_precision` says why). auto: bf16 on a CUDA device that has
-    it (else fp16); on a CPU, bf16 where its bf16 matrix products are clearly faster (cpu_bf16), else fp32."""
-    return precision_and_reason(name, device)[0]
-
-
 def precision_and_reason(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """-> (autocast dtype or None for fp32, a short phrase for the run's first line: the choice and why)."""
+    """-> (autocast dtype or None for fp32, a short phrase for the run's first line: the choice and why). auto: bf16
+    on a CUDA device that has it (else fp16); on a CPU, bf16 where its bf16 matrix products are clearly faster
+    (cpu_bf16), else fp32."""
     if name == "auto":
         if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return dtype, f"{str(dtype).removeprefix('torch.').replace('bfloat', 'bf').replace('float', 'fp')} (auto)"
+            return (torch.bfloat16, "bf16 (auto)") if torch.cuda.is_bf16_supported() else (torch.float16, "fp16 (auto)")
         from .cpu_bf16 import auto_cpu_precision
 
         return auto_cpu_precision()
