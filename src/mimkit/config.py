@@ -347,10 +347,16 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, k, _check_value(key, v, hints[k]))
 
 
+def closest_name(name: str, names: list[str], cutoff: float = 0.6) -> str | None:
+    """The one of `names` closest to a misspelt `name`, or None."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def _did_you_mean(name: str, names: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    close = closest_name(name, names)
     if close:
-        return f"; did you mean '{prefix}{close[0]}'?"
+        return f"; did you mean '{prefix}{close}'?"
     return f" (known: {', '.join(names)})"
 
 

@@ -4,7 +4,6 @@ options with their types, defaults and the comment that explains them (`mimkit m
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import re
 import typing
@@ -12,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+
+from .config import closest_name
 
 __all__ = ["recipe_names", "recipe_lines", "did_you_mean_recipe", "option_lines", "type_name"]
 
@@ -61,8 +62,8 @@ def recipe_lines() -> list[str]:
 
 def did_you_mean_recipe(name: str) -> str:
     """The end of an 'unknown recipe' message: the closest packaged name, and where the list is."""
-    close = difflib.get_close_matches(name, recipe_names(), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    close = closest_name(name, recipe_names(), cutoff=0.5)
+    hint = f"; did you mean '{close}'?" if close else ""
     return f"{hint} (packaged recipes: {', '.join(recipe_names())}; `mimkit recipes` says what each is)"
 
 

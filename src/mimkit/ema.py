@@ -81,7 +81,7 @@ def momentum_of(options, step: int, total_steps: int) -> float:
 def describe_momentum(options, total_steps: int) -> str:
     """One phrase for logs and reports: the base momentum this run's teacher starts from, and why."""
     o = options
-    base = teacher_momentum(0, total_steps, o.momentum, o.momentum_final, o.momentum_rule, o.momentum_half_life)
+    base = momentum_of(o, 0, total_steps)
     left = initial_weight_left(total_steps, o.momentum, o.momentum_final, o.momentum_rule, o.momentum_half_life)
     why = (f"budget rule: {o.momentum:g}, half-life at most {o.momentum_half_life:g} of {total_steps} steps"
            if o.momentum_rule == "budget" else "fixed")  # fmt: skip

@@ -285,14 +285,14 @@ def _channel_stats(values: list, key: str, where: str) -> tuple[float, float, fl
     return tuple(float(v) for v in values)
 
 
-def torch_load_safely(file: str | Path):
+def torch_load_safely(file: str | Path, mmap: bool = False):
     """`torch.load(file, weights_only=True)` on the CPU: tensors and plain values, nothing executed. A file that
     does not load raises ValueError saying why in mimkit's words (torch's own text advises loading it unsafely and
     asks for an issue to be filed: wrong for a file that may be crafted), and torch prints no warning of its own."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 ...", with a site-packages path
-            return torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 — truncated, zeroed, a pickle with code or objects in it...
         text = str(e)
         if "Unsupported global" in text:

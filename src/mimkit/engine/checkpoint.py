@@ -327,7 +327,7 @@ def read_json(path: Path) -> dict | None:
 
 def saved_step(path: Path) -> int:
     """The step a checkpoint was saved at (memory-mapped: its tensors are not read)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["run"]["step"]
+    return torch_load_safely(path, mmap=True)["run"]["step"]
 
 
 def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identity: dict) -> list[str]:
@@ -352,4 +352,4 @@ def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identit
                 f"checkpoint '{path}' has {key}={a!r} but this run asks for {b!r}; use another --out or the same "
                 "settings"
             )
-    return check_config_change(path, old_cfg, new_cfg, cfg.train.allow_config_change, state.get("finished", False))
+    return check_config_change(path, old_flat, new_flat, cfg.train.allow_config_change, state.get("finished", False))

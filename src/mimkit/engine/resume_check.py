@@ -59,15 +59,19 @@ def with_patch_size(flat: dict) -> dict:
 
 
 def changed_keys(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, checkpoint's value, this run's value) for every key that differs and matters."""
-    a, b = with_patch_size(flatten(old)), with_patch_size(flatten(new))
+    """(key, checkpoint's value, this run's value) for every key of two nested configs that differs and matters."""
+    return changed_flat_keys(with_patch_size(flatten(old)), with_patch_size(flatten(new)))
+
+
+def changed_flat_keys(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    """`changed_keys` of two configs already flattened (and their patch sizes resolved)."""
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
 
 
-def check_config_change(path, old: dict, new: dict, allowed: bool, finished: bool) -> list[str]:
+def check_config_change(path, old_flat: dict, new_flat: dict, allowed: bool, finished: bool) -> list[str]:
     """Refuse (CheckpointError) when settings that shape the run differ from the checkpoint's, unless `allowed`.
-    -> the 'key: old -> new' lines of an allowed change, to say."""
-    changes = [f"{k}: {a!r} -> {b!r}" for k, a, b in changed_keys(old, new)]
+    The configs come flattened, patch sizes resolved. -> the 'key: old -> new' lines of an allowed change, to say."""
+    changes = [f"{k}: {a!r} -> {b!r}" for k, a, b in changed_flat_keys(old_flat, new_flat)]
     if changes and not allowed:
         what = "a finished run" if finished else "an unfinished run"
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
