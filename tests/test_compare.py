@@ -3,11 +3,12 @@
 import json
 
 import pytest
+import torch
 from helpers import TINY
 
 from mimkit.cli import build_parser, main
 from mimkit.config import ConfigError
-from mimkit.engine import compare
+from mimkit.engine import compare, compare_report
 from mimkit.engine.compare import method_list, parse_budget
 
 
@@ -160,5 +161,59 @@ def test_conmim_on_an_absolute_position_encoder_is_not_the_degenerate_setup():
 
 def test_the_report_picture_names_the_data_not_the_machine_path():
     results = {"data": "/home/someone/shared/data/cifar10/", "model": "vit/4 at 16px", "budget": "7min"}
-    title = compare.plot_title(results)
+    title = compare_report.plot_title(results)
     assert title == "cifar10, vit/4 at 16px - budget 7min" and "/home" not in title
+
+
+def test_seeds_give_spread_and_the_step0_row_is_the_runs_own_start(tmp_path, labeled_folder):
+    """--seeds 2 at lr 1e-30: pre-training cannot move the weights (by more than 1e-29), so each seed's trained row must equal that seed's
+    step-0 row exactly (the step-0 encoder is the very initialisation the run starts from), while the two seeds
+    differ; the report gives mean ± sd per cell, the gain table and the k-NN curve from the monitor."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "mae", "--data", str(labeled_folder), "--out", str(out), "--budget", "2ep",
+            "--seeds", "2", "--evals", "knn,linear", *TINY, "optim.blr=1e-30", "optim.min_lr=0", "train.batch_size=16",
+            "eval.knn_every=1"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == [0, 1]
+    runs, starts = report["methods"]["mae"]["seeds"], report["step0"]["mae"]["seeds"]
+    for seed, run, start in zip((0, 1), runs, starts):
+        trained = load_file(out / "mae" / f"seed{seed}" / "encoder" / "model.safetensors")
+        initial = load_file(out / "step0" / "mae" / f"seed{seed}" / "encoder" / "model.safetensors")
+        assert trained.keys() == initial.keys()
+        assert all(torch.allclose(trained[k], initial[k], rtol=0, atol=1e-20) for k in trained)
+        assert run["knn"] == start["knn"] and run["linear"] == start["linear"]
+    first = load_file(out / "step0" / "mae" / "seed0" / "encoder" / "model.safetensors")
+    second = load_file(out / "step0" / "mae" / "seed1" / "encoder" / "model.safetensors")
+    assert not torch.equal(first["patch_embed.proj.weight"], second["patch_embed.proj.weight"])
+    row = report["methods"]["mae"]
+    assert row["knn"] == pytest.approx((runs[0]["knn"] + runs[1]["knn"]) / 2, abs=1e-4) and "knn_sd" in row
+    assert len(report["scratch"]["seeds"]) == 2 and (out / "scratch" / "seed1" / "evals.json").is_file()
+    table = (out / "report.md").read_text()
+    assert (
+        "| mae at step 0 | 0 |" in table and " ± " in table and "| mae | +0.0 ± 0.0 | no | +0.0 ± 0.0 | no |" in table
+    )
+    curve = compare_report.knn_curve(out, "mae", report)  # step 0, then each epoch's monitor (mean of seeds)
+    assert [x for x, _ in curve] == [0.0, 0.5, 1.0] and curve[0][1] == report["step0"]["mae"]["knn"]
+
+
+def test_calibration_times_the_real_step(labeled_folder, monkeypatch):
+    """The budget is sized on the loop's own step: every accumulated micro-batch and the task's after_step (the
+    teacher update) are inside the timed step."""
+    from mimkit.config import build_config
+    from mimkit.engine.loop import Runtime, seconds_per_step
+    from mimkit.engine.pretrain import PretrainTask
+
+    cfg = build_config(dotted=[*TINY, f"data.path={labeled_folder}", "method=mocov3", "optim.accum_steps=2",
+                               "train.batch_size=4", "train.precision=fp32"])  # fmt: skip
+    task = PretrainTask(cfg, Runtime(torch.device("cpu"), None))
+    calls = {"step": 0, "after_step": 0}
+    step, after = task.step, task.after_step
+    monkeypatch.setattr(task, "step", lambda *a: calls.__setitem__("step", calls["step"] + 1) or step(*a))
+    monkeypatch.setattr(
+        task, "after_step", lambda *a: calls.__setitem__("after_step", calls["after_step"] + 1) or after(*a)
+    )
+    assert seconds_per_step(task, steps=2) > 0
+    assert calls == {"step": 6, "after_step": 3}  # a first step for one-off costs, then 2 timed; 2 micro-batches each

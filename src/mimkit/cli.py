@@ -17,6 +17,7 @@ from .run_config import downstream_config, flag_overrides, pretrain_config
 
 EXIT_BAD_INPUT = 2
 
+
 def _run_flags(p, *, out_default: str, config_example: str, override_example: str) -> None:
     """The data, budget and override flags of every command that trains."""
     p.add_argument("--config", help=f"a recipe YAML file or a packaged recipe's name (e.g. {config_example})")
@@ -167,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default: the recipe's)")
     p.add_argument("--evals", default="knn,linear,finetune", help="which evaluations to run")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per method and baseline, at train.seed, train.seed + 1, ...: mean and spread per cell",
+    )
     p.add_argument("--max-images", type=int, help="data.max_images: a fixed, seeded subset of the training images")
     p.add_argument("--batch-size", type=int, help="train.batch_size, per process")
     p.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
@@ -325,8 +332,11 @@ def cmd_methods(args) -> int:
     section = cls.section_name()
     lines = option_lines(cls.Options, section)
     print(f"{args.name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-    print(f"options (set as {section}.key=value; shared sections: model, data, optim, train, eval, tokenizer):"
-          if lines else "no options of its own (shared sections: model, data, optim, train, eval, tokenizer)")
+    print(
+        f"options (set as {section}.key=value; shared sections: model, data, optim, train, eval, tokenizer):"
+        if lines
+        else "no options of its own (shared sections: model, data, optim, train, eval, tokenizer)"
+    )
     print("\n".join(lines))
     return 0
 

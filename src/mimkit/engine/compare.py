@@ -1,13 +1,18 @@
 """`mimkit compare`: every method pre-trained under one encoder, data and budget, then evaluated the same way.
 
 Layout of `--out`: `<method>/` is each method's pre-training run (the engine resumes it), `<method>/evals.json`
-its evaluations (each one stored as soon as it is done), `<method>/finetune/` its fine-tuning run, `scratch/`
-the random-init baseline (k-NN, linear probe, the identical fine-tuning recipe), `tokenizer/` the VQ tokenizer
-that BEiT and CIM need when none is given. A re-run skips everything already finished.
+its evaluations (each one stored as soon as it is done), `<method>/finetune/` its fine-tuning run; `step0/<method>/`
+the same method's encoder as built, before any step (its initialisation, LayerScale and position scheme: the
+same-architecture floor), `scratch/` a plain timm encoder at random init, both under the identical evaluations;
+`tokenizer/` the VQ tokenizer that BEiT and CIM need when none is given. With `--seeds N` each of these folders
+holds `seed<k>/` per seed (train.seed, train.seed + 1, ...) and the report gives mean and spread per cell. A re-run
+skips everything already finished.
 
-Budgets: `Nep` gives every method N epochs. A wall-clock budget (`30s`, `10min`, `1h`) is turned into epochs per
-method by timing a few of its training steps first, so every run completes its learning-rate schedule rather
-than being cut off mid-way; the time each method actually took is reported next to its accuracy.
+Budgets: `Nep` gives every method N epochs (the papers' equal-epoch comparison). A wall-clock budget (`30s`,
+`10min`, `1h`) is turned into epochs per method by timing a few of its real training steps (the loop's own step:
+accumulation, clipping and teacher updates included) for every method before any trains, so every run completes
+its learning-rate schedule rather than being cut off mid-way and all seeds share one epoch count; the time each
+method actually took is reported next to its accuracy.
 """
 
 from __future__ import annotations
@@ -15,24 +20,27 @@ from __future__ import annotations
 import copy
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from ..atomic import replace_text
 from ..config import Config, ConfigError, build_config
 from ..data import labeled_splits, load_splits
 from ..eval import FeatureEval
-from ..methods import METHODS, RENAMED, method_class
+from ..methods import METHODS, RENAMED, build_method, method_class
 from ..models.vit import resolve_patch_size
 from ..run_config import names_model, say_first, small_image_patch
 from ..runtime import is_vit, resolve_device
+from .compare_report import write_report
 from .downstream import build_model, encoder_spec
 from .finetune import finetune
 from .fit import fit_workers, fitted_batch
 from .logging import say
 from .loop import Runtime, seconds_per_step
-from .pretrain import PretrainTask, data_name, pretrain
+from .pretrain import PretrainTask, export_method, generator_patch_from_tokenizer, pretrain
 from .run import load_encoder
 from .tokenizer import TokenizerTask, train_tokenizer
 
@@ -71,29 +79,58 @@ def compare_from_args(args) -> dict:
     evals = [e.strip() for e in args.evals.split(",") if e.strip()]
     if any(e not in EVALS for e in evals):
         raise ConfigError(f"--evals '{args.evals}': choose from {', '.join(EVALS)}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: give at least 1")
     out = Path(args.out)
     base = base_config(args)
     labeled_splits(base.data.path, base.data, base.train.seed, base.eval.max_eval_images)  # fails early: labels?
     num_images = len(load_splits(base.data, base.train.seed, base.eval.max_eval_images).train)
+    seeds = [base.train.seed + i for i in range(args.seeds)]
     out.mkdir(parents=True, exist_ok=True)
-    results = {"budget": args.budget, "data": base.data.path, "model": model_name(base), "methods": {}}
+    results = {"budget": args.budget, "budget_kind": budget[0], "data": base.data.path, "model": model_name(base),
+               "seeds": seeds, "methods": {}, "step0": {}}  # fmt: skip
     tokenizer_seconds = 0.0
     if any(METHODS[m].needs_tokenizer for m in methods) and not base.tokenizer.path:
         tok_budget = tokenizer_budget(budget, args.tokenizer_budget)
         folder, results["tokenizer"] = ensure_tokenizer(base, out / "tokenizer", tok_budget)
         base.tokenizer.path, tokenizer_seconds = str(folder), results["tokenizer"]["seconds"]
-    for name in methods:
+    configs, notes = {}, {}
+    for name in methods:  # every method's epochs first: timed on the same machine state, shared by the seeds
         own = budget
         if METHODS[name].needs_tokenizer and budget[0] == "seconds":  # the tokenizer's time is part of its budget
             own = ("seconds", max(budget[1] - tokenizer_seconds, 1.0))
         own_base = copy.deepcopy(base) if name == "conmim" else base
-        note = conmim_note(own_base, args.overrides) if name == "conmim" else None  # before timing its steps
-        cfg = method_config(own_base, name, out / name, finished_budget(out / name) or own)
-        cfg.train.log_every = loss_log_every(cfg, num_images)
-        results["methods"][name] = run_one(cfg, args, evals, out / name) | ({"note": note} if note else {})
-    results["scratch"] = run_scratch(base, args, evals, out / "scratch")
+        notes[name] = conmim_note(own_base, args.overrides) if name == "conmim" else None  # before timing
+        first = seed_dir(out / name, seeds[0], seeds)
+        configs[name] = method_config(own_base, name, first, finished_budget(first) or own)
+        configs[name].train.log_every = loss_log_every(configs[name], num_images)
+    per_seed = {name: [] for name in methods}
+    step0 = {name: [] for name in methods}
+    scratch = []
+    for seed in seeds:
+        for name in methods:
+            cfg = seeded(configs[name], seed, seed_dir(out / name, seed, seeds))
+            per_seed[name].append(run_one(cfg, args, evals, Path(cfg.out)))
+            step0[name].append(run_step0(cfg, args, evals, seed_dir(out / "step0" / name, seed, seeds)))
+        scratch.append(run_scratch(seeded(base, seed, base.out), args, evals, seed_dir(out / "scratch", seed, seeds)))
+    for name in methods:
+        results["methods"][name] = summarise(per_seed[name], evals) | ({"note": notes[name]} if notes[name] else {})
+        results["step0"][name] = summarise(step0[name], evals)
+    results["scratch"] = summarise(scratch, evals)
     write_report(out, results, evals)
     return results
+
+
+def seed_dir(folder: Path, seed: int, seeds: list[int]) -> Path:
+    """One seed keeps compare's single-seed layout; several put each seed's run in `seed<k>/`."""
+    return folder if len(seeds) == 1 else folder / f"seed{seed}"
+
+
+def seeded(cfg: Config, seed: int, out) -> Config:
+    """`cfg` with train.seed and out set for one seed's run (a copy)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.seed, cfg.out = seed, str(out)
+    return cfg
 
 
 LOSS_POINTS = 20  # logged losses per method at least, so that report.png has curves, not single dots
@@ -118,10 +155,14 @@ def conmim_note(cfg: Config, overrides: list[str]) -> str | None:
         return "ConMIM ran with conmim.center_teacher=true (the shared encoder has absolute positions)"
     if not any(o.startswith("conmim.center_teacher=") for o in overrides):
         cfg.conmim.center_teacher = True
-        return ("ConMIM ran as mimkit's variant, conmim.center_teacher=true: the shared encoder has absolute "
-                "positions, with which the paper's objective is solved from position alone (docs/methods.md)")
-    return ("warning: ConMIM ran with absolute positions and conmim.center_teacher=false, so its loss can be solved "
-            "from position alone (pos_acc -> 1): its accuracies say little (docs/methods.md)")
+        return (
+            "ConMIM ran as mimkit's variant, conmim.center_teacher=true: the shared encoder has absolute "
+            "positions, with which the paper's objective is solved from position alone (docs/methods.md)"
+        )
+    return (
+        "warning: ConMIM ran with absolute positions and conmim.center_teacher=false, so its loss can be solved "
+        "from position alone (pos_acc -> 1): its accuracies say little (docs/methods.md)"
+    )
 
 
 def base_config(args) -> Config:
@@ -171,7 +212,8 @@ def calibrate_epochs(cfg: Config, seconds: float, task_cls=PretrainTask, steps: 
     amp, why = precision_and_reason(cfg.train.precision, device)
     task = task_cls(cfg, Runtime(device, amp, precision=why))
     per_step = seconds_per_step(task, steps)
-    epochs = max(1, int(seconds / (per_step * task.batches_per_epoch())))
+    steps_per_epoch = max(1, task.batches_per_epoch() // cfg.optim.accum_steps)
+    epochs = max(1, int(seconds / (per_step * steps_per_epoch)))
     say(f"{cfg.method if task_cls is PretrainTask else task.kind}: {per_step * 1000:.0f} ms per step -> "
         f"{epochs} epoch(s) fit the budget")  # fmt: skip
     return epochs
@@ -198,7 +240,7 @@ def ensure_tokenizer(base: Config, out: Path, budget: tuple[str, float]) -> tupl
         t0 = time.perf_counter()
         summary = train_tokenizer(cfg) or {}
         summary.update(epochs=cfg.train.epochs, seconds=round(time.perf_counter() - t0, 1))
-        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+        replace_text(summary_file, json.dumps(summary, indent=2) + "\n")
     summary = load_json(summary_file)
     return folder, {k: summary[k] for k in ("epochs", "seconds")}
 
@@ -211,7 +253,7 @@ def run_one(cfg: Config, args, evals: list[str], run_dir: Path) -> dict:
         t0 = time.perf_counter()
         summary = pretrain(cfg)
         summary["pretrain_seconds"] = round(time.perf_counter() - t0, 1)
-        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+        replace_text(summary_file, json.dumps(summary, indent=2) + "\n")
     summary = json.loads(summary_file.read_text())
     device = resolve_device(cfg.train.device)
     done = run_evals(
@@ -222,7 +264,8 @@ def run_one(cfg: Config, args, evals: list[str], run_dir: Path) -> dict:
 
 
 def run_scratch(base: Config, args, evals: list[str], run_dir: Path) -> dict:
-    """The random-init encoder under the same evaluations: the floor every method must clear."""
+    """A plain timm encoder at random init (seeded by train.seed) under the same evaluations: the floor every
+    method must clear, and the same one for all."""
 
     def random_init():
         torch.manual_seed(base.train.seed)
@@ -230,6 +273,38 @@ def run_scratch(base: Config, args, evals: list[str], run_dir: Path) -> dict:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_evals(base, args, evals, run_dir, "none", random_init)
+
+
+def run_step0(cfg: Config, args, evals: list[str], run_dir: Path) -> dict:
+    """The method's own encoder as its run builds it (same seed: the very weights its pre-training starts from),
+    exported and evaluated like a trained one: what pre-training added is the difference to this row."""
+    encoder_dir = run_dir / "encoder"
+    device = resolve_device(cfg.train.device)
+    if not (encoder_dir / "config.json").is_file():
+        generator_patch_from_tokenizer(cfg)
+        torch.manual_seed(cfg.train.seed)  # as PretrainTask builds it
+        method = build_method(cfg).eval()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        export_method(method, cfg, encoder_dir, {"method": cfg.method, "steps": 0})
+    return run_evals(cfg, args, evals, run_dir, str(encoder_dir), lambda: load_encoder(encoder_dir, device)[0])
+
+
+def summarise(runs: list[dict], evals: list[str]) -> dict:
+    """Per-seed results -> the row: means (the seeds' values under `seeds`), and `<eval>_sd` (sample standard
+    deviation) when there are several seeds."""
+    if len(runs) == 1:
+        return runs[0]
+    row = {"seeds": runs}
+    for key in ("epochs", "steps"):
+        if key in runs[0]:
+            row[key] = runs[0][key]
+    for key in ("pretrain_seconds", "eval_seconds", *evals):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            row[key] = round(statistics.fmean(values), 4 if key in evals else 1)
+            if key in evals and len(values) > 1:
+                row[f"{key}_sd"] = round(statistics.stdev(values), 4)
+    return row
 
 
 def run_evals(cfg: Config, args, evals: list[str], run_dir: Path, checkpoint: str, encoder_fn) -> dict:
@@ -281,93 +356,4 @@ def load_evals(run_dir: Path) -> dict:
 
 
 def save_evals(run_dir: Path, done: dict) -> None:
-    tmp = run_dir / ".evals.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    tmp.replace(run_dir / "evals.json")
-
-
-def write_report(out: Path, results: dict, evals: list[str]) -> None:
-    """report.json (everything), report.md (the table), report.png (accuracies; pre-training loss curves)."""
-    (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
-    head = "| method | epochs | pre-train s | eval s | " + " | ".join(evals) + " |"
-    lines = [f"# mimkit compare: {results['data']}, {results['model']}, budget {results['budget']}", "",
-             *budget_lines(results), "", head, "|" + "---|" * (4 + len(evals))]  # fmt: skip
-    rows = dict(results["methods"])
-    for name, r in rows.items():
-        cells = [f"{r[e]:.4f}" if e in r else "-" for e in evals]
-        lines.append(f"| {name} | {r['epochs']} | {r.get('pretrain_seconds') or '-'} | {r.get('eval_seconds', '-')} | "
-                     + " | ".join(cells) + " |")  # fmt: skip
-    if "tokenizer" in results:
-        t = results["tokenizer"]
-        lines.append(f"| (VQ tokenizer for BEiT/CIM) | {t['epochs']} | {t['seconds']} | - |" + " - |" * len(evals))
-    s = results["scratch"]
-    lines.append(f"| random init (scratch) | - | - | {s.get('eval_seconds', '-')} | "
-                 + " | ".join(f"{s[e]:.4f}" if e in s else "-" for e in evals) + " |")  # fmt: skip
-    lines += [
-        "",
-        "k-NN and linear: top-1 of frozen features; finetune: top-1 after the last fine-tuning epoch, the",
-        "identical recipe for every row (the scratch row fine-tunes a randomly initialised encoder).",
-        *(
-            ["Under a wall-clock budget, BEiT and CIM pre-train for the budget minus the tokenizer's seconds."]
-            if "tokenizer" in results and parse_budget(results["budget"])[0] == "seconds"
-            else []
-        ),  # fmt: skip
-        *[f"{name}: {r['note']}" for name, r in rows.items() if r.get("note")],
-    ]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    plot_report(out, results, evals)
-    say(f"report written to '{out / 'report.md'}', '{out / 'report.json'}' and '{out / 'report.png'}'")
-
-
-def budget_lines(results: dict) -> list[str]:
-    """What the budget covered and what it did not: pre-training (and the tokenizer) is inside it, every
-    evaluation outside; the command also times a few steps per method to size its epochs."""
-    runs = [*results["methods"].values(), results["scratch"]]
-    pretrain_s = sum(r.get("pretrain_seconds") or 0 for r in runs) + results.get("tokenizer", {}).get("seconds", 0)
-    eval_s = sum(r.get("eval_seconds", 0) for r in runs)
-    return [
-        f"Budget: {results['budget']} of pre-training per method (BEiT and CIM: their tokenizer's included); "
-        f"{pretrain_s:.0f} s of pre-training in all (`pre-train s`).",
-        f"Evaluation (k-NN, linear probe, fine-tuning) is outside the budget: {eval_s:.0f} s in all (`eval s`); "
-        "the command's wall time is both plus the few steps timed per method to size its epochs.",
-    ]
-
-
-def plot_title(results: dict) -> str:
-    """The data's name, not its path: a picture is shared beyond the machine it was made on."""
-    return f"{data_name(results['data'])}, {results['model']} - budget {results['budget']}"
-
-
-def plot_report(out: Path, results: dict, evals: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [*results["methods"], "scratch"]
-    rows = [*results["methods"].values(), results["scratch"]]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.8 / max(len(evals), 1)
-    for j, e in enumerate(evals):
-        xs = [i + (j - (len(evals) - 1) / 2) * width for i in range(len(names))]
-        ax_acc.bar(xs, [r.get(e, 0.0) for r in rows], width, label=e)
-    ax_acc.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax_acc.set_ylabel("top-1")
-    ax_acc.set_title(plot_title(results))
-    ax_acc.legend()
-    for name in results["methods"]:
-        metrics = out / name / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        pts = [json.loads(x) for x in metrics.read_text().splitlines() if x]
-        pts = [(p["step"], p["loss"]) for p in pts if "loss" in p]
-        if pts:
-            first, last_step = pts[0][1] or 1.0, pts[-1][0]
-            ax_loss.plot([s / last_step for s, _ in pts], [v / first for _, v in pts], "o-", ms=3, label=name)
-    ax_loss.set_xlabel("fraction of pre-training")
-    ax_loss.set_ylabel("loss / first logged loss")
-    ax_loss.set_title("pre-training loss (each method's own objective)")
-    ax_loss.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=110)
-    plt.close(fig)
+    replace_text(run_dir / "evals.json", json.dumps(done, indent=2) + "\n")
