@@ -281,7 +281,7 @@ def install_tensorboard_fault(at: int, fault: str) -> None:
 
 def install_slow_export(marker: str) -> None:
     """The export of a run waits 2 s after writing `marker`: a window for a second run to try the lock."""
-    from mimkit.engine import pretrain
+    from mimkit.engine.tasks import pretrain
 
     export = pretrain.export_method
 

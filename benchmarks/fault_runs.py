@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from mimkit.engine.checkpoint import load_checkpoint
-from mimkit.engine.logging import TIMING_KEYS
+from mimkit.engine.trainer.checkpoint import load_checkpoint
+from mimkit.engine.trainer.logging import TIMING_KEYS
 
 PRELOAD = ["torch", "timm", "sklearn.datasets", "torch.utils.tensorboard", "safetensors.torch", "mimkit.cli",
-           "mimkit.engine.pretrain", "mimkit.engine.finetune", "mimkit.engine.segment", "mimkit.export"]  # fmt: skip
+           "mimkit.engine.tasks.pretrain", "mimkit.engine.tasks.finetune", "mimkit.engine.tasks.segment",
+           "mimkit.export"]  # fmt: skip
 
 
 # ---- runs in processes of their own ---------------------------------------------------------------------------
@@ -54,7 +55,7 @@ def install_faults(faults: dict) -> list[str]:
     refused. -> the list network attempts are appended to."""
     attempts: list[str] = []
     if "checkpoint_full_at" in faults:
-        from mimkit.engine import checkpoint
+        from mimkit.engine.trainer import checkpoint
 
         checkpoint.torch = FullDiskTorch(**faults["checkpoint_full_at"])
     if faults.get("export_full"):
@@ -79,8 +80,8 @@ def install_faults(faults: dict) -> list[str]:
 
 
 class FullDiskTorch:
-    """`torch` as mimkit.engine.checkpoint sees it, except that the `at`-th save copies the checkpoints in `folder`
-    to `snapshot` (what must survive), writes a few bytes and fails with `code`."""
+    """`torch` as mimkit.engine.trainer.checkpoint sees it, except that the `at`-th save copies the checkpoints in
+    `folder` to `snapshot` (what must survive), writes a few bytes and fails with `code`."""
 
     def __init__(self, at: int, folder: str, snapshot: str, code: int = errno.ENOSPC):
         self.calls, self.at, self.folder, self.snapshot, self.code = 0, at, Path(folder), Path(snapshot), code

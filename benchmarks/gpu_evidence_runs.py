@@ -218,7 +218,7 @@ def ladder(ev, args, data: Path) -> None:
 def method_runs(names: str) -> int:
     """Budgets compare spends: one per method (BEiT's and CIM's include their tokenizer's quarter of one, the
     default of --tokenizer-budget)."""
-    from mimkit.engine.compare import method_list
+    from mimkit.engine.drivers.compare import method_list
 
     return len(method_list(names))
 

@@ -155,8 +155,8 @@ def every_method_section(args, measure, device, dtype, steps: int, warmup: int, 
 def finetune_builder(size: str, batch: int, device):
     """A fine-tuning step as `mimkit finetune` runs it: mixup/cutmix, soft-target CE, layer-decay AdamW (the
     optimizer of the timing loop is plain AdamW; the parameter groups change nothing in its cost)."""
-    from mimkit.engine.downstream import encoder_spec
-    from mimkit.engine.finetune import build_classifier, mixup_and_criterion
+    from mimkit.engine.tasks.encoders import encoder_spec
+    from mimkit.engine.tasks.finetune import build_classifier, mixup_and_criterion
 
     def build(_s):
         cfg = build_config(["finetune"], dotted=MODEL[size])
@@ -176,8 +176,8 @@ def finetune_builder(size: str, batch: int, device):
 def segment_builder(size: str, batch: int, head: str, device):
     """A segmentation step as `mimkit segment` runs it: multi-level features, the head, pixel cross-entropy
     over the crop (ADE20K's 150 classes at 224 px; 11 at 32 px)."""
-    from mimkit.engine.downstream import encoder_spec
-    from mimkit.engine.segment import build_segmenter, seg_loss
+    from mimkit.engine.tasks.encoders import encoder_spec
+    from mimkit.engine.tasks.segment import build_segmenter, seg_loss
 
     def build(s):
         k = 11 if size == "tiny" else 150

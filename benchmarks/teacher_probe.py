@@ -15,9 +15,9 @@ import os
 import sys
 
 from mimkit.config import build_config
-from mimkit.engine.logging import say
-from mimkit.engine.loop import start_runtime, train
-from mimkit.engine.pretrain import PretrainTask
+from mimkit.engine.tasks.pretrain import PretrainTask
+from mimkit.engine.trainer import start_runtime, train
+from mimkit.engine.trainer.logging import say
 
 
 def encoders(method) -> dict:

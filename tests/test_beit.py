@@ -10,7 +10,7 @@ from helpers import TINY, make_tokenizer
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, build_config
-from mimkit.engine.optim import param_groups
+from mimkit.engine.trainer.optim import param_groups
 from mimkit.masking import beit_mask_count
 from mimkit.methods.beit import BEiT
 

@@ -146,7 +146,7 @@ def test_persistent_workers_see_updated_boxes(tmp_path):
 
 
 def test_box_state_survives_checkpoint_and_resume(tmp_path, labeled_folder, monkeypatch, capsys):
-    import mimkit.engine.loop as T
+    import mimkit.engine.trainer.task as T
 
     base = ["--data", str(labeled_folder), "--epochs", "3", *TINY, *CCROP, "data.ccrop_threshold=0.8"]
     base += ["train.checkpoint_every=1", "eval.final_knn=false"]

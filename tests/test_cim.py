@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, build_config
-from mimkit.engine.optim import build_optimizer, set_lr
+from mimkit.engine.trainer.optim import build_optimizer, set_lr
 from mimkit.methods import build_method
 from mimkit.methods.cim import sliding_window_targets, window_stats
 

@@ -8,8 +8,8 @@ from helpers import TINY
 
 from mimkit.cli import build_parser, main
 from mimkit.config import ConfigError
-from mimkit.engine import compare, compare_report
-from mimkit.engine.compare import method_list, parse_budget
+from mimkit.engine.drivers import compare, compare_report
+from mimkit.engine.drivers.compare import method_list, parse_budget
 
 
 def test_budget_and_method_parsing():
@@ -166,9 +166,10 @@ def test_the_report_picture_names_the_data_not_the_machine_path():
 
 
 def test_seeds_give_spread_and_the_step0_row_is_the_runs_own_start(tmp_path, labeled_folder):
-    """--seeds 2 at lr 1e-30: pre-training cannot move the weights (by more than 1e-29), so each seed's trained row must equal that seed's
-    step-0 row exactly (the step-0 encoder is the very initialisation the run starts from), while the two seeds
-    differ; the report gives mean ± sd per cell, the gain table and the k-NN curve from the monitor."""
+    """--seeds 2 at lr 1e-30: pre-training cannot move the weights (by more than 1e-29), so each seed's trained row
+    must equal that seed's step-0 row exactly (the step-0 encoder is the very initialisation the run starts from),
+    while the two seeds differ; the report gives mean ± sd per cell, the gain table and the k-NN curve from the
+    monitor."""
     from safetensors.torch import load_file
 
     out = tmp_path / "cmp"
@@ -203,8 +204,8 @@ def test_calibration_times_the_real_step(labeled_folder, monkeypatch):
     """The budget is sized on the loop's own step: every accumulated micro-batch and the task's after_step (the
     teacher update) are inside the timed step."""
     from mimkit.config import build_config
-    from mimkit.engine.loop import Runtime, seconds_per_step
-    from mimkit.engine.pretrain import PretrainTask
+    from mimkit.engine.tasks.pretrain import PretrainTask
+    from mimkit.engine.trainer import Runtime, seconds_per_step
 
     cfg = build_config(dotted=[*TINY, f"data.path={labeled_folder}", "method=mocov3", "optim.accum_steps=2",
                                "train.batch_size=4", "train.precision=fp32"])  # fmt: skip

@@ -1,5 +1,5 @@
-"""`train.compile`: the compiled method (torch.compile of the module, as engine/loop.py does) computes eager's loss
-and gradients.
+"""`train.compile`: the compiled method (torch.compile of the module, as engine/trainer/loop.py does) computes
+eager's loss and gradients.
 
 Masks: Inductor lowers `torch.rand` to its own generator, so a compiled step draws other MAE masks than an eager
 one from the same seed (both deterministic per seed; on a tiny MAE the losses then differ by about 1%). With

@@ -12,8 +12,8 @@ from helpers import TINY
 from mimkit.cli import main
 from mimkit.config import ConfigError, build_config
 from mimkit.ema import cosine_momentum
-from mimkit.engine.logging import TIMING_KEYS
-from mimkit.engine.optim import build_optimizer
+from mimkit.engine.trainer.logging import TIMING_KEYS
+from mimkit.engine.trainer.optim import build_optimizer
 from mimkit.methods.conmim import ConMIM
 
 SMALL = [*TINY, "method=conmim", "conmim.proj_hidden=32", "conmim.proj_dim=16"]
@@ -300,7 +300,7 @@ def test_export_auto_measures_both_encoders_and_says_which(tmp_path, capsys, lab
 
 def test_export_choice_without_labels_or_with_a_setting():
     from mimkit.data import Splits
-    from mimkit.engine.pretrain import choose_export
+    from mimkit.engine.tasks.pretrain import choose_export
 
     cfg = build_config([], None, SMALL)
     m = make()

@@ -24,8 +24,8 @@ from mimkit.data.pipeline import (
     prepare_batch,
     random_resized_crop_box,
 )
-from mimkit.engine.logging import TIMING_KEYS
-from mimkit.engine.pretrain import pretrain
+from mimkit.engine.tasks.pretrain import pretrain
+from mimkit.engine.trainer.logging import TIMING_KEYS
 from mimkit.methods.mae import MAE
 
 # Measured on every batch below: 0 differing pixels (max and mean difference 0). The bounds allow one level on a

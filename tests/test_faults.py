@@ -26,8 +26,8 @@ import torch
 from helpers import TINY
 
 from mimkit.cli import main
-from mimkit.engine import checkpoint as checkpoint_module
-from mimkit.engine.logging import TIMING_KEYS
+from mimkit.engine.trainer import checkpoint as checkpoint_module
+from mimkit.engine.trainer.logging import TIMING_KEYS
 
 # 64 images, batches of 16: 2 epochs x 4 steps, a checkpoint after every step (so prev.pt is one step back)
 FLAGS = ["--data", "demo", "--max-images", "64", "--epochs", "2"]
@@ -144,9 +144,9 @@ def test_diverged_run_goes_on_with_a_sane_learning_rate(diverged, copy_of, capsy
 
 
 class TorchWithFullDisk:
-    """`torch` as mimkit.engine.checkpoint sees it, except that the `fail_at`-th torch.save writes a few bytes and
-    then fails as a full disk does: an OSError, or (`disguised`) as torch.save does, a RuntimeError ('unexpected
-    pos') with the OSError as its context."""
+    """`torch` as mimkit.engine.trainer.checkpoint sees it, except that the `fail_at`-th torch.save writes a few
+    bytes and then fails as a full disk does: an OSError, or (`disguised`) as torch.save does, a RuntimeError
+    ('unexpected pos') with the OSError as its context."""
 
     def __init__(self, fail_at: int, last_pt=None, disguised: bool = False):
         self.calls, self.fail_at, self.last_pt, self.before, self.disguised = 0, fail_at, last_pt, None, disguised

@@ -9,8 +9,8 @@ from helpers import TINY
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, build_config
-from mimkit.engine.downstream import build_model, encoder_spec
-from mimkit.engine.finetune import build_classifier, build_finetune_optimizer, mixup_and_criterion
+from mimkit.engine.tasks.encoders import build_model, encoder_spec
+from mimkit.engine.tasks.finetune import build_classifier, build_finetune_optimizer, mixup_and_criterion
 from mimkit.export import export_encoder
 from mimkit.models.vit import create_encoder
 
@@ -190,7 +190,7 @@ def test_per_block_tables_are_resized_for_another_image_size_as_timms_loader_doe
 
 
 def test_head_init_is_beits_scaled_trunc_normal():
-    from mimkit.engine.downstream import init_head
+    from mimkit.engine.tasks.encoders import init_head
 
     torch.manual_seed(0)
     head = torch.nn.Linear(768, 1000)

@@ -13,8 +13,8 @@ from helpers import TINY, make_tokenizer, write_images
 from mimkit.cli import main, parse_args
 from mimkit.config import ConfigError, build_config
 from mimkit.discover import recipe_names
-from mimkit.engine.fit import fit_workers, fitted_batch
-from mimkit.engine.resume_check import changed_keys
+from mimkit.engine.trainer.fit import fit_workers, fitted_batch
+from mimkit.engine.trainer.resume_check import changed_keys
 from mimkit.methods import METHODS
 from mimkit.run_config import pretrain_config
 
@@ -85,7 +85,7 @@ def test_gpu_recipes_shrink_to_the_data_and_the_machine(monkeypatch, capsys):
     assert fitted_batch(1024, 512, 1) == 128 and fitted_batch(1024, 512, 2) == 64  # 4 steps per epoch
     assert fitted_batch(64, 512, 1) == 64 and fitted_batch(512, 512, 1) == 512  # fits: untouched
     cfg = build_config(["cifar10-mae"])
-    monkeypatch.setattr("mimkit.engine.fit.machine_cores", lambda: 2)
+    monkeypatch.setattr("mimkit.engine.trainer.fit.machine_cores", lambda: 2)
     fit_workers(cfg)
     assert cfg.data.num_workers == 2
     said = capsys.readouterr().out.strip()
@@ -132,7 +132,7 @@ def test_patch_size_is_compared_as_the_encoder_has_it():
 
 
 def test_cnn_cim_takes_its_generator_patch_from_the_tokenizer(tmp_path, capsys):
-    from mimkit.engine.pretrain import generator_patch_from_tokenizer
+    from mimkit.engine.tasks.pretrain import generator_patch_from_tokenizer
 
     tok = make_tokenizer(tmp_path / "tok", image_size=16, downsample=4)  # 4x4 tokens over 16 px
     cfg = build_config(dotted=["method=cim-respix", "model.name=resnet18", "data.image_size=16",

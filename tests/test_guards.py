@@ -17,8 +17,8 @@ from test_faults import TOTAL_STEPS, argv, load, metrics, run
 from test_untrusted_exports import set_arch
 
 from mimkit.cli import main
-from mimkit.engine.loop import Runtime
-from mimkit.engine.window import Window
+from mimkit.engine.trainer import Runtime
+from mimkit.engine.trainer.window import Window
 from mimkit.errors import DivergedError
 
 

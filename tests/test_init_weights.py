@@ -14,7 +14,7 @@ from mimkit.cli import main
 from mimkit.config import ConfigError, build_config
 from mimkit.data import load_splits
 from mimkit.data.pipeline import EpochBatchSampler, ViewDataset, collate, prepare_batch
-from mimkit.engine.pretrain import PretrainTask, method_from_checkpoint, pretrain
+from mimkit.engine.tasks.pretrain import PretrainTask, method_from_checkpoint, pretrain
 from mimkit.export import read_weights
 from mimkit.methods import build_method
 from mimkit.models.init_weights import describe_init, load_initial_weights

@@ -11,7 +11,7 @@ from torch import nn
 
 from mimkit.config import build_config
 from mimkit.data.pipeline import EpochBatchSampler
-from mimkit.engine.loop import Runtime, Task, train
+from mimkit.engine.trainer import Runtime, Task, train
 from mimkit.errors import CheckpointError, TrainingError
 
 
@@ -80,8 +80,8 @@ def _ddp_worker(rank: int, out: str, port: int, launcher: str, result: str) -> N
            "slurm": {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
                      "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "7"}}[launcher]  # fmt: skip
     os.environ.update(env, MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    from mimkit.engine import distributed as D
-    from mimkit.engine.loop import start_runtime
+    from mimkit.engine.trainer import distributed as D
+    from mimkit.engine.trainer import start_runtime
 
     # fp32 as the 1-process reference (a Runtime without autocast): the test is about arithmetic, not precision
     cfg = toy_config(out, "train.batch_size=16", "optim.accum_steps=2", "train.precision=fp32")
@@ -160,7 +160,7 @@ def test_epoch_snapshots_keep_the_newest_n(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 def test_the_run_says_its_precision_and_why(tmp_path, capsys, precision):
-    from mimkit.engine.loop import start_runtime
+    from mimkit.engine.trainer import start_runtime
 
     cfg = toy_config(tmp_path / "run", "train.batch_size=16", f"train.precision={precision}")
     rt = start_runtime(cfg)

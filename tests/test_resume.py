@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import TINY
 
-from mimkit.engine.logging import TIMING_KEYS
+from mimkit.engine.trainer.logging import TIMING_KEYS
 
 ARGS = [
     "pretrain", "--data", "demo", "--max-images", "320", "--epochs", "5", *TINY,
@@ -59,7 +59,7 @@ def test_interrupted_epoch_end_work_is_logged_once(tmp_path, monkeypatch, capsys
     """A step checkpoint that falls on an epoch's last step, then a kill during the epoch-end work: the resumed
     run must not write that epoch's k-NN line a second time."""
     from mimkit.cli import main
-    from mimkit.engine import distributed
+    from mimkit.engine.trainer import distributed
 
     out = tmp_path / "run"
     argv = ["pretrain", "--data", "demo", "--max-images", "64", "--epochs", "2", "--out", str(out), *TINY,

@@ -9,7 +9,7 @@ import torch
 from helpers import TINY
 
 from mimkit.config import build_config
-from mimkit.engine.distributed import first_host, launcher_env
+from mimkit.engine.trainer.distributed import first_host, launcher_env
 from mimkit.methods import build_method
 from mimkit.runtime import enable_grad_checkpointing
 

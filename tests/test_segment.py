@@ -14,7 +14,7 @@ from mimkit.cli import main
 from mimkit.config import build_config
 from mimkit.data.folder import DataError
 from mimkit.data.segmentation import SegmentationDataset, check_pairs, scan_pairs, synthetic_pairs
-from mimkit.engine.segment import confusion_matrix, constant_confusion, scores, slide_logits
+from mimkit.engine.tasks.segment import confusion_matrix, constant_confusion, scores, slide_logits
 from mimkit.export import export_encoder
 from mimkit.models.seg_heads import SegmentationModel, vit_feature_indices
 from mimkit.models.vit import create_encoder
@@ -234,7 +234,7 @@ def test_model_beats_the_constant_predictor(tmp_path, seg_folder):
 
 
 def test_interrupted_run_resumes_after_its_last_epoch(tmp_path, seg_folder, monkeypatch):
-    from mimkit.engine import segment as seg
+    from mimkit.engine.tasks import segment as seg
 
     def argv(out):
         return ["segment", "--checkpoint", "none", "--data", str(seg_folder), "--out", str(out), "--epochs", "3",

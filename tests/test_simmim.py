@@ -6,7 +6,7 @@ from helpers import TINY
 from hf_maps import hf_vit_weights
 
 from mimkit.config import ConfigError, build_config
-from mimkit.engine.optim import param_groups
+from mimkit.engine.trainer.optim import param_groups
 from mimkit.methods.simmim import SimMIM
 
 

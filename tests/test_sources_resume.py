@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TINY
 
-import mimkit.engine.loop as loop
+import mimkit.engine.trainer.task as loop
 from mimkit.cli import main
 from mimkit.data.pack import pack
 

@@ -256,7 +256,7 @@ def test_tokenizer_train_cli_end_to_end_and_resume(tmp_path, capsys, labeled_fol
 def test_tokenizer_train_resumed_mid_epoch_matches_uninterrupted(tmp_path, capsys, labeled_folder, monkeypatch):
     """Stopped at step 5 (checkpoint of step 4, after a dead-code restart), re-run -> the metrics and weights of
     an uninterrupted run: the codebook statistics and the restart RNG travel in the checkpoint."""
-    from mimkit.engine.tokenizer import TokenizerTraining
+    from mimkit.engine.tasks.tokenizer_training import TokenizerTraining
 
     args = ["tokenizer", "train", "--data", str(labeled_folder), "--epochs", "2", *TOK, "train.checkpoint_every=1"]
     assert main([*args, "--out", str(tmp_path / "full")]) == 0

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, build_config
-from mimkit.engine.downstream import build_model, encoder_spec
+from mimkit.engine.tasks.encoders import build_model, encoder_spec
 from mimkit.export import load_exported, read_export
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"

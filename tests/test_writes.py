@@ -19,9 +19,9 @@ import pytest
 from test_faults import TorchWithFullDisk, argv, load, metrics, run
 
 from mimkit.cli import main
-from mimkit.engine import checkpoint as checkpoint_module
-from mimkit.engine import pretrain as pretrain_module
-from mimkit.engine.logging import MetricsLog
+from mimkit.engine.tasks import pretrain as pretrain_module
+from mimkit.engine.trainer import checkpoint as checkpoint_module
+from mimkit.engine.trainer.logging import MetricsLog
 
 
 @pytest.fixture(scope="module")

@@ -202,7 +202,7 @@ DOWNSTREAM = {
 
 # -------------------------------------------------------------------------------------------- commands
 def cmd_pretrain(args) -> int:
-    from .engine.pretrain import pretrain
+    from .engine.tasks.pretrain import pretrain
 
     pretrain(pretrain_config(args))
     return 0
@@ -210,7 +210,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_tokenizer(args) -> int:
     if args.tokenizer_command == "train":
-        from .engine.tokenizer import train_tokenizer
+        from .engine.tasks.tokenizer_training import train_tokenizer
 
         args.overrides = ["eval.final_knn=false", *args.overrides]  # judged by PSNR and codebook usage, not k-NN
         train_tokenizer(pretrain_config(args, kind="tokenizer"))
@@ -233,7 +233,7 @@ def cmd_tokenizer(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data import labeled_splits
-    from .engine.run import load_encoder
+    from .engine.tasks.encoders import load_encoder
     from .eval import FeatureEval
     from .runtime import resolve_device
 
@@ -262,28 +262,28 @@ def cmd_eval(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .engine.finetune import finetune
+    from .engine.tasks.finetune import finetune
 
     finetune(downstream_config(args, "finetune"), args.checkpoint, args.model, args.image_size, args.allow_download)
     return 0
 
 
 def cmd_segment(args) -> int:
-    from .engine.segment import segment
+    from .engine.tasks.segment import segment
 
     segment(downstream_config(args, "segment"), args.checkpoint, args.model, args.image_size, args.allow_download)
     return 0
 
 
 def cmd_compare(args) -> int:
-    from .engine.compare import compare_from_args
+    from .engine.drivers.compare import compare_from_args
 
     compare_from_args(args)
     return 0
 
 
 def cmd_export(args) -> int:
-    from .engine.pretrain import data_name, export_method, method_from_checkpoint
+    from .engine.tasks.pretrain import data_name, export_method, method_from_checkpoint
 
     method, cfg, state = method_from_checkpoint(args.checkpoint)
     card = {
@@ -306,7 +306,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_visualize(args) -> int:
-    from .engine.visualize import visualize
+    from .engine.drivers.visualize import visualize
 
     path, rows, what = visualize(args.checkpoint, args.data, args.out, args.num, args.seed, args.scale, args.image_size)
     print(f"wrote '{path}' ({rows} images; {what})")

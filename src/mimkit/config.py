@@ -203,7 +203,7 @@ class FinetuneConfig:
 class SegmentConfig:
     """Semantic segmentation fine-tuning (`mimkit segment`) on `images/` + `masks/` folders. The training crop
     is `data.image_size` (--image-size); the optimizer's lr and schedule length come from `optim`, the budget
-    from `train` (mimkit.engine.segment)."""
+    from `train` (mimkit.engine.tasks.segment)."""
 
     num_classes: Annotated[int, Range(2)] = 11  # class ids 0..num_classes-1 in the masks
     ignore_index: int = 255  # mask value excluded from loss and IoU (CamVid: 11)

@@ -54,8 +54,9 @@ def check_boxes(boxes: torch.Tensor, num_images: int, where: str) -> torch.Tenso
 
 
 def box_encoder(method: nn.Module) -> nn.Module:
-    """The network whose heat maps place the boxes: the method's `ccrop_encoder` when it names one (ConMIM: the
-    online student, as ContrastiveCrop localises with its online encoder), else the exported `encoder`."""
+    """The network whose heat maps place the boxes: a method's `ccrop_encoder` (the `Method` contract: the exported
+    `encoder` unless the method says otherwise, e.g. ConMIM's online student, as ContrastiveCrop localises with its
+    online encoder); the `encoder` of any other module with the method contract (the tokenizer trainer)."""
     chosen = getattr(method, "ccrop_encoder", None)
     return method.encoder if chosen is None else chosen
 

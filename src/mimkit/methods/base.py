@@ -30,7 +30,10 @@ class Method(nn.Module):
     - optional, declared on the class: `needs_tokenizer` (the run needs `tokenizer.path`), `on_epoch_end(ctx)`
       (per-epoch work; the dict it returns is logged), `export_meta()` (extra keys for the export's metadata);
     - optional, for methods with an EMA teacher: `export_options()` (the encoders a run may export, the setting
-      and the fallback) and `select_encoder(name)`; `engine.pretrain.choose_export` decides at the end of a run.
+      and the fallback) and `select_encoder(name)`; `engine.tasks.pretrain.choose_export` decides at the end of a run;
+    - `ccrop_encoder`: the network ContrastiveCrop localises with (`data.ccrop.box_encoder`), by default `encoder`.
+
+    These are every hook the engine and the data layer call on a method.
     """
 
     name: ClassVar[str] = ""
@@ -68,6 +71,11 @@ class Method(nn.Module):
     def select_encoder(self, name: str) -> None:
         """Make `encoder` the one named `name` (a key of `export_options()`'s dict)."""
         raise NotImplementedError(f"method '{self.name}' exports one encoder only")
+
+    @property
+    def ccrop_encoder(self) -> nn.Module:
+        """The network whose heat maps place ContrastiveCrop's boxes (default: the exported encoder)."""
+        return self.encoder
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that must not get weight decay, beyond the 1-D ones (biases, norms)."""

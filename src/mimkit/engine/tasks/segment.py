@@ -31,25 +31,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..atomic import replace_text
-from ..config import Config, ConfigError, SegmentConfig, to_dict
-from ..data.folder import seeded_subset
-from ..data.keyed import KeyedDataset
-from ..data.pipeline import EpochBatchSampler, train_loader
-from ..data.segmentation import (
+from ...atomic import replace_text
+from ...config import Config, ConfigError, SegmentConfig, to_dict
+from ...data.folder import seeded_subset
+from ...data.keyed import KeyedDataset
+from ...data.pipeline import EpochBatchSampler, train_loader
+from ...data.segmentation import (
     SegmentationDataset,
     check_pairs,
     segmentation_splits,
     synthetic_pairs,
 )
-from ..models.seg_heads import SegmentationModel, resize
-from ..runtime import enable_grad_checkpointing, fused_adamw, is_vit
-from . import distributed as D
-from .downstream import EncoderSpec, build_model, encoder_spec
-from .fit import fit_workers
-from .logging import say
-from .loop import Runtime, Task, start_runtime, train
-from .optim import lr_at
+from ...models.seg_heads import SegmentationModel, resize
+from ...runtime import autocast, enable_grad_checkpointing, fused_adamw, is_vit
+from ..trainer import Runtime, Task, run
+from ..trainer import distributed as D
+from ..trainer.fit import fit_workers
+from ..trainer.logging import say
+from ..trainer.optim import lr_at
+from .encoders import EncoderSpec, build_model, encoder_spec
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -193,7 +193,7 @@ def evaluate(model, loader, cfg: Config, device, amp, mean, std, slide: bool) ->
     model.eval()
     for img, mask in loader:
         x = (img.to(device).float() / 255 - mean) / std
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             logits = slide_logits(model, x, crop, stride, s.num_classes) if slide else model(x)
         pred = resize(logits.float(), mask.shape[-2:]).argmax(1)
         conf += confusion_matrix(pred, mask.to(device), s.num_classes, s.ignore_index)
@@ -228,9 +228,11 @@ class SegmentTask(Task):
     resume_keys = ("data", "model", "optim", "train.batch_size", "train.seed", "segment")
     find_unused_parameters = True  # a ViT's final norm and unused blocks get no gradient from multi-level features
 
-    def __init__(self, cfg: Config, rt: Runtime, checkpoint: str, model_flag: str | None = None,
-                 allow_download: bool = False):
+    def __init__(
+        self, cfg: Config, rt: Runtime, checkpoint: str, model_flag: str | None = None, allow_download: bool = False
+    ):
         super().__init__(cfg, rt)
+        self.started = time.time()  # the summary's time_s: data checks and model building included
         s = cfg.segment
         check_config(s)
         self.names = class_names(s)
@@ -315,7 +317,7 @@ class SegmentTask(Task):
     def load_state_dict(self, state: dict, path: Path) -> None:
         self.result = state.get("result")
 
-    def report(self, steps: int, seconds: float) -> dict:
+    def report(self, steps: int) -> dict:
         cfg, s, b, result = self.cfg, self.cfg.segment, self.baseline, self.result
         summary = {
             **result,
@@ -327,9 +329,10 @@ class SegmentTask(Task):
             "train_images": len(self.train_pairs),
             "eval_images": len(self.eval_pairs),
             "steps": steps,
-            "time_s": round(seconds, 1),
-            "config": {k: v for k, v in to_dict(cfg).items() if k in ("out", "data", "model", "optim", "train",
-                                                                       "segment")},  # fmt: skip
+            "time_s": round(time.time() - self.started, 1),
+            "config": {
+                k: v for k, v in to_dict(cfg).items() if k in ("out", "data", "model", "optim", "train", "segment")
+            },  # fmt: skip
         }
         out = Path(cfg.out)
         if self.rt.main:
@@ -349,20 +352,16 @@ def encoder_info(spec: EncoderSpec) -> dict:
             "mean": list(spec.mean), "std": list(spec.std)}  # fmt: skip
 
 
-def segment(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None,
-            allow_download: bool = False) -> dict:
+def segment(
+    cfg: Config,
+    checkpoint: str,
+    model_flag: str | None = None,
+    image_size: int | None = None,
+    allow_download: bool = False,
+) -> dict:
     """Fine-tune `checkpoint` (an export folder, a training checkpoint or 'none') for segmentation on
     cfg.data.path; returns (and writes to <out>/segment.json) the final scores and the constant baseline. Under
     torchrun every process trains on its share of each batch, rank 0 writes."""
-    try:
-        if image_size:
-            cfg.data.image_size = image_size
-        start = time.time()
-        rt = start_runtime(cfg)
-        task = SegmentTask(cfg, rt, checkpoint, model_flag, allow_download)
-        result = train(task, finish=lambda steps: task.report(steps, time.time() - start))  # under the run lock
-        summary = result["report"]
-        D.barrier()
-        return summary
-    finally:
-        D.shutdown()
+    if image_size:
+        cfg.data.image_size = image_size
+    return run(cfg, lambda rt: SegmentTask(cfg, rt, checkpoint, model_flag, allow_download))

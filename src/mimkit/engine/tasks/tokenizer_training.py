@@ -14,17 +14,17 @@ import json
 import torch
 import torch.nn.functional as F
 
-from ..atomic import replace_text
-from ..config import Config, ConfigError
-from ..data import Splits
-from ..data.folder import seeded_subset
-from ..data.pipeline import ViewDataset, eval_loader, prepare_batch
-from ..data.views import View
-from ..methods.base import Method
-from ..models.tokenizer import ImageTokenizer, VQTokenizer, codebook_stats, load_tokenizer, psnr, save_tokenizer
-from ..models.tokenizer.vqvae import code_counts
-from .logging import say
-from .loop import Runtime
+from ...atomic import replace_text
+from ...config import Config, ConfigError
+from ...data import Splits
+from ...data.folder import seeded_subset
+from ...data.pipeline import ViewDataset, eval_loader, prepare_batch
+from ...data.views import View
+from ...methods.base import Method
+from ...models.tokenizer import ImageTokenizer, VQTokenizer, codebook_stats, load_tokenizer, psnr, save_tokenizer
+from ...models.tokenizer.vqvae import code_counts
+from ..trainer import Runtime
+from ..trainer.logging import say
 from .pretrain import PretrainTask, pretrain
 
 
@@ -212,6 +212,8 @@ class TokenizerTask(PretrainTask):
     def report(self, steps: int) -> dict:
         from pathlib import Path
 
+        if not self.rt.main:
+            return {}
         out = Path(self.cfg.out)
         self.module.eval()
         metrics = self.module.final_report(self.splits, self.cfg, self.rt.device)  # prints the psnr line

@@ -8,9 +8,9 @@ import json
 import statistics
 from pathlib import Path
 
-from ..atomic import replace_text
-from .logging import say
-from .pretrain import data_name
+from ...atomic import replace_text
+from ..tasks.pretrain import data_name
+from ..trainer.logging import say
 
 
 def write_report(out: Path, results: dict, evals: list[str]) -> None:

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from ..config import OptimConfig
-from ..runtime import fused_adamw
+from ...config import OptimConfig
+from ...runtime import fused_adamw
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str], lr_scale=None) -> list[dict]:

@@ -10,23 +10,23 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import replace_text
-from ..config import Config, ConfigError, config_from_dict
-from ..data import Splits, describe, load_splits
-from ..data.ccrop import box_encoder, check_boxes, estimate_boxes, update_due
-from ..data.device_cache import DeviceCache
-from ..data.gpu_decode import GPUDecodeLoader
-from ..data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
-from ..eval import FeatureEval
-from ..export import export_encoder, write_model_card
-from ..methods import Method, build_method, method_class
-from ..runtime import enable_grad_checkpointing, is_vit
-from . import distributed as D
-from .checkpoint import load_checkpoint
-from .fit import fit_to_machine
-from .logging import say
-from .loop import Runtime, Task, start_runtime, train
-from .optim import build_optimizer
+from ...atomic import replace_text
+from ...config import Config, ConfigError, config_from_dict
+from ...data import Splits, describe, load_splits
+from ...data.ccrop import box_encoder, check_boxes, estimate_boxes, update_due
+from ...data.device_cache import DeviceCache
+from ...data.gpu_decode import GPUDecodeLoader
+from ...data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, train_loader
+from ...eval import FeatureEval
+from ...export import export_encoder, write_model_card
+from ...methods import Method, build_method, method_class
+from ...runtime import enable_grad_checkpointing, is_vit
+from ..trainer import Runtime, Task, run
+from ..trainer import distributed as D
+from ..trainer.checkpoint import load_checkpoint
+from ..trainer.fit import fit_to_machine
+from ..trainer.logging import say
+from ..trainer.optim import build_optimizer
 
 
 @dataclass
@@ -52,7 +52,7 @@ class PretrainTask(Task):
         torch.manual_seed(cfg.train.seed)
         self.module = build(cfg)
         if cfg.model.init:  # continue from existing weights (strict unless model.init_strict=false)
-            from ..models.init_weights import describe_init, load_initial_weights
+            from ...models.init_weights import describe_init, load_initial_weights
 
             report = load_initial_weights(self.module, cfg.model.init, cfg.model.init_strict)
             for line in describe_init(report):
@@ -170,7 +170,9 @@ class PretrainTask(Task):
     # ---- after the loop ------------------------------------------------------------------------------------
     def report(self, steps: int) -> dict:
         """Export the encoder to out/encoder and, on labeled data, compare its k-NN accuracy with the same encoder
-        at random initialisation. -> the summary written to out/summary.json."""
+        at random initialisation, on rank 0. -> the summary written to out/summary.json ({} on other ranks)."""
+        if not self.rt.main:
+            return {}
         cfg, out = self.cfg, Path(self.cfg.out)
         self.module.eval()
         card = {"method": cfg.method, "data": data_name(cfg.data.path), "train_images": self.num_images,
@@ -220,9 +222,9 @@ def choose_export(method: Method, cfg: Config, splits: Splits, device, max_image
     if source is None or not source.labeled or len(source) < 4:
         method.select_encoder(fallback)
         return f"exported the {fallback} encoder ({key}=auto, no labeled training images to measure: the fallback)"
-    from ..data.folder import seeded_subset
-    from ..eval.features import extract
-    from ..eval.knn import knn_accuracy
+    from ...data.folder import seeded_subset
+    from ...eval.features import extract
+    from ...eval.knn import knn_accuracy
 
     picked = seeded_subset(source, max_images, cfg.train.seed, key="eval.max_eval_images")
     top1 = {}
@@ -258,7 +260,7 @@ def generator_patch_from_tokenizer(cfg: Config, main: bool = True) -> None:
     unset = hasattr(options, "generator_patch") and options.generator_patch is None  # CIM's, and left to us
     if not unset or is_vit(cfg.model.name) or not cfg.tokenizer.path:
         return
-    from ..models.tokenizer import read_tokenizer_config
+    from ...models.tokenizer import read_tokenizer_config
 
     grid = read_tokenizer_config(cfg.tokenizer.path)["grid"]
     if cfg.data.image_size % grid:
@@ -272,24 +274,20 @@ def generator_patch_from_tokenizer(cfg: Config, main: bool = True) -> None:
 def pretrain(cfg: Config, task_cls: type[PretrainTask] | None = None) -> dict:
     """`mimkit pretrain` (or another pre-training-like task, e.g. the tokenizer's): train, then export and report
     on rank 0. -> the summary (empty on other ranks)."""
-    try:
-        rt = start_runtime(cfg)
+
+    def make_task(rt: Runtime) -> PretrainTask:
         if task_cls is None:
             generator_patch_from_tokenizer(cfg, rt.main)
-        task = (task_cls or PretrainTask)(cfg, rt)
-        result = train(task, finish=task.report if rt.main else None)  # under the run lock, as the training
-        summary = result["report"]
-        D.barrier()
-        return summary
-    finally:
-        D.shutdown()
+        return (task_cls or PretrainTask)(cfg, rt)
+
+    return run(cfg, make_task)
 
 
 def method_from_checkpoint(path: str | Path, device="cpu") -> tuple[Method, Config, dict]:
     """Rebuild a method (and its config) from a pre-training checkpoint, weights loaded."""
     state = load_checkpoint(path)
     if state.get("kind", "pretrain") != "pretrain":
-        from ..errors import CheckpointError
+        from ...errors import CheckpointError
 
         raise CheckpointError(f"'{path}' is a {state['kind']} checkpoint, not a pre-training one")
     cfg = config_from_dict(state["config"])

@@ -20,19 +20,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..atomic import replace_text
-from ..config import Config, ConfigError, to_dict
-from ..data import DataError
-from ..data.classify import ClassificationDataset, collate_labeled, finetune_transforms
-from ..data.folder import ImageSource
-from ..data.keyed import KeyedDataset, item_seed
-from ..data.pipeline import EpochBatchSampler, train_loader
-from ..runtime import enable_grad_checkpointing, fused_adamw
-from . import distributed as D
-from .downstream import EncoderSpec, build_model, encoder_spec, init_head
-from .fit import fit_to_machine
-from .logging import say
-from .loop import Runtime, Task, start_runtime, train
+from ...atomic import replace_text
+from ...config import Config, ConfigError, to_dict
+from ...data import DataError
+from ...data.classify import ClassificationDataset, collate_labeled, finetune_transforms
+from ...data.folder import ImageSource
+from ...data.keyed import KeyedDataset, item_seed
+from ...data.pipeline import EpochBatchSampler, train_loader
+from ...runtime import enable_grad_checkpointing, fused_adamw
+from ..trainer import Runtime, Task, run
+from ..trainer.fit import fit_to_machine
+from ..trainer.logging import say
+from .encoders import EncoderSpec, build_model, encoder_spec, init_head
 
 
 class FinetuneTask(Task):
@@ -125,6 +124,17 @@ class FinetuneTask(Task):
     def bad_file_names(self, indices: list[int]) -> list[str]:
         return [self.train_src.describe(i) for i in indices]
 
+    def report(self, steps: int) -> dict:
+        """The summary (every process), written to out/finetune.json by rank 0."""
+        summary = summarise(self.cfg, self.spec, self.checkpoint, self.history, len(self.train_src),
+                            len(self.eval_src), self.num_classes)  # fmt: skip
+        if self.rt.main:
+            out = Path(self.cfg.out)
+            replace_text(out / "finetune.json", json.dumps(summary, indent=2) + "\n")
+            say(f"top-1 after the last epoch {summary['top1']:.4f} (best {summary['top1_best']:.4f}, epoch "
+                f"{summary['best_epoch']}); written to '{out / 'finetune.json'}'")  # fmt: skip
+        return summary
+
 
 @contextlib.contextmanager
 def numpy_seeded(seed: int):
@@ -137,30 +147,21 @@ def numpy_seeded(seed: int):
         np.random.set_state(state)
 
 
-def finetune(cfg: Config, checkpoint: str, model_flag: str | None = None, image_size: int | None = None,
-             allow_download: bool = False) -> dict:
+def finetune(
+    cfg: Config,
+    checkpoint: str,
+    model_flag: str | None = None,
+    image_size: int | None = None,
+    allow_download: bool = False,
+) -> dict:
     """Fine-tune the encoder in `checkpoint` (export folder, .pt, or 'none') on `cfg.data.path`.
     -> the summary written to out/finetune.json."""
-    try:
-        rt = start_runtime(cfg)
+
+    def make_task(rt: Runtime) -> FinetuneTask:
         random.seed(cfg.train.seed)
-        task = FinetuneTask(cfg, rt, checkpoint, model_flag, image_size, allow_download)
+        return FinetuneTask(cfg, rt, checkpoint, model_flag, image_size, allow_download)
 
-        def finish(steps: int) -> dict:  # under the run lock
-            summary = report(cfg, task.spec, checkpoint, task.history, len(task.train_src), len(task.eval_src),
-                             task.num_classes)  # fmt: skip
-            if rt.main:
-                out = Path(cfg.out)
-                replace_text(out / "finetune.json", json.dumps(summary, indent=2) + "\n")
-                say(f"top-1 after the last epoch {summary['top1']:.4f} (best {summary['top1_best']:.4f}, epoch "
-                    f"{summary['best_epoch']}); written to '{out / 'finetune.json'}'")  # fmt: skip
-            return summary
-
-        summary = train(task, finish)["report"]
-        D.barrier()
-        return summary
-    finally:
-        D.shutdown()
+    return run(cfg, make_task)
 
 
 def check_recipe(cfg: Config) -> None:
@@ -170,7 +171,7 @@ def check_recipe(cfg: Config) -> None:
 
 
 def load_labeled(cfg: Config) -> tuple[ImageSource, ImageSource]:
-    from ..data import labeled_splits
+    from ...data import labeled_splits
 
     train, evaluate_on = labeled_splits(cfg.data.path, cfg.data, cfg.train.seed, cfg.finetune.max_eval_images)
     if train is None or evaluate_on is None:
@@ -186,7 +187,11 @@ def build_classifier(spec: EncoderSpec, cfg: Config, num_classes: int) -> nn.Mod
     if not spec.is_vit and ft.global_pool != "avg":
         raise ConfigError(f"finetune.global_pool '{ft.global_pool}' is for ViTs; {spec.architecture} pools by avg")
     model = build_model(
-        spec, cfg.data.image_size, num_classes=num_classes, global_pool=pool, drop_path_rate=cfg.model.drop_path,
+        spec,
+        cfg.data.image_size,
+        num_classes=num_classes,
+        global_pool=pool,
+        drop_path_rate=cfg.model.drop_path,
         **({"fc_norm": None} if "fc_norm" in spec.model_args else {}),  # timm's rule: avg pooling -> fc_norm (MAE)
     )
     init_head(model.get_classifier(), cfg.finetune.head_init_scale)
@@ -241,7 +246,8 @@ def evaluate(model: nn.Module, loader, rt: Runtime) -> float:
     return correct.item() / max(total, 1)
 
 
-def report(cfg: Config, spec: EncoderSpec, checkpoint: str, history: list, n_train: int, n_eval: int, k: int) -> dict:
+def summarise(cfg: Config, spec: EncoderSpec, checkpoint: str, history: list, n_train: int, n_eval: int,
+              k: int) -> dict:  # fmt: skip
     best = max(history, key=lambda r: r["top1"])
     summary = {
         "top1": history[-1]["top1"],  # the headline: after the last epoch, not the best one

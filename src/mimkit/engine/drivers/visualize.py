@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataConfig, config_from_dict
-from ..data import load_splits
-from ..data.ccrop import check_boxes
-from ..data.pipeline import ViewDataset, collate, prepare_batch
-from ..viz import save_grid, unnormalize
-from .checkpoint import load_checkpoint
-from .pretrain import method_from_checkpoint
+from ...config import DataConfig, config_from_dict
+from ...data import load_splits
+from ...data.ccrop import check_boxes
+from ...data.pipeline import ViewDataset, collate, prepare_batch
+from ...viz import save_grid, unnormalize
+from ..tasks.pretrain import method_from_checkpoint
+from ..trainer.checkpoint import load_checkpoint
 
 
 def visualize(checkpoint: str, data_path: str, out: str, num: int = 8, seed: int = 0, scale: int = 0,
@@ -23,11 +23,11 @@ def visualize(checkpoint: str, data_path: str, out: str, num: int = 8, seed: int
     """-> (the PNG written, rows, what a row shows)."""
     state = {}
     if Path(checkpoint).is_dir():  # a tokenizer folder: original | reconstruction
-        from .tokenizer import method_from_tokenizer
+        from ..tasks.tokenizer_training import method_from_tokenizer
 
         method, cfg = method_from_tokenizer(checkpoint, image_size)
     elif load_checkpoint(checkpoint).get("kind") == "tokenizer":  # a tokenizer training run's checkpoint
-        from .tokenizer import TokenizerTraining
+        from ..tasks.tokenizer_training import TokenizerTraining
 
         state = load_checkpoint(checkpoint)
         cfg = config_from_dict(state["config"])

@@ -1,5 +1,5 @@
 """The training loop's metrics window: metrics summed on the device between two log lines, and the guard that
-stops a run whose loss or gradient is not finite or whose loss exploded (mimkit.engine.loop)."""
+stops a run whose loss or gradient is not finite or whose loss exploded (mimkit.engine.trainer.loop)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import DivergedError
+from ...errors import DivergedError
 from . import distributed as D
 
 if TYPE_CHECKING:
-    from .loop import Runtime
+    from .task import Runtime
 
 
 RECENT_LOSSES = 20  # logged losses the loss-level guard compares with

@@ -7,7 +7,7 @@ where and how fast it runs, what is logged and evaluated on the side."""
 
 from __future__ import annotations
 
-from ..errors import CheckpointError
+from ...errors import CheckpointError
 
 FREE_KEYS = (
     "out",
@@ -47,8 +47,8 @@ def with_patch_size(flat: dict) -> dict:
     """`model.patch_size` as the encoder has it: None means the one the timm name says (16 for *_patch16_*)."""
     name, patch = flat.get("model.name"), flat.get("model.patch_size")
     if patch is None and isinstance(name, str):
-        from ..models.vit import resolve_patch_size
-        from ..runtime import is_vit
+        from ...models.vit import resolve_patch_size
+        from ...runtime import is_vit
 
         if is_vit(name):
             try:

@@ -16,19 +16,21 @@ import timm
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
-from ..export import (
+from ...config import Config, ConfigError
+from ...export import (
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
     check_finite,
     create_timm_model,
     encoder_state,
     fit_problems,
+    load_exported,
     read_export,
     read_weights,
     timm_model_args,
 )
-from ..models.rel_pos import per_layer_model_args, resize_tables, shared_to_per_layer
+from ...models.rel_pos import per_layer_model_args, resize_tables, shared_to_per_layer
+from .pretrain import method_from_checkpoint
 
 
 @dataclass
@@ -74,7 +76,7 @@ def encoder_spec(
 
 def scratch_spec(cfg: Config) -> EncoderSpec:
     """The encoder pre-training would build from `cfg` (same architecture and sizes), without weights."""
-    from ..models.vit import create_encoder
+    from ...models.vit import create_encoder
 
     name = cfg.model.name
     if name.startswith(("vit_", "deit_", "beit_")):
@@ -196,3 +198,18 @@ def _resample_pos_embed(state: dict, model: nn.Module) -> dict:
         return state
     state["pos_embed"] = resample_abs_pos_embed(pos, model.patch_embed.grid_size, num_prefix_tokens=prefix)
     return state
+
+
+def load_encoder(path: str | Path, device="cpu", allow_download: bool = False) -> tuple[nn.Module, dict]:
+    """An encoder from a training checkpoint (.pt) or an export folder -> (encoder, preprocessing info with
+    image_size, mean, std, method)."""
+    p = Path(path)
+    if p.is_dir():
+        info = read_export(p, allow_download=allow_download)
+        info = {k: v for k, v in info.items() if k in ("image_size", "mean", "std", "method")}
+        return load_exported(p, allow_download=allow_download).to(device).eval(), info
+    method, cfg, _ = method_from_checkpoint(p, device)
+    check_finite(encoder_state(method.encoder), f"checkpoint '{p}'")
+    info = {"image_size": cfg.data.image_size, "mean": cfg.data.mean, "std": cfg.data.std, "method": cfg.method,
+            "config": cfg}  # fmt: skip
+    return method.encoder.eval(), info

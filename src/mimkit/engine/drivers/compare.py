@@ -26,23 +26,22 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import replace_text
-from ..config import Config, ConfigError, build_config
-from ..data import labeled_splits, load_splits
-from ..eval import FeatureEval
-from ..methods import METHODS, RENAMED, build_method, method_class
-from ..models.vit import resolve_patch_size
-from ..run_config import names_model, say_first, small_image_patch
-from ..runtime import is_vit, resolve_device
+from ...atomic import replace_text
+from ...config import Config, ConfigError, build_config
+from ...data import labeled_splits, load_splits
+from ...eval import FeatureEval
+from ...methods import METHODS, RENAMED, build_method, method_class
+from ...models.vit import resolve_patch_size
+from ...run_config import names_model, say_first, small_image_patch
+from ...runtime import is_vit, resolve_device
+from ..tasks.encoders import build_model, encoder_spec, load_encoder
+from ..tasks.finetune import finetune
+from ..tasks.pretrain import PretrainTask, export_method, generator_patch_from_tokenizer, pretrain
+from ..tasks.tokenizer_training import TokenizerTask, train_tokenizer
+from ..trainer import Runtime, seconds_per_step
+from ..trainer.fit import fit_workers, fitted_batch
+from ..trainer.logging import say
 from .compare_report import write_report
-from .downstream import build_model, encoder_spec
-from .finetune import finetune
-from .fit import fit_workers, fitted_batch
-from .logging import say
-from .loop import Runtime, seconds_per_step
-from .pretrain import PretrainTask, export_method, generator_patch_from_tokenizer, pretrain
-from .run import load_encoder
-from .tokenizer import TokenizerTask, train_tokenizer
 
 EVALS = ("knn", "linear", "finetune")
 
@@ -207,7 +206,7 @@ def finished_budget(run_dir: Path) -> tuple[str, int] | None:
 def calibrate_epochs(cfg: Config, seconds: float, task_cls=PretrainTask, steps: int = 4) -> int:
     """Epochs of `cfg`'s task that fit in `seconds`: a few of its training steps (data included) are timed."""
     device = resolve_device(cfg.train.device)
-    from ..runtime import precision_and_reason
+    from ...runtime import precision_and_reason
 
     amp, why = precision_and_reason(cfg.train.precision, device)
     task = task_cls(cfg, Runtime(device, amp, precision=why))

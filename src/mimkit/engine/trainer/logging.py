@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..atomic import on_full_disk, replace_text
-from ..errors import write_failure
+from ...atomic import on_full_disk, replace_text
+from ...errors import write_failure
 
 TIMING_KEYS = ("img_per_s", "time")  # differ between runs by nature; everything else is reproducible
 
@@ -96,7 +96,7 @@ def start_wandb(out: Path, run_id: str, project: str, mode: str, config: dict):
     try:
         import wandb
     except ImportError:
-        from ..errors import ConfigError
+        from ...errors import ConfigError
 
         raise ConfigError("log.wandb=true needs the wandb package (pip install wandb)") from None
     return wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(out), name=out.name,
