@@ -101,7 +101,7 @@ def test_every_teacher_moves_by_the_rule(method):
     assert getattr(cfg, method).momentum_rule == "budget"  # the default
     torch.manual_seed(0)
     m = build_method(cfg)
-    teacher = {"conmim": lambda: m.teacher, "cmae": lambda: m.target_vit, "mocov3": lambda: m.momentum}[method]()
+    teacher = {"conmim": lambda: m.teacher, "cmae": lambda: m.target_vit, "mocov3": lambda: m.momentum}[method]().module
     student = {"conmim": lambda: m.student, "cmae": lambda: m.encoder, "mocov3": lambda: m.base}[method]()
     with torch.no_grad():
         for p in student.parameters():

@@ -21,10 +21,11 @@ from torch import nn
 from ..config import Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorAugment, scale_sigma
 from ..data.views import View
-from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule, ema_update, make_teacher, momentum_of
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..masking import block_mask_count, blockwise_masking, coarse_random_masking, mask_cell
 from ..models import vit as V
 from .base import Method
+from .parts import MomentumTeacher
 
 
 def projector(dim: int, hidden: int, out: int) -> nn.Sequential:
@@ -141,7 +142,10 @@ class ConMIM(Method):
         V.init_beit_encoder(vit)
         V.init_beit_weights(self.student["proj"])
         V.init_sincos_patch_embed(vit)  # vit_* only: content at the scale of the sin-cos table
-        self.teacher = make_teacher(self.student)  # same names, so the EMA matches parameters by name
+        # eval_mode off: the teacher follows the method's train / eval mode, so its projector's BatchNorm normalises
+        # with the batch's statistics in training (and a model.drop_path acts on its ViT too)
+        self.teacher = MomentumTeacher(self.student, o.momentum, o.momentum_final, eval_mode=False,
+                                       rule=o.momentum_rule, half_life=o.momentum_half_life)  # fmt: skip
         self.exported = "teacher" if o.export_encoder == "auto" else o.export_encoder
         sigma = scale_sigma(o.blur_sigma, cfg.data.image_size)
         self.augment = ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p, sigma, o.solarize_p)
@@ -152,11 +156,11 @@ class ConMIM(Method):
     def encoder(self) -> nn.Module:
         """The timm ViT (or Beit) that is evaluated and exported: the EMA teacher's or the student's
         (`conmim.export_encoder`; under auto the teacher until the end of the run chooses, `select_encoder`)."""
-        return self.teacher["vit"] if self.exported == "teacher" else self.student["vit"]
+        return self.teacher.module["vit"] if self.exported == "teacher" else self.student["vit"]
 
     def export_options(self):
         return ("conmim.export_encoder", self.cfg.export_encoder,
-                {"student": self.student["vit"], "teacher": self.teacher["vit"]}, "teacher")  # fmt: skip
+                {"student": self.student["vit"], "teacher": self.teacher.module["vit"]}, "teacher")  # fmt: skip
 
     def select_encoder(self, name: str) -> None:
         self.exported = name
@@ -221,7 +225,8 @@ class ConMIM(Method):
     @torch.no_grad()
     def encode_teacher(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs (B, 3, H, W) normalised, unmasked -> (B, N, d) projections, no gradient."""
-        return self.project(self.teacher["proj"], self.teacher["vit"].forward_features(imgs), self.cfg.center_teacher)
+        t = self.teacher.module
+        return self.project(t["proj"], t["vit"].forward_features(imgs), self.cfg.center_teacher)
 
     def logits(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """s (B, N, d), t (B, N, d) -> (B, N, N): logits[b, i, j] = s_bi . t_bj / temperature."""
@@ -252,7 +257,7 @@ class ConMIM(Method):
         return loss, metrics
 
     def after_step(self, step: int, total_steps: int) -> None:
-        ema_update(self.teacher, self.student, momentum_of(self.cfg, step, total_steps))
+        self.teacher.update(self.student, step, total_steps)
 
     def no_weight_decay(self) -> set[str]:
         """The reference's (BEiT's optim_factory with the model's no_weight_decay): the class token and absolute
