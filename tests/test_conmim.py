@@ -48,8 +48,8 @@ def test_loss_equals_loop_formula():
     # the same step, piece by piece: same perturbation (same RNG), student on the masked weak view
     torch.manual_seed(5)
     with torch.no_grad():
-        t = m.encode_teacher(m.normalize(m.perturb(x)))
-        s = m.encode_student(m.normalize(x), mask)
+        t = m.encode_teacher(m.perturb(x))
+        s = m.encode_student(x, mask)
     assert s.shape == t.shape == (3, 16, 16)
     torch.testing.assert_close(s.norm(dim=-1), torch.ones(3, 16))  # L2-normalised projections
     assert loss.item() == pytest.approx(loop_loss(s, t, mask, 0.2), rel=1e-5)
@@ -69,8 +69,8 @@ def test_positives_are_at_matching_positions():
     m = make("conmim.jitter_p=0", "conmim.grayscale_p=0", "conmim.blur_p=0", "conmim.solarize_p=0").train()
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
-        s = m.encode_student(m.normalize(x), torch.zeros(4, 16, dtype=torch.bool))
-        t = m.encode_teacher(m.normalize(m.perturb(x)))
+        s = m.encode_student(x, torch.zeros(4, 16, dtype=torch.bool))
+        t = m.encode_teacher(m.perturb(x))
     torch.testing.assert_close(s, t)
     assert m.loss(s, t, torch.ones(4, 16, dtype=torch.bool))[1] == 1.0
 
@@ -268,8 +268,10 @@ def test_reference_backbone_init_masks_and_blur():
     with pytest.raises(ConfigError, match="conmim.num_masking_patches is for mask_mode=block"):
         make("conmim.mask_mode=coarse", "conmim.num_masking_patches=4")
     # PIL radius 0.1-2 at 224 px is 0.1-2 pixels there; at 16 px the same blur is 16/224 as wide
-    assert m.augment.blur_sigma == pytest.approx((0.1 * 16 / 224, 2.0 * 16 / 224))
-    assert make("data.image_size=224", "model.patch_size=16").augment.blur_sigma == pytest.approx((0.1, 2.0))
+    view = m.teacher_view  # its colour spec states the blur at 224 px and scales it to the view's size
+    assert view.color.augment(view.size).blur_sigma == pytest.approx((0.1 * 16 / 224, 2.0 * 16 / 224))
+    view = make("data.image_size=224", "model.patch_size=16").teacher_view
+    assert view.color.augment(view.size).blur_sigma == pytest.approx((0.1, 2.0))
 
 
 def test_contrastive_crop_boxes_come_from_the_online_encoder():

@@ -1,12 +1,13 @@
-"""ConMIM, CMAE-Mao and MoCo v3 on the shared parts (`parts.MomentumTeacher`): a few training steps give the losses
-of the code before the move, and pre-training checkpoints of the old layout (teachers without `.module.`) still
-load."""
+"""ConMIM, CMAE-Mao and MoCo v3 on the shared parts (`parts.MomentumTeacher`, `parts.ViewColour`): a few training
+steps give the losses of the code before the move, ConMIM's teacher view is the colour perturbation it made itself
+before, and pre-training checkpoints of the old layout (teachers without `.module.`) still load."""
 
 import pytest
 import torch
 from helpers import TINY
 
 from mimkit.config import build_config
+from mimkit.data.augment import ColorAugment, scale_sigma
 from mimkit.data.pipeline import prepare_batch
 from mimkit.methods import build_method
 
@@ -61,6 +62,24 @@ def train_losses(method: str, steps: int = 3) -> list[float]:
 def test_losses_are_those_before_the_move(method):
     torch.manual_seed(0)
     assert train_losses(method) == pytest.approx(BEFORE[method], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_conmim_teacher_view_is_its_former_colour_augment(strong):
+    """The teacher's view through `ViewColour` is what ConMIM made itself before: `ColorAugment` with its options
+    (blur sigmas scaled from 224 px to the image) on the [0, 1] image, then normalised, from the same RNG draws."""
+    every = ["conmim.blur_p=1", "conmim.solarize_p=1", "conmim.grayscale_p=0.5"] if strong else []
+    m, cfg = build("conmim", *every)
+    o = m.cfg
+    x = torch.rand(8, 3, 16, 16)
+    mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    torch.manual_seed(3)
+    new = m.perturb((x - mean) / std)
+    torch.manual_seed(3)
+    sigma = scale_sigma(o.blur_sigma, 16)
+    old = ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p, sigma, o.solarize_p)(x)
+    torch.testing.assert_close(new, (old - mean) / std, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(new, (x - mean) / std)  # it did perturb
 
 
 def old_layout(state: dict, teachers: list[str]) -> dict:
