@@ -246,6 +246,6 @@ def test_box_encoder_is_the_online_one():
     from mimkit.methods import build_method
 
     conmim = build_method(build_config(dotted=[*TINY, "method=conmim", "conmim.proj_hidden=16", "conmim.proj_dim=8"]))
-    assert box_encoder(conmim) is conmim.student["vit"] and conmim.encoder is conmim.teacher["vit"]
+    assert box_encoder(conmim) is conmim.student["vit"] and conmim.encoder is conmim.teacher.module["vit"]
     mae = build_method(build_config(dotted=TINY))
     assert box_encoder(mae) is mae.encoder

@@ -70,9 +70,9 @@ def test_ema_target_gets_no_gradient_and_follows_the_encoder():
     with torch.no_grad():
         for p in m.encoder.parameters():
             p.add_(1.0)
-    before = m.target_vit.blocks[0].attn.qkv.weight.clone()
+    before = m.target_vit.module.blocks[0].attn.qkv.weight.clone()
     m.after_step(1, 100)
-    after = m.target_vit.blocks[0].attn.qkv.weight
+    after = m.target_vit.module.blocks[0].attn.qkv.weight
     assert not torch.equal(before, after) and (after - before).abs().max() < 0.01  # a small EMA step
     m.train()
     assert not m.target_vit.training and m.encoder.training

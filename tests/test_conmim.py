@@ -48,8 +48,8 @@ def test_loss_equals_loop_formula():
     # the same step, piece by piece: same perturbation (same RNG), student on the masked weak view
     torch.manual_seed(5)
     with torch.no_grad():
-        t = m.encode_teacher(m.normalize(m.perturb(x)))
-        s = m.encode_student(m.normalize(x), mask)
+        t = m.encode_teacher(m.perturb(x))
+        s = m.encode_student(x, mask)
     assert s.shape == t.shape == (3, 16, 16)
     torch.testing.assert_close(s.norm(dim=-1), torch.ones(3, 16))  # L2-normalised projections
     assert loss.item() == pytest.approx(loop_loss(s, t, mask, 0.2), rel=1e-5)
@@ -69,8 +69,8 @@ def test_positives_are_at_matching_positions():
     m = make("conmim.jitter_p=0", "conmim.grayscale_p=0", "conmim.blur_p=0", "conmim.solarize_p=0").train()
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
-        s = m.encode_student(m.normalize(x), torch.zeros(4, 16, dtype=torch.bool))
-        t = m.encode_teacher(m.normalize(m.perturb(x)))
+        s = m.encode_student(x, torch.zeros(4, 16, dtype=torch.bool))
+        t = m.encode_teacher(m.perturb(x))
     torch.testing.assert_close(s, t)
     assert m.loss(s, t, torch.ones(4, 16, dtype=torch.bool))[1] == 1.0
 
@@ -97,7 +97,7 @@ def test_teacher_gets_no_gradient_and_moves_by_the_ema_rule():
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not in_opt & {id(p) for p in m.teacher.parameters()}
     assert id(m.mask_token) in in_opt and id(m.student["proj"][0].weight) in in_opt
-    before = {k: v.clone() for k, v in m.teacher.named_parameters()}
+    before = {k: v.clone() for k, v in m.teacher.module.named_parameters()}
     loss, _ = m({"image": torch.rand(8, 3, 16, 16)})
     loss.backward()
     assert all(p.grad is None for p in m.teacher.parameters())
@@ -107,20 +107,20 @@ def test_teacher_gets_no_gradient_and_moves_by_the_ema_rule():
     m.after_step(3, 10)
     mom = cosine_momentum(3, 10, 0.9)
     assert 0.9 < mom < 1.0
-    for k, v in m.teacher.named_parameters():
+    for k, v in m.teacher.module.named_parameters():
         torch.testing.assert_close(v, mom * before[k] + (1 - mom) * student[k], rtol=1e-6, atol=1e-7)
-    assert not torch.equal(m.teacher["vit"].blocks[0].attn.qkv.weight, before["vit.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(m.teacher.module["vit"].blocks[0].attn.qkv.weight, before["vit.blocks.0.attn.qkv.weight"])
     m.after_step(10, 10)  # momentum 1 at the end: the teacher no longer moves
-    frozen = {k: v.clone() for k, v in m.teacher.named_parameters()}
+    frozen = {k: v.clone() for k, v in m.teacher.module.named_parameters()}
     with torch.no_grad():
         m.student["vit"].blocks[0].attn.qkv.weight.add_(1.0)
     m.after_step(10, 10)
-    assert all(torch.equal(v, frozen[k]) for k, v in m.teacher.named_parameters())
+    assert all(torch.equal(v, frozen[k]) for k, v in m.teacher.module.named_parameters())
 
 
 def test_encoder_choice_and_coarse_masks():
     m = make()
-    assert m.encoder is m.teacher["vit"] and isinstance(m.encoder, timm.models.VisionTransformer)
+    assert m.encoder is m.teacher.module["vit"] and isinstance(m.encoder, timm.models.VisionTransformer)
     s = make("conmim.export_encoder=student")
     assert s.encoder is s.student["vit"]
     c = make("conmim.mask_mode=coarse", "conmim.mask_ratio=0.5", "conmim.mask_patch_size=8")
@@ -199,7 +199,8 @@ def test_cli_pretrain_export_visualize(tmp_path, capsys, labeled_folder):
     model = timm.create_model(f"local-dir:{out / 'encoder'}", pretrained=True)  # strict
     ckpt = out / "checkpoints" / "last.pt"
     state = torch.load(ckpt, weights_only=True)
-    teacher = {k[len("teacher.vit.") :]: v for k, v in state["model"].items() if k.startswith("teacher.vit.")}
+    prefix = "teacher.module.vit."
+    teacher = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in teacher.items())
     assert json.loads((out / "encoder" / "config.json").read_text())["mimkit"]["encoder"] == "teacher"
     png = tmp_path / "viz.png"
@@ -258,7 +259,7 @@ def test_reference_backbone_init_masks_and_blur():
         assert w.abs().max() <= 0.02  # trunc-normal 0.02 cut at +-1 std (PyTorch's Linear default is wider)
     assert m.student["proj"][3].weight.std().item() == pytest.approx(0.02 * 0.5396, rel=0.05)
     assert vit.blocks[1].attn.proj.weight.abs().max() <= 0.02 / 2  # block 2: / sqrt(2 * 2)
-    torch.testing.assert_close(m.teacher["proj"][0].weight, m.student["proj"][0].weight)  # the copy, after init
+    torch.testing.assert_close(m.teacher.module["proj"][0].weight, m.student["proj"][0].weight)  # the copy, after init
     assert m.num_masked == 6  # round(75 * 16 / 196)
     big = make("data.image_size=56")  # BEiT's 14 x 14 grid
     assert big.num_masked == 75 and big.mask(50, "cpu").sum(1).max() == 75
@@ -267,13 +268,15 @@ def test_reference_backbone_init_masks_and_blur():
     with pytest.raises(ConfigError, match="conmim.num_masking_patches is for mask_mode=block"):
         make("conmim.mask_mode=coarse", "conmim.num_masking_patches=4")
     # PIL radius 0.1-2 at 224 px is 0.1-2 pixels there; at 16 px the same blur is 16/224 as wide
-    assert m.augment.blur_sigma == pytest.approx((0.1 * 16 / 224, 2.0 * 16 / 224))
-    assert make("data.image_size=224", "model.patch_size=16").augment.blur_sigma == pytest.approx((0.1, 2.0))
+    view = m.teacher_view  # its colour spec states the blur at 224 px and scales it to the view's size
+    assert view.color.augment(view.size).blur_sigma == pytest.approx((0.1 * 16 / 224, 2.0 * 16 / 224))
+    view = make("data.image_size=224", "model.patch_size=16").teacher_view
+    assert view.color.augment(view.size).blur_sigma == pytest.approx((0.1, 2.0))
 
 
 def test_contrastive_crop_boxes_come_from_the_online_encoder():
     m = make()
-    assert m.ccrop_encoder is m.student["vit"] and m.encoder is m.teacher["vit"]
+    assert m.ccrop_encoder is m.student["vit"] and m.encoder is m.teacher.module["vit"]
 
 
 def test_export_auto_measures_both_encoders_and_says_which(tmp_path, capsys, labeled_folder):
@@ -293,7 +296,7 @@ def test_export_auto_measures_both_encoders_and_says_which(tmp_path, capsys, lab
     assert json.loads((out / "encoder" / "config.json").read_text())["mimkit"]["encoder"] == chosen
     model = timm.create_model(f"local-dir:{out / 'encoder'}", pretrained=True)
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
-    prefix = f"{chosen}.vit."
+    prefix = {"student": "student.vit.", "teacher": "teacher.module.vit."}[chosen]
     ref = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     assert ref and all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
 
@@ -309,7 +312,7 @@ def test_export_choice_without_labels_or_with_a_setting():
         line == "exported the teacher encoder (conmim.export_encoder=auto, no labeled training images to "
         "measure: the fallback)"
     )
-    assert m.encoder is m.teacher["vit"]
+    assert m.encoder is m.teacher.module["vit"]
     m = make("conmim.export_encoder=student")
     assert (
         choose_export(m, cfg, Splits(None, None, None), "cpu")
@@ -330,7 +333,7 @@ def test_sincos_variant_tokens_are_not_swamped_by_position():
     content = vit.patch_embed(x).pow(2).mean().sqrt()
     position = V.patch_pos_embed(vit).pow(2).mean().sqrt()
     assert content > 0.3 * position
-    assert torch.equal(m.teacher["vit"].patch_embed.proj.weight, vit.patch_embed.proj.weight)
+    assert torch.equal(m.teacher.module["vit"].patch_embed.proj.weight, vit.patch_embed.proj.weight)
     beit = make("model.name=beit_base_patch16_224")
     w = beit.student["vit"].patch_embed.proj.weight
     assert w.abs().max() <= 0.02 + 1e-6  # BEiT's trunc-normal cut at +-1 std, untouched

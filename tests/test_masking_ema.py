@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from mimkit.ema import cosine_momentum, ema_update, make_teacher
+from mimkit.ema import cosine_momentum
 from mimkit.masking import beit_mask_count, blockwise_mask, blockwise_masking, coarse_random_masking
+from mimkit.methods.parts import MomentumTeacher
 from mimkit.models.vit import create_vit, encode_with_mask_token
 
 
@@ -33,14 +34,14 @@ def test_coarse_masking_masks_whole_cells():
 
 def test_ema_rule_and_no_gradient():
     student = nn.Linear(3, 2)
-    teacher = make_teacher(student)
+    teacher = MomentumTeacher(student, base=0.9, final=0.9)  # a constant momentum
     assert not any(p.requires_grad for p in teacher.parameters())
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
     with torch.no_grad():
         student.weight.add_(1.0)
-    ema_update(teacher, student, 0.9)
+    assert teacher.update(student, 5, 10) == 0.9
     expect = 0.9 * before["weight"] + 0.1 * student.weight
-    torch.testing.assert_close(teacher.weight, expect)
+    torch.testing.assert_close(teacher.module.weight, expect)
     assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
     assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
     with pytest.raises(ValueError):

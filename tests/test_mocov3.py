@@ -89,9 +89,9 @@ def test_momentum_update_follows_the_cosine_schedule():
         with torch.no_grad():
             for p in m.base.parameters():
                 p.add_(torch.randn_like(p))
-        before = {n: p.clone() for n, p in m.momentum.named_parameters()}
+        before = {n: p.clone() for n, p in m.momentum.module.named_parameters()}
         m.after_step(step, total)
-        for n, p in m.momentum.named_parameters():
+        for n, p in m.momentum.module.named_parameters():
             torch.testing.assert_close(p, rate * before[n] + (1 - rate) * base[n], rtol=1e-6, atol=1e-6)
     assert rate == 1.0 and any(not torch.equal(before[n], base[n]) for n in before)
 
@@ -106,7 +106,7 @@ def test_frozen_patch_projection_gets_no_gradient():
         assert all(g is None for g in grads) == freeze
         assert m.encoder.blocks[0].attn.qkv.weight.grad is not None and m.predictor[0].weight.grad is not None
         assert all(p.grad is None and not p.requires_grad for p in m.momentum.parameters())
-        assert not m.momentum["vit"].training and m.momentum["proj"].training  # keys: batch-statistics BN
+        assert not m.momentum.module["vit"].training and m.momentum.module["proj"].training  # keys: batch-statistics BN
 
 
 def test_cli_pretrain_exports_a_timm_encoder(tmp_path, labeled_folder):

@@ -91,6 +91,19 @@ def test_momentum_teacher_follows_the_ema_schedule_without_gradients():
     assert torch.allclose(teacher.module[0].weight, m * before + (1 - m) * student[0].weight)
 
 
+def test_momentum_teacher_loads_the_layout_of_a_bare_copy():
+    """A method's teacher saved before it was a MomentumTeacher (its weights right under its name, no `module.`)
+    loads strictly, as does the current layout; nothing else moves."""
+    student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    method = torch.nn.ModuleDict({"student": student, "teacher": MomentumTeacher(student, base=0.9)})
+    saved = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in method.state_dict().items()}
+    old = {k.replace("teacher.module.", "teacher."): v for k, v in saved.items()}
+    assert "teacher.0.weight" in old and "teacher.1.running_mean" in old
+    for state in (old, saved):
+        method.load_state_dict(state)  # strict
+        assert all(torch.equal(method.state_dict()[k], v) for k, v in saved.items())
+
+
 def test_centre_is_a_running_mean_of_teacher_outputs():
     centre = TeacherCentre(4, momentum=0.9)
     a, b = torch.randn(6, 4), torch.randn(6, 4)

@@ -1,5 +1,5 @@
-"""Exponential moving average of a module (momentum teachers), with the cosine momentum schedule of BYOL/ConMIM,
-and the one rule that sizes every EMA teacher's momentum to the run it is in (`budget_momentum`).
+"""The momentum schedule of every EMA teacher (`mimkit.methods.parts.MomentumTeacher`, which holds the update): the
+cosine of BYOL/ConMIM, and the one rule that sizes every teacher's momentum to the run it is in (`budget_momentum`).
 
 Why a budget rule. BYOL, DINO, MoCo v3 and ConMIM raise the momentum from a base m0 (0.99-0.996) to 1 by a cosine
 over the run, and picked m0 for runs of 100k-500k steps: BYOL 0.996 over 1000 epochs of 312 steps (312k), DINO
@@ -17,12 +17,8 @@ its initialisation at the same fraction of the run whatever the length (at most 
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Annotated, Literal
-
-import torch
-from torch import nn
 
 from .config import Range
 
@@ -69,40 +65,3 @@ def initial_weight_left(total_steps: int, base: float, final: float = 1.0, rule:
     log = sum(math.log(max(teacher_momentum(t, total_steps, base, final, rule, half_life), 1e-300))
               for t in range(1, total_steps + 1))  # fmt: skip
     return math.exp(log)
-
-
-def momentum_of(options, step: int, total_steps: int) -> float:
-    """`teacher_momentum` from a method's options: `momentum` (the fixed rule's base), `momentum_final`,
-    `momentum_rule` and `momentum_half_life` (ConMIM, CMAE and MoCo v3 name them alike)."""
-    o = options
-    return teacher_momentum(step, total_steps, o.momentum, o.momentum_final, o.momentum_rule, o.momentum_half_life)
-
-
-def describe_momentum(options, total_steps: int) -> str:
-    """One phrase for logs and reports: the base momentum this run's teacher starts from, and why."""
-    o = options
-    base = momentum_of(o, 0, total_steps)
-    left = initial_weight_left(total_steps, o.momentum, o.momentum_final, o.momentum_rule, o.momentum_half_life)
-    why = (f"budget rule: {o.momentum:g}, half-life at most {o.momentum_half_life:g} of {total_steps} steps"
-           if o.momentum_rule == "budget" else "fixed")  # fmt: skip
-    return f"teacher momentum {base:.4g} -> {o.momentum_final:g} ({why}; {left:.1%} of the initial weights left)"
-
-
-def make_teacher(student: nn.Module) -> nn.Module:
-    """A deep copy of `student` that never receives gradients."""
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter (matched by name).
-    Buffers (BatchNorm running statistics) are not averaged: each network keeps its own."""
-    s_params = dict(student.named_parameters())
-    t_params = [(p, s_params[name]) for name, p in teacher.named_parameters()]
-    teacher_ps = [t for t, _ in t_params]
-    student_ps = [s.detach() for _, s in t_params]
-    torch._foreach_mul_(teacher_ps, momentum)
-    torch._foreach_add_(teacher_ps, student_ps, alpha=1.0 - momentum)

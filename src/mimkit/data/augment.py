@@ -226,7 +226,7 @@ class ColorSpec:
     (`mimkit.methods.parts.color`), per sample, from the device's global RNG. Defaults: ContrastiveCrop's pipelines
     (xyupeng/ContrastiveCrop, datasets/transforms/small.py and imagenet.py): ColorJitter(0.4, 0.4, 0.4, 0.1) with
     p 0.8, grayscale with p 0.2; their ImageNet pipelines add Gaussian blur with p 0.5. BYOL's asymmetric pipeline
-    (MoCo v3, DINO) sets blur and solarize per view."""
+    (MoCo v3, DINO, ConMIM's teacher view) sets blur and solarize per view."""
 
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8

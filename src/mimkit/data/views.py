@@ -21,7 +21,9 @@ class View:
     so a method with one group sees exactly the crops it would see without groups.
     color: a colour perturbation (`mimkit.data.augment.ColorSpec`, e.g. ContrastiveCrop's jitter + grayscale)
     drawn independently per view and image, on the device: the method applies it to its batch with the colour
-    part, `mimkit.methods.parts.ViewColour` (CMAE, MoCo v3, DINO). None = unchanged.
+    part, `mimkit.methods.parts.ViewColour`, the only place a view gets its colour (every method that perturbs
+    colour: ConMIM, CMAE-Mao, CMAE-Huang, MoCo v3, DINO; a view may also be made on the device from another and
+    never loaded, as ConMIM's teacher view and CMAE-Huang's target). None = unchanged.
     """
 
     name: str

@@ -27,11 +27,11 @@ from ..config import Config, ConfigError, NonNegFloat, PositiveFloat, PositiveIn
 from ..data.augment import ColorSpec
 from ..data.ccrop import outline_boxes
 from ..data.views import View
-from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule, ema_update, make_teacher, momentum_of
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..masking import gather_tokens
 from ..models import vit as V
 from .mae import MAE, MAEOptions, init_mae_weights
-from .parts import ViewColour, info_nce, ln_mlp
+from .parts import MomentumTeacher, ViewColour, info_nce, ln_mlp
 
 TASKS = ("rec", "contrast", "pos")
 
@@ -130,8 +130,12 @@ class CMAE(MAE):
             init_mae_weights(self.projector)
             init_mae_weights(self.predictor)
             if o.target_encoder == "ema":
-                self.target_vit = make_teacher(self.encoder)
-                self.target_projector = make_teacher(self.projector)
+                rule = {"rule": o.momentum_rule, "half_life": o.momentum_half_life}
+                self.target_vit = MomentumTeacher(self.encoder, o.momentum, o.momentum_final, **rule)
+                # a LayerNorm MLP: no batch statistics, so it may follow the method's mode
+                self.target_projector = MomentumTeacher(
+                    self.projector, o.momentum, o.momentum_final, eval_mode=False, **rule
+                )
         if self.weights["pos"]:
             self.pos_head = nn.Linear(dim, self.num_patches)
             init_mae_weights(self.pos_head)
@@ -139,25 +143,19 @@ class CMAE(MAE):
     def export_options(self):
         if self.target_vit is None:
             return None
-        return ("cmae.export_encoder", self.cfg.export_encoder, {"student": self.encoder, "teacher": self.target_vit},
+        teacher = self.target_vit.module
+        return ("cmae.export_encoder", self.cfg.export_encoder, {"student": self.encoder, "teacher": teacher},
                 "student")  # fmt: skip
 
     def select_encoder(self, name: str) -> None:
         """After the run: the teacher becomes `encoder` (the two swap places; the run's last checkpoint, saved
         before, keeps the online encoder under `encoder`)."""
         if name == "teacher" and not self.exported_teacher:
-            self.encoder, self.target_vit = self.target_vit, self.encoder
+            self.encoder, self.target_vit.module = self.target_vit.module, self.encoder
             self.exported_teacher = True
 
     def export_meta(self) -> dict:
         return {"encoder": "teacher" if self.exported_teacher else "student"}
-
-    def train(self, mode: bool = True):
-        """The EMA target stays in eval mode (no drop-path on the targets)."""
-        super().train(mode)
-        if self.target_vit is not None:
-            self.target_vit.eval()
-        return self
 
     # ---- contrastive steps -------------------------------------------------------------------------------
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -171,8 +169,8 @@ class CMAE(MAE):
     @torch.no_grad()
     def target_embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) the whole second crop -> (B, d) L2-normalised target embedding, no gradient."""
-        vit = self.target_vit if self.target_vit is not None else self.encoder
-        proj = self.target_projector if self.target_projector is not None else self.projector
+        vit = self.target_vit.module if self.target_vit is not None else self.encoder
+        proj = self.target_projector.module if self.target_projector is not None else self.projector
         tokens = V.encode_visible(vit, V.embed_patches(vit, imgs))
         return F.normalize(proj(V.pool_features(vit, tokens, self.cfg.pool)).float(), dim=-1)
 
@@ -233,9 +231,8 @@ class CMAE(MAE):
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.target_vit is not None:
-            m = momentum_of(self.cfg, step, total_steps)
-            ema_update(self.target_vit, self.encoder, m)
-            ema_update(self.target_projector, self.projector, m)
+            self.target_vit.update(self.encoder, step, total_steps)
+            self.target_projector.update(self.projector, step, total_steps)
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
-from ..data.augment import ColorAugment, scale_sigma
+from ..data.augment import ColorSpec
 from ..data.views import View
-from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule, ema_update, make_teacher, momentum_of
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..masking import block_mask_count, blockwise_masking, coarse_random_masking, mask_cell
 from ..models import vit as V
 from .base import Method
+from .parts import MomentumTeacher, ViewColour
 
 
 def projector(dim: int, hidden: int, out: int) -> nn.Sequential:
@@ -69,7 +70,7 @@ class ConMIMOptions:
     # k-NN among the training images at the end of a run on labeled data (the teacher on unlabeled data)
     export_encoder: Literal["teacher", "student", "auto"] = "auto"
     center_teacher: bool = False  # subtract the teacher's per-position batch mean (not in the reference; see docs)
-    # the strong perturbation of the teacher's view (batched, on the device; see mimkit.data.augment)
+    # the strong perturbation of the teacher's view (its View.color, applied on the device by parts.ViewColour)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: Probability = 0.8
     grayscale_p: Probability = 0.2
@@ -107,6 +108,12 @@ def check_config(o, num_patches: int, grid: tuple[int, int], cell: int) -> int:
     return masked
 
 
+def teacher_colour(o: ConMIMOptions) -> ColorSpec:
+    """The strong perturbation of the teacher's view: jitter, grayscale, blur (sigmas in px of a 224 px image,
+    scaled to the view's size by the spec), solarize."""
+    return ColorSpec(tuple(o.jitter), o.jitter_p, o.grayscale_p, o.blur_p, tuple(o.blur_sigma), o.solarize_p)
+
+
 class ConMIM(Method):
     """ConMIM: masked patches contrasted against an EMA teacher's patches of the same image."""
 
@@ -117,10 +124,10 @@ class ConMIM(Method):
         super().__init__()
         o = self.options(cfg)
         self.cfg = o
-        # one [0, 1] view: the teacher's strong perturbation is made from it on the device, then both are normalised
-        self.views = (View("image", cfg.data.image_size, normalize="unit"),)
-        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
+        # one view, the student's; the teacher's is the same crop strongly perturbed on the device (not loaded)
+        self.views = (View("image", cfg.data.image_size),)
+        self.teacher_view = View("teacher", cfg.data.image_size, color=teacher_colour(o))
+        self.color = ViewColour((self.teacher_view,), cfg.data.mean, cfg.data.std)
         # beit_*: the reference's encoder (shared relative position bias, no absolute position); vit_*: fixed sin-cos
         # absolute positions, as MAE (mimkit's variant, docs/methods.md); LayerScale 0.1 unless model.layer_scale
         vit = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
@@ -141,10 +148,11 @@ class ConMIM(Method):
         V.init_beit_encoder(vit)
         V.init_beit_weights(self.student["proj"])
         V.init_sincos_patch_embed(vit)  # vit_* only: content at the scale of the sin-cos table
-        self.teacher = make_teacher(self.student)  # same names, so the EMA matches parameters by name
+        # eval_mode off: the teacher follows the method's train / eval mode, so its projector's BatchNorm normalises
+        # with the batch's statistics in training (and a model.drop_path acts on its ViT too)
+        self.teacher = MomentumTeacher(self.student, o.momentum, o.momentum_final, eval_mode=False,
+                                       rule=o.momentum_rule, half_life=o.momentum_half_life)  # fmt: skip
         self.exported = "teacher" if o.export_encoder == "auto" else o.export_encoder
-        sigma = scale_sigma(o.blur_sigma, cfg.data.image_size)
-        self.augment = ColorAugment(o.jitter, o.jitter_p, o.grayscale_p, o.blur_p, sigma, o.solarize_p)
         self.bank_seed = cfg.train.seed
         self.register_buffer("mask_bank", None, persistent=False)  # built on first use (conmim.mask_bank > 0)
 
@@ -152,11 +160,11 @@ class ConMIM(Method):
     def encoder(self) -> nn.Module:
         """The timm ViT (or Beit) that is evaluated and exported: the EMA teacher's or the student's
         (`conmim.export_encoder`; under auto the teacher until the end of the run chooses, `select_encoder`)."""
-        return self.teacher["vit"] if self.exported == "teacher" else self.student["vit"]
+        return self.teacher.module["vit"] if self.exported == "teacher" else self.student["vit"]
 
     def export_options(self):
         return ("conmim.export_encoder", self.cfg.export_encoder,
-                {"student": self.student["vit"], "teacher": self.teacher["vit"]}, "teacher")  # fmt: skip
+                {"student": self.student["vit"], "teacher": self.teacher.module["vit"]}, "teacher")  # fmt: skip
 
     def select_encoder(self, name: str) -> None:
         self.exported = name
@@ -195,14 +203,10 @@ class ConMIM(Method):
             variants += [v.transpose(1, 2) for v in variants]
         return torch.cat(variants).reshape(-1, gh * gw)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> mean/std-normalised (data.mean / data.std)."""
-        return (x - self.mean) / self.std
-
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> the teacher's strongly perturbed copy, same crop (batched, no gradient)."""
-        with torch.autocast(x.device.type, enabled=False):
-            return self.augment(x)
+        """(B, 3, H, W) normalised -> the teacher's strongly perturbed copy of the same crop, normalised (no
+        gradient)."""
+        return self.color({"teacher": x})["teacher"]
 
     def project(self, proj: nn.Module, tokens: torch.Tensor, center: bool = False) -> torch.Tensor:
         """(B, P + N, D) all tokens -> (B, N, d) L2-normalised patch projections (BN statistics over B*(P+N)).
@@ -221,7 +225,8 @@ class ConMIM(Method):
     @torch.no_grad()
     def encode_teacher(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs (B, 3, H, W) normalised, unmasked -> (B, N, d) projections, no gradient."""
-        return self.project(self.teacher["proj"], self.teacher["vit"].forward_features(imgs), self.cfg.center_teacher)
+        t = self.teacher.module
+        return self.project(t["proj"], t["vit"].forward_features(imgs), self.cfg.center_teacher)
 
     def logits(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """s (B, N, d), t (B, N, d) -> (B, N, N): logits[b, i, j] = s_bi . t_bj / temperature."""
@@ -241,18 +246,17 @@ class ConMIM(Method):
 
     # ---- contract ----------------------------------------------------------------------------------------
     def forward(self, batch: dict, mask: torch.Tensor | None = None):
-        x = batch["image"]  # (B, 3, H, W) in [0, 1]
+        x = batch["image"]  # (B, 3, H, W) normalised
         if mask is None:
             mask = self.mask(x.shape[0], x.device)
-        strong = self.perturb(x)
-        t = self.encode_teacher(self.normalize(strong))
-        s = self.encode_student(self.normalize(x), mask)
+        t = self.encode_teacher(self.perturb(x))
+        s = self.encode_student(x, mask)
         loss, acc = self.loss(s, t, mask)
         metrics = {"loss": loss.detach(), "pos_acc": acc.detach(), "mask_frac": mask.float().mean().detach()}
         return loss, metrics
 
     def after_step(self, step: int, total_steps: int) -> None:
-        ema_update(self.teacher, self.student, momentum_of(self.cfg, step, total_steps))
+        self.teacher.update(self.student, step, total_steps)
 
     def no_weight_decay(self) -> set[str]:
         """The reference's (BEiT's optim_factory with the model's no_weight_decay): the class token and absolute
@@ -264,11 +268,11 @@ class ConMIM(Method):
 
     @torch.no_grad()
     def similarity_maps(self, x: torch.Tensor, num_queries: int = 3):
-        """x (B, 3, H, W) in [0, 1] -> mask (B, N), queries (B, Q) masked positions, maps (B, Q, N): softmax over
+        """x (B, 3, H, W) normalised -> mask (B, N), queries (B, Q) masked positions, maps (B, Q, N): softmax over
         the teacher's patches of the student's masked-patch feature (the teacher sees the unperturbed image)."""
         mask = self.mask(x.shape[0], x.device)
-        s = self.encode_student(self.normalize(x), mask)
-        t = self.encode_teacher(self.normalize(x))
+        s = self.encode_student(x, mask)
+        t = self.encode_teacher(x)
         # queries: masked positions spread over each image's masked set (random order from the global RNG)
         score = torch.rand(mask.shape, device=x.device) + mask.float()  # masked first, shuffled
         queries = score.argsort(dim=1, descending=True)[:, :num_queries]
@@ -280,9 +284,10 @@ class ConMIM(Method):
     def visualize(self, batch: dict, num_queries: int = 3) -> torch.Tensor:
         """Rows of image | masked student input | for 3 masked query patches (green box): teacher-patch similarity
         heat map."""
-        x = batch["image"].float()
+        mask, queries, maps = self.similarity_maps(batch["image"].float(), num_queries)
+        mean, std = self.color.mean.view(1, 3, 1, 1), self.color.std.view(1, 3, 1, 1)
+        x = (batch["image"].float() * std + mean).clamp(0, 1)  # the panels are drawn in [0, 1]
         b, _, h, w = x.shape
-        mask, queries, maps = self.similarity_maps(x, num_queries)
         gh, gw = self.grid
         ph, pw = h // gh, w // gw
         up = lambda m: m.view(b, 1, gh, gw).repeat_interleave(ph, 2).repeat_interleave(pw, 3)  # noqa: E731
@@ -300,4 +305,4 @@ class ConMIM(Method):
             outline = (edge > 1e-6).float()
             green = torch.tensor([0.0, 1.0, 0.0], device=x.device).view(1, 3, 1, 1)
             panels.append(panel * (1 - outline) + green * outline)
-        return self.normalize(torch.cat(panels, dim=3).clamp(0, 1))  # the caller un-normalises
+        return (torch.cat(panels, dim=3).clamp(0, 1) - mean) / std  # the caller un-normalises

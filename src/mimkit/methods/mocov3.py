@@ -20,10 +20,10 @@ from torch import nn
 from ..config import Config, ConfigError, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.views import View
-from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule, ema_update, make_teacher, momentum_of
+from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..models import vit as V
 from .base import Method
-from .parts import ViewColour, bn_mlp, info_nce
+from .parts import MomentumTeacher, ViewColour, bn_mlp, info_nce
 
 
 @dataclass
@@ -115,7 +115,9 @@ class MoCoV3(Method):
             vit.patch_embed.requires_grad_(False)
         self.base = nn.ModuleDict({"vit": vit, "proj": bn_mlp(3, vit.embed_dim, o.proj_hidden, o.proj_dim)})
         self.predictor = bn_mlp(2, o.proj_dim, o.pred_hidden, o.proj_dim)
-        self.momentum = make_teacher(self.base)  # same names: the EMA matches parameters by name
+        # eval_mode off: the projector trains (its BatchNorm uses the batch's statistics); `train` keeps the ViT in eval
+        self.momentum = MomentumTeacher(self.base, o.momentum, o.momentum_final, eval_mode=False,
+                                        rule=o.momentum_rule, half_life=o.momentum_half_life)  # fmt: skip
         self.exported = "student" if o.export_encoder == "auto" else o.export_encoder
         if o.sync_bn and dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
             nn.SyncBatchNorm.convert_sync_batchnorm(self)  # in place: the BN layers are children of children
@@ -124,11 +126,11 @@ class MoCoV3(Method):
     def encoder(self) -> nn.Module:
         """The timm ViT that is evaluated and exported: the base (online) one (the paper's; under
         `mocov3.export_encoder=auto` until the end of the run chooses) or the momentum one."""
-        return self.momentum["vit"] if self.exported == "teacher" else self.base["vit"]
+        return self.momentum.module["vit"] if self.exported == "teacher" else self.base["vit"]
 
     def export_options(self):
         return ("mocov3.export_encoder", self.cfg.export_encoder,
-                {"student": self.base["vit"], "teacher": self.momentum["vit"]}, "student")  # fmt: skip
+                {"student": self.base["vit"], "teacher": self.momentum.module["vit"]}, "student")  # fmt: skip
 
     def select_encoder(self, name: str) -> None:
         self.exported = name
@@ -140,7 +142,7 @@ class MoCoV3(Method):
         """The momentum ViT stays in eval mode (no stochastic depth on the keys); its projector keeps training
         mode, so its BatchNorm normalises with the batch's statistics, as the official code's does."""
         super().train(mode)
-        self.momentum["vit"].eval()
+        self.momentum.module["vit"].eval()
         return self
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -164,7 +166,8 @@ class MoCoV3(Method):
     @torch.no_grad()
     def targets(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views (B, 3, H, W) -> (B, d) keys per view from the momentum ViT and projector, no gradient."""
-        return self.project(self.momentum["proj"], *self.encode(self.momentum["vit"], x1, x2))
+        k = self.momentum.module
+        return self.project(k["proj"], *self.encode(k["vit"], x1, x2))
 
     def loss(self, q1, q2, k1, k2) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric: ctr(q1, k2) + ctr(q2, k1), all (B, d) -> (loss, mean top-1 accuracy of the positives)."""
@@ -181,7 +184,7 @@ class MoCoV3(Method):
         return loss, {"loss": loss.detach(), "contrast_acc": acc.detach()}
 
     def after_step(self, step: int, total_steps: int) -> None:
-        ema_update(self.momentum, self.base, momentum_of(self.cfg, step, total_steps))
+        self.momentum.update(self.base, step, total_steps)
 
     def no_weight_decay(self) -> set[str]:
         return {"base.vit.cls_token", "base.vit.pos_embed"}
