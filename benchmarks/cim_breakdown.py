@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from timing import mean_seconds
 
-from mimkit.config import build_config
 from mimkit.methods import build_method
 from mimkit.models.tokenizer import DalleTokenizer, VQTokenizer, save_tokenizer
+from mimkit.run_config import build_config
 
 SIZES = {
     # name: (model overrides, tokenizer factory, batch on CPU, batch on GPU)

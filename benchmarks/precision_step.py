@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from mimkit.config import build_config, packaged_recipe
+from mimkit.config_yaml import packaged_recipe
 from mimkit.methods import build_method
+from mimkit.run_config import build_config
 from mimkit.runtime import prepare_for_precision
 
 VARIANTS = {  # name: (autocast dtype, unfused attention, fused AdamW)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mimkit.config import build_config
 from mimkit.methods import METHODS, build_method
+from mimkit.run_config import build_config
 
 MODEL = {
     "tiny": ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "data.image_size=32"],

@@ -14,10 +14,10 @@ import json
 import os
 import sys
 
-from mimkit.config import build_config
 from mimkit.engine.logging import say
 from mimkit.engine.loop import start_runtime, train
 from mimkit.engine.pretrain import PretrainTask
+from mimkit.run_config import build_config
 
 
 def encoders(method) -> dict:

@@ -25,10 +25,10 @@ import torch
 from timing import mean_seconds
 from torch import nn
 
-from mimkit.config import Config
 from mimkit.cpu_bf16 import auto_cpu_precision, cpu_flags, cpu_name, matmul_rate
 from mimkit.methods.cmae import CMAE
 from mimkit.methods.mae import MAE
+from mimkit.run_config import default_config
 from mimkit.runtime import prepare_for_precision
 
 
@@ -74,7 +74,7 @@ def train_flops_mae(s: Size, mask_ratio: float = 0.75) -> float:
 
 # ------------------------------------------------------------------------------------------------ models
 def mimkit_mae(s: Size) -> tuple[nn.Module, callable]:
-    cfg = Config()
+    cfg = default_config()
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = s.dec_dim, s.dec_depth, s.dec_heads
     model = MAE(cfg)
@@ -206,7 +206,7 @@ CMAE_VARIANTS = {  # loss weights (rec, contrast, pos): the full method, then ea
 
 def mimkit_cmae(s: Size, size_name: str, weights: tuple[float, float, float]):
     """mimkit's CMAE with two crops (here: the image and its mirror) and the EMA update inside the step."""
-    cfg = Config()
+    cfg = default_config()
     cfg.method = "cmae"
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     o = cfg.cmae
@@ -226,7 +226,7 @@ def measure_box_pass(s: Size, batch: int, device, dtype, steps: int) -> float:
     """Images/s of ContrastiveCrop's box re-estimation: encoder forward (eval) + heat map + boxes, no data loading."""
     from mimkit.data.ccrop import boxes_from_heatmaps, feature_heatmap
 
-    cfg = Config()
+    cfg = default_config()
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     encoder = MAE(cfg).encoder.to(device).eval()
     x = torch.randn(batch, 3, s.image, s.image, device=device)
@@ -286,7 +286,7 @@ def mimkit_conmim(s: Size, size_name: str, perturb: bool = True):
     """mimkit's ConMIM step: on-device strong perturbation, teacher forward, masked student, loss, EMA update."""
     from mimkit.methods.conmim import ConMIM
 
-    cfg = Config()
+    cfg = default_config()
     cfg.method = "conmim"
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     cfg.conmim.proj_hidden, cfg.conmim.proj_dim = CONMIM_PROJ[size_name]

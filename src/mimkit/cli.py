@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from .config import build_config
 from .errors import MimkitError, TrainingError, write_failure
-from .run_config import downstream_config, flag_overrides, pretrain_config
+from .run_config import build_config, downstream_config, flag_overrides, pretrain_config
 
 EXIT_BAD_INPUT = 2
+
 
 def _run_flags(p, *, out_default: str, config_example: str, override_example: str) -> None:
     """The data, budget and override flags of every command that trains."""
@@ -325,8 +325,11 @@ def cmd_methods(args) -> int:
     section = cls.section_name()
     lines = option_lines(cls.Options, section)
     print(f"{args.name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-    print(f"options (set as {section}.key=value; shared sections: model, data, optim, train, eval, tokenizer):"
-          if lines else "no options of its own (shared sections: model, data, optim, train, eval, tokenizer)")
+    print(
+        f"options (set as {section}.key=value; shared sections: model, data, optim, train, eval, tokenizer):"
+        if lines
+        else "no options of its own (shared sections: model, data, optim, train, eval, tokenizer)"
+    )
     print("\n".join(lines))
     return 0
 

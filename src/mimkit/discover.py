@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import closest_name
+from .config_schema import Range, closest_name
 
 __all__ = ["recipe_names", "recipe_lines", "did_you_mean_recipe", "option_lines", "type_name"]
 
@@ -69,8 +69,6 @@ def did_you_mean_recipe(name: str) -> str:
 
 def type_name(tp) -> str:
     """A schema type as a user reads it: 'int >= 1', 'float | None', "'random' | 'block'"."""
-    from .config import Range
-
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         base, *marks = typing.get_args(tp)

@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
-from ..config import Config, dump_yaml, to_dict
+from ..config import Config, to_dict
+from ..config_yaml import dump_yaml
 from ..errors import DiskFullError, DivergedError, TrainingError
 from ..runtime import autocast, precision_and_reason, prepare_for_precision, resolve_device
 from . import distributed as D
