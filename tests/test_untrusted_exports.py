@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from mimkit.cli import main
 from mimkit.config import ConfigError
 from mimkit.engine.downstream import build_model, encoder_spec
-from mimkit.export import load_exported, read_export
 from mimkit.run_config import build_config
+from mimkit.safe_load import load_exported, read_export
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..export import check_finite, encoder_state, load_exported, read_export
+from ..export import encoder_state
+from ..safe_load import check_finite, load_exported, read_export
 from .pretrain import method_from_checkpoint
 
 
