@@ -12,7 +12,7 @@ from helpers import TINY, make_tokenizer, write_images
 
 from mimkit.cli import main, parse_args
 from mimkit.config import ConfigError
-from mimkit.discover import recipe_names
+from mimkit.config_yaml import recipe_names
 from mimkit.engine.fit import fit_workers, fitted_batch
 from mimkit.engine.resume_check import changed_keys
 from mimkit.methods import METHODS

@@ -1,8 +1,7 @@
-"""YAML in and out of a config: recipes (a file or a packaged recipe's name), dotted `key=value` overrides (the
-value read as YAML), their layering onto a config, and the `config.yaml` a run records.
+"""YAML in and out of a config: recipes (a file or the name of one packaged with mimkit), dotted `key=value`
+overrides (the value read as YAML), their layering onto a config, and the `config.yaml` a run records.
 
-Registry-free like the schema: the config it layers onto already holds every section a key may name.
-"""
+Registry-free like the schema: the config it layers onto already holds every section a key may name."""
 
 from __future__ import annotations
 
@@ -14,16 +13,29 @@ import yaml
 
 from .config import Config, to_dict
 from .config_checks import check_across_keys
-from .config_schema import apply_updates
-from .discover import did_you_mean_recipe
+from .config_schema import apply_updates, closest_name
 from .errors import ConfigError
 
-__all__ = ["packaged_recipe", "read_yaml", "parse_override", "apply_layers", "dump_yaml"]
+__all__ = ["recipe_names", "packaged_recipe", "read_yaml", "parse_override", "apply_layers", "dump_yaml"]
+
+
+def recipe_folder() -> Path:
+    return Path(str(resources.files("mimkit") / "configs"))
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipe_folder().glob("*.yaml"))
 
 
 def packaged_recipe(name: str) -> Path:
-    path = resources.files("mimkit") / "configs" / f"{name}.yaml"
-    return Path(str(path))
+    return recipe_folder() / f"{name}.yaml"
+
+
+def did_you_mean_recipe(name: str) -> str:
+    """The end of an 'unknown recipe' message: the closest packaged name, and where the list is."""
+    close = closest_name(name, recipe_names(), cutoff=0.5)
+    hint = f"; did you mean '{close}'?" if close else ""
+    return f"{hint} (packaged recipes: {', '.join(recipe_names())}; `mimkit recipes` says what each is)"
 
 
 def read_yaml(path: str | Path) -> dict:
