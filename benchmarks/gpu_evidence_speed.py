@@ -29,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from evidence import attempt
 
 PARTS = ("matmul", "mae", "mae-compiled", "data", "methods-tiny", "methods-base", "mae-tiny-compiled",
          "methods-tiny-compiled", "methods-base-compiled")  # fmt: skip
@@ -368,8 +369,6 @@ def summarise(ev, sp: Speed) -> None:
 
 
 def speed(ev, args, data: Path | None) -> None:
-    from gpu_evidence import attempt
-
     plan = make_plan(ev.dry_run)
     if plan.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_evidence: the speed stage needs a CUDA device (or --dry-run)")

@@ -1,6 +1,6 @@
-"""The import graph, read from the source with `ast`: no cycle among mimkit's modules, and the layers import
-downward only (data and models below methods, methods below engine, engine below cli; the config schema below all
-of them and blind to the method registry).
+"""The import graph, read from the source with `ast`: no cycle among mimkit's modules, none among the benchmark
+scripts (a graph of their own), and the layers import downward only (data and models below methods, methods below
+engine, engine below cli; the config schema below all of them and blind to the method registry).
 
 An edge is every `import` and `from ... import` in a module, at its top or inside a function (a lazy import is a
 dependency all the same), relative ones resolved; `from .methods import X` is an edge to `mimkit.methods` (its
@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "mimkit"
+BENCHMARKS = ROOT / "benchmarks"
 
 # importer -> the modules it must not import (a name covers its sub-modules)
 LAYERS = {
@@ -165,6 +166,13 @@ def describe_cycles(graph: dict[str, dict], modules: dict[str, Path]) -> list[st
 def test_no_import_cycle_in_mimkit():
     graph, modules = import_graph(PACKAGE, "mimkit")
     assert "mimkit.methods" in graph["mimkit.run_config"]  # the reader sees function-level imports
+    cycles = describe_cycles(graph, modules)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_no_import_cycle_among_benchmarks():
+    graph, modules = import_graph(BENCHMARKS)
+    assert "evidence" in graph["gpu_evidence_runs"]  # the reader sees the scripts' sibling imports
     cycles = describe_cycles(graph, modules)
     assert not cycles, "\n".join(cycles)
 
