@@ -16,9 +16,6 @@ from .config import Config
 from .config_schema import apply_updates
 from .config_yaml import apply_layers, read_yaml
 
-__all__ = ["method_sections", "default_config", "build_config", "config_from_dict", "pretrain_config",
-           "downstream_config", "flag_overrides"]  # fmt: skip
-
 MIN_GRID = 8  # tokens per side a default model gets on small images (MAE's 75% masking leaves 16 of 64 visible)
 
 # flag -> the config key it sets (flags a sub-command does not have are simply absent from its namespace)
