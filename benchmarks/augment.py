@@ -16,12 +16,10 @@ those CPU cores. Results are for docs/benchmarks.md, never for assertions.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 
 import numpy as np
 import torch
+from harness import append_jsonl, best_seconds, device_name, machine_line
 from PIL import Image
 
 from mimkit.data.augment import ColorAugment, blur_kernel_size
@@ -41,21 +39,6 @@ def torchvision_pipeline(size: int):
     )
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Seconds per call: the fastest of `repeats` timed calls after one warm-up (robust on a shared machine)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def measure(size: int, batch: int, device, repeats: int) -> dict:
     """img/s of the three ways to perturb `batch` random images of `size` px."""
     from torchvision.transforms.v2 import functional as TF
@@ -66,9 +49,9 @@ def measure(size: int, batch: int, device, repeats: int) -> dict:
     x = u8.to(device).float().div_(255)
     aug, tv, cpu = ColorAugment(), torchvision_pipeline(size), torch.device("cpu")
     return {
-        "mimkit_batched": batch / timed(lambda: aug(x), device, repeats),
-        "tv2_uint8_per_image": batch / timed(lambda: [tv(im) for im in u8], cpu, repeats),
-        "tv2_pil_per_image": batch / timed(lambda: [TF.pil_to_tensor(tv(im)) for im in pil], cpu, repeats),
+        "mimkit_batched": batch / best_seconds(lambda: aug(x), device, repeats),
+        "tv2_uint8_per_image": batch / best_seconds(lambda: [tv(im) for im in u8], cpu, repeats),
+        "tv2_pil_per_image": batch / best_seconds(lambda: [TF.pil_to_tensor(tv(im)) for im in pil], cpu, repeats),
     }
 
 
@@ -83,8 +66,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"# device {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; repeats {args.repeats}")
+    name = device_name(device)
+    print(machine_line(name, f"repeats {args.repeats}"))
     print("| images | mimkit batched | torchvision v2 per image (uint8) | torchvision v2 per image (PIL) |  (img/s)")
     print("|---|---|---|---|")
     for spec in args.configs.split(","):
@@ -92,11 +75,8 @@ def main() -> None:
         res = measure(size, batch, device, args.repeats)
         print(f"| {size} px x {batch} | {res['mimkit_batched']:.0f} | {res['tv2_uint8_per_image']:.0f} | "
               f"{res['tv2_pil_per_image']:.0f} |")  # fmt: skip
-        if args.json:
-            with open(args.json, "a") as f:
-                rec = {"bench": "augment", "size": size, "batch": batch, "device": name, "mimkit_device": str(device),
-                       "threads": torch.get_num_threads(), **res}  # fmt: skip
-                f.write(json.dumps(rec) + "\n")
+        rec = {"bench": "augment", "size": size, "batch": batch, "device": name, "mimkit_device": str(device)}
+        append_jsonl(args.json, [{**rec, "threads": torch.get_num_threads(), **res}])
 
 
 if __name__ == "__main__":

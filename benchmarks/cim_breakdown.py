@@ -10,16 +10,15 @@ Tokenizers are randomly initialised (timing does not depend on the weights). Eac
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
-from timing import mean_seconds
+from harness import append_jsonl, autocast, device_name, machine_line, mean_seconds, pick_device
 
-from mimkit.config import build_config
 from mimkit.methods import build_method
 from mimkit.models.tokenizer import DalleTokenizer, VQTokenizer, save_tokenizer
+from mimkit.run_config import build_config
 
 SIZES = {
     # name: (model overrides, tokenizer factory, batch on CPU, batch on GPU)
@@ -45,29 +44,25 @@ def run(size: str, method: str, device, steps: int, dtype, tmp: Path) -> dict:
     batch = {"image": torch.randn(batch_size, 3, s, s, device=device),
              "tokens": torch.rand(batch_size, 3, tok_size, tok_size, device=device)}  # fmt: skip
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
     ids = m.generator.targets(batch["tokens"])
     mask = m.mask(batch_size, device)
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(device, dtype):
         logits = m.generator.predict(m.generator.encode(batch["image"], mask), mask)
         _, replaced, corrupted = m.corrupt(ids, mask, logits)
 
     def generator():
-        with autocast():
+        with autocast(device, dtype):
             g = m.generator.predict(m.generator.encode(batch["image"], mask), mask)
             loss = m.generator.loss(g, ids[mask])
         loss.backward()
 
     def enhancer():
-        with autocast():
+        with autocast(device, dtype):
             loss = m.enhancer_loss(m.enhance(corrupted), batch["image"], replaced)
         loss.backward()
 
     def step():
-        with autocast():
+        with autocast(device, dtype):
             loss, _ = m(batch)
         loss.backward()
         opt.step()
@@ -93,12 +88,12 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--json", help="append results as JSON lines to this file")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     dtype = {"fp32": None, "bf16": torch.bfloat16}.get(
         args.precision, torch.bfloat16 if device.type == "cuda" else None
     )
-    print(f"# device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-          f"threads {torch.get_num_threads()}; precision {'bf16' if dtype else 'fp32'}; ms per call")  # fmt: skip
+    gpu = device_name(device) if device.type == "cuda" else "cpu"
+    print(machine_line(gpu, f"precision {'bf16' if dtype else 'fp32'}", "ms per call"))
     print("| size | method | batch | tokenize | generator | corrupt+decode | enhancer | step | img/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,9 +102,7 @@ def main() -> None:
                 r = run(size, method, device, args.steps, dtype, Path(tmp))
                 print(f"| {size} | {method} | {r['batch']} | {r['tokenize']} | {r['generator']} | "
                       f"{r['corrupt+decode']} | {r['enhancer']} | {r['step']} | {r['img_per_s']:.1f} |")  # fmt: skip
-                if args.json:
-                    with open(args.json, "a") as f:
-                        f.write(json.dumps({**r, "device": str(device)}) + "\n")
+                append_jsonl(args.json, [{**r, "device": str(device)}])
 
 
 if __name__ == "__main__":

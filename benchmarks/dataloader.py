@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import platform
 import time
 from itertools import count
 
 import torch
+from harness import append_jsonl, sync
 
 from mimkit.config import DataConfig
 from mimkit.data import View, load_splits
@@ -37,11 +37,6 @@ VIEWS = {  # which method's views to render
     "beit": lambda s: (View("image", s), View("tokens", s // 2, "lanczos", normalize="unit")),
     "cmae": lambda s: (View("image", s), View("target", s, crop_group=1)),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def epochs(loader, sampler: EpochBatchSampler):
@@ -178,13 +173,10 @@ def main() -> None:
         gb = f"{r['cache_gb']:.3f}" if "cache_gb" in r else "-"
         cells = [name, dev, f"{r['img_per_s']:.0f}", f"{r['ms_per_batch']:.1f}", f"{r['startup_s']:.2f}", build, gb]
         print("| " + " | ".join(cells) + " |")
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for name, dev, r in rows:
-                rec = {"bench": "dataloader", "path": name, "device": dev, "data": args.data}
-                rec.update(images=len(source), image_size=args.image_size, views=args.views, batch=args.batch_size)
-                rec.update(batches=args.batches, threads=torch.get_num_threads(), cpu=cpu, gpu=gpu, **r)
-                f.write(json.dumps(rec) + "\n")
+    setting = {"images": len(source), "image_size": args.image_size, "views": args.views, "batch": args.batch_size,
+               "batches": args.batches, "threads": torch.get_num_threads(), "cpu": cpu, "gpu": gpu}  # fmt: skip
+    append_jsonl(args.jsonl, [{"bench": "dataloader", "path": name, "device": dev, "data": args.data, **setting, **r}
+                              for name, dev, r in rows])  # fmt: skip
 
 
 if __name__ == "__main__":

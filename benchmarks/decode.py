@@ -20,7 +20,6 @@ reported, and ratios to `pillow worker` beside the rates (on a shared machine tr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import PIL
 import torch
+from harness import append_jsonl
 from PIL import Image
 
 from mimkit.config import DataConfig
@@ -125,10 +125,7 @@ def main() -> None:
             folder = Path(tmp) / size
             make_jpegs(Path(args.data), args.images, wh, folder)
             lines += report(size, measure(folder, args.images, args.rounds, args.chunk))
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for line in lines:
-                f.write(json.dumps({**line, "images": args.images, "rounds": args.rounds}) + "\n")
+    append_jsonl(args.jsonl, [{**line, "images": args.images, "rounds": args.rounds} for line in lines])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from fault_runs import ends_like, leftovers, metrics
 
 # the first write of each of these (a path regex) is where a fault is injected; the probe finds its index. strace
 # follows the main thread only: a fault in another process (find_library's ldconfig) or thread would change what
-# the main thread writes; TensorBoard's writer thread gets its faults from inside (install_tensorboard_fault)
+# the main thread writes; TensorBoard's writer thread gets its faults from inside (fault_runs.install_tensorboard_fault)
 TARGETS = {
     "the run lock": r"\.mimkit\.lock\.\d+\.tmp$",
     "metrics.jsonl rewrite": r"/\.metrics\.jsonl\.\d+\.tmp$",
@@ -257,38 +257,3 @@ def argparse_namespace():
     import argparse
 
     return argparse.Namespace(lr=1.0)
-
-
-def install_tensorboard_fault(at: int, fault: str) -> None:
-    """TensorBoard's writer thread fails its `at`-th write with ENOSPC, or is SIGKILLed there (the whole run)."""
-    import errno
-    import signal
-
-    from tensorboard.summary.writer import record_writer
-
-    real, calls = record_writer.RecordWriter.write, []
-
-    def write(self, data):
-        calls.append(1)
-        if len(calls) == at:
-            if fault == "SIGKILL":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(self, data)
-
-    record_writer.RecordWriter.write = write
-
-
-def install_slow_export(marker: str) -> None:
-    """The export of a run waits 2 s after writing `marker`: a window for a second run to try the lock."""
-    from mimkit.engine.tasks import pretrain
-
-    export = pretrain.export_method
-
-    def slow(*args, **kwargs):
-        Path(marker).write_text(str(os.getpid()))
-        time.sleep(2)
-        return export(*args, **kwargs)
-
-    pretrain.export_method = slow
-

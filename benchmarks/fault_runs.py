@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -69,14 +70,43 @@ def install_faults(faults: dict) -> list[str]:
     if faults.get("block_network"):
         block_network(attempts)
     if "slow_export" in faults:
-        from fault_inject import install_slow_export
-
         install_slow_export(faults["slow_export"])
     if "tensorboard_fault" in faults:
-        from fault_inject import install_tensorboard_fault
-
         install_tensorboard_fault(**faults["tensorboard_fault"])
     return attempts
+
+
+def install_tensorboard_fault(at: int, fault: str) -> None:
+    """TensorBoard's writer thread fails its `at`-th write with ENOSPC, or is SIGKILLed there (the whole run)."""
+    import signal
+
+    from tensorboard.summary.writer import record_writer
+
+    real, calls = record_writer.RecordWriter.write, []
+
+    def write(self, data):
+        calls.append(1)
+        if len(calls) == at:
+            if fault == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    record_writer.RecordWriter.write = write
+
+
+def install_slow_export(marker: str) -> None:
+    """The export of a run waits 2 s after writing `marker`: a window for a second run to try the lock."""
+    from mimkit.engine import pretrain
+
+    export = pretrain.export_method
+
+    def slow(*args, **kwargs):
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(2)
+        return export(*args, **kwargs)
+
+    pretrain.export_method = slow
 
 
 class FullDiskTorch:

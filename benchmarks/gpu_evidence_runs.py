@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from gpu_evidence import attempt, run_cli
+from evidence import attempt, run_cli
 
 RECIPE, FT_RECIPE = "cifar10-mae", "cifar10-finetune"
 CIFAR_NORM = ["data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]"]

@@ -4,7 +4,7 @@ Parts, in priority order; each is skipped when the stage's deadline would not le
 `--parts` picks some of them for a second call:
   matmul                 the bf16 matrix-product rate of this GPU, measured: 8192^3, median of 20 after warm-up
   mae                    MAE ViT-B/16 @224 (batch 256, decoder 8x512) and ViT-Tiny/4 @32 (batch 1024, 4x192)
-                         beside transformers' ViTMAE, eager (throughput.py's interleaved rounds)
+                         beside transformers' ViTMAE, eager (harness.py's interleaved rounds)
   mae-compiled           the ViT-B/16 pair, torch.compile (mae-tiny-compiled: the ViT-Tiny pair, later)
   data                   the data paths alone on CIFAR-10 (dataloader.py): Pillow workers, the device cache with
                          host-drawn and device-drawn crops, GPU JPEG decoding
@@ -29,6 +29,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from evidence import attempt
+from harness import autocast, measure_many, sync
 
 PARTS = ("matmul", "mae", "mae-compiled", "data", "methods-tiny", "methods-base", "mae-tiny-compiled",
          "methods-tiny-compiled", "methods-base-compiled")  # fmt: skip
@@ -78,11 +80,6 @@ def make_plan(dry_run: bool) -> Plan:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_rate(device: torch.device, n: int, reps: int) -> float:
     """FLOP/s of an n x n x n bf16 matrix product on random data (two input sets in turn), median of `reps`."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -128,7 +125,7 @@ def counted_flops(captured: Captured, s, batch: int, plan: Plan) -> float | None
     model, step = captured.built
     x = torch.randn(batch, 3, s.image, s.image, device=plan.device)
     with FlopCounterMode(display=False) as counter:
-        with torch.autocast(plan.device.type, dtype=plan.dtype or torch.float32, enabled=plan.dtype is not None):
+        with autocast(plan.device, plan.dtype):
             loss = step(x)
         loss.backward()
     model.zero_grad(set_to_none=True)
@@ -207,10 +204,8 @@ class Speed:
         self.rows[kind].append(rec)
 
     def measure(self, part: str, builds: dict, s, batch: int, compiled: bool) -> dict:
-        """throughput.measure_many over `builds` (interleaved rounds); when that fails, each build alone, so one
+        """harness.measure_many over `builds` (interleaved rounds); when that fails, each build alone, so one
         broken method costs its own row only. -> {name: result}."""
-        from throughput import measure_many
-
         try:
             return measure_many(builds, *self.timing(s, batch, compiled), rounds=self.plan.rounds)
         except Exception as e:  # noqa: BLE001
@@ -265,7 +260,7 @@ class Speed:
         with tempfile.TemporaryDirectory() as tmp:
             if size == "toy":
                 register_toy_size(Path(tmp))
-            s = SimpleNamespace(image=int(sections.MODEL[size][2].split("=")[1]))  # data.image_size=N
+            s = SimpleNamespace(image=sections.image_size(size))
             builds = {m: Captured(sections.method_builder(m, size, batch, self.plan.device, Path(tmp))) for m in names}
             if not compiled:
                 builds["beit, token ids given"] = Captured(
@@ -368,8 +363,6 @@ def summarise(ev, sp: Speed) -> None:
 
 
 def speed(ev, args, data: Path | None) -> None:
-    from gpu_evidence import attempt
-
     plan = make_plan(ev.dry_run)
     if plan.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_evidence: the speed stage needs a CUDA device (or --dry-run)")

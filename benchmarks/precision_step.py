@@ -16,9 +16,11 @@ import argparse
 import time
 
 import torch
+from harness import autocast
 
-from mimkit.config import build_config, packaged_recipe
+from mimkit.config_yaml import packaged_recipe
 from mimkit.methods import build_method
+from mimkit.run_config import build_config
 from mimkit.runtime import prepare_for_precision
 
 VARIANTS = {  # name: (autocast dtype, unfused attention, fused AdamW)
@@ -40,7 +42,7 @@ def make_step(recipe: str, overrides: list[str], dtype, unfused: bool, fused_ada
     batch = {v.name: torch.randn(cfg.train.batch_size, 3, v.size, v.size) for v in model.views}
 
     def one():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with autocast(torch.device("cpu"), dtype):
             loss = model(batch)[0]
         loss.backward()
         opt.step()

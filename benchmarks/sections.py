@@ -11,20 +11,35 @@ transformers' BeitForMaskedImageModeling is the peer for BEiT.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from harness import append_jsonl, measure, measure_many
 
-from mimkit.config import build_config
 from mimkit.methods import METHODS, build_method
+from mimkit.run_config import build_config
 
 MODEL = {
     "tiny": ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "data.image_size=32"],
     "base": ["model.name=vit_base_patch16_224", "model.patch_size=16", "data.image_size=224"],
 }
 BATCH = {"tiny": (64, 1024), "base": (8, 128)}  # (CPU, GPU)
+
+
+def setting(size: str, key: str) -> str:
+    """The value MODEL[size] sets `key` to ('data.image_size' -> '32')."""
+    return next(o.split("=", 1)[1] for o in MODEL[size] if o.startswith(f"{key}="))
+
+
+def image_size(size: str) -> int:
+    return int(setting(size, "data.image_size"))
+
+
+def model_title(size: str) -> str:
+    """'vit_tiny_patch16_224/4': the timm name and the patch."""
+    return f"{setting(size, 'model.name')}/{setting(size, 'model.patch_size')}"
 
 
 def tokenizer_dir(size: str, tmp: Path) -> Path:
@@ -38,7 +53,7 @@ def tokenizer_dir(size: str, tmp: Path) -> Path:
 
 
 def method_builder(method: str, size: str, batch: int, device, tmp: Path):
-    """-> a `build(s)` for throughput.measure: the method module and a step that ignores the measure's input
+    """-> a `build(s)` for harness.measure_many: the method module and a step that ignores the measure's input
     and uses a batch of the method's own views."""
 
     def build(_s):
@@ -112,44 +127,31 @@ def transformers_beit(size: str, batch: int, device):
     return build
 
 
-def every_method_section(args, measure, device, dtype, steps: int, warmup: int, name: str) -> None:
+def every_method_section(args, device, dtype, steps: int, warmup: int, name: str) -> None:
     gpu = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             batch = args.batch_size or BATCH[size][gpu]
-            print(
-                f"\n## Every method, {MODEL[size][0].split('=')[1]}/{MODEL[size][1].split('=')[1]} at "
-                f"{MODEL[size][2].split('=')[1]} px, batch {batch}, default settings"
-            )
+            print(f"\n## Every method, {model_title(size)} at {image_size(size)} px, batch {batch}, default settings")
             print("| method | img/s | ms/step | ratio vs mimkit MAE |" + (" peak GB |" if gpu else ""))
             print("|---|---|---|---|" + ("---|" if gpu else ""))
-            s = type("S", (), {"image": int(MODEL[size][2].split("=")[1])})()
+            s = SimpleNamespace(image=image_size(size))
             timing = (s, batch, device, dtype, steps, warmup, args.compile)
             builders = {m: method_builder(m, size, batch, device, Path(tmp)) for m in METHODS if m != "tokenizer"}
             builders["beit, token ids given"] = mimkit_beit_ids_given(size, batch, device, Path(tmp))
             builders["beit (transformers)"] = transformers_beit(size, batch, device)
             only = set(args.only.split(",")) if args.only else set(builders)
             chosen = {k: b for k, b in builders.items() if k in only or k == "mae"}
-            rows = measure(chosen, *timing, rounds=args.rounds)
+            rows = measure_many(chosen, *timing, rounds=args.rounds)
             for label in [k for k, r in rows.items() if "skipped" in r]:
                 print(f"| {label} | skipped ({rows.pop(label)['skipped']}) |")
             ref = rows["mae"]["img_per_s"]
             for method, r in rows.items():
                 row = f"| {method} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | {r['img_per_s'] / ref:.2f}x |"
                 print(row + (f" {r.get('peak_mem_gb', 0):.1f} |" if gpu else ""))
-                if args.json:
-                    with open(args.json, "a") as f:
-                        rec = {
-                            "section": "every_method",
-                            "size": size,
-                            "method": method,
-                            "batch": batch,
-                            "device": name,
-                            "compile": args.compile,
-                            "precision": args.precision,
-                            **r,
-                        }
-                        f.write(json.dumps(rec) + "\n")
+            append_jsonl(args.json, [{"section": "every_method", "size": size, "method": method, "batch": batch,
+                                      "device": name, "compile": args.compile, "precision": args.precision, **r}
+                                     for method, r in rows.items()])  # fmt: skip
 
 
 def finetune_builder(size: str, batch: int, device):
@@ -195,12 +197,12 @@ def segment_builder(size: str, batch: int, head: str, device):
     return build
 
 
-def downstream_section(args, measure, device, dtype, steps: int, warmup: int, name: str) -> None:
+def downstream_section(args, device, dtype, steps: int, warmup: int, name: str) -> None:
     gpu = device.type == "cuda"
     for size in args.sizes.split(","):
         batch = args.batch_size or BATCH[size][gpu]
-        s = type("S", (), {"image": int(MODEL[size][2].split("=")[1])})()
-        print(f"\n## Downstream steps, {MODEL[size][0].split('=')[1]}/{MODEL[size][1].split('=')[1]}, batch {batch}")
+        s = SimpleNamespace(image=image_size(size))
+        print(f"\n## Downstream steps, {model_title(size)}, batch {batch}")
         print("| step | img/s | ms/step |" + (" peak GB |" if gpu else ""))
         print("|---|---|---|" + ("---|" if gpu else ""))
         timing = (s, batch, device, dtype, steps, warmup, args.compile)
@@ -214,7 +216,5 @@ def downstream_section(args, measure, device, dtype, steps: int, warmup: int, na
                 f"| {label} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} |"
                 + (f" {r.get('peak_mem_gb', 0):.1f} |" if gpu else "")
             )
-            if args.json:
-                with open(args.json, "a") as f:
-                    rec = {"section": "downstream", "size": size, "step": label, "batch": batch, "device": name, **r}
-                    f.write(json.dumps(rec) + "\n")
+        append_jsonl(args.json, [{"section": "downstream", "size": size, "step": label, "batch": batch, "device": name,
+                                  **r} for label, r in rows.items()])  # fmt: skip

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import append_jsonl
 
 from mimkit.data import folder as folder_module
 from mimkit.data.folder import scan_folder, seeded_subset
@@ -204,9 +205,7 @@ def main() -> None:
                   f"  (first round {r['first_round']:.1f})")  # fmt: skip
         else:
             print(f"{r['source']:8s} {r['mode']:30s} {r['seconds']:.2f} s")
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    append_jsonl(args.jsonl, rows)
 
 
 if __name__ == "__main__":

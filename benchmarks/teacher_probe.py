@@ -14,10 +14,10 @@ import json
 import os
 import sys
 
-from mimkit.config import build_config
 from mimkit.engine.tasks.pretrain import PretrainTask
 from mimkit.engine.trainer import start_runtime, train
 from mimkit.engine.trainer.logging import say
+from mimkit.run_config import build_config
 
 
 def encoders(method) -> dict:

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import time
 from dataclasses import dataclass
 
 import torch
-from timing import mean_seconds
+from harness import append_jsonl, autocast, mean_seconds, measure_many, pick_device
 from torch import nn
 
-from mimkit.config import Config
 from mimkit.cpu_bf16 import auto_cpu_precision, cpu_flags, cpu_name, matmul_rate
 from mimkit.methods.cmae import CMAE
 from mimkit.methods.mae import MAE
-from mimkit.runtime import prepare_for_precision
+from mimkit.run_config import default_config
 
 
 @dataclass
@@ -74,7 +71,7 @@ def train_flops_mae(s: Size, mask_ratio: float = 0.75) -> float:
 
 # ------------------------------------------------------------------------------------------------ models
 def mimkit_mae(s: Size) -> tuple[nn.Module, callable]:
-    cfg = Config()
+    cfg = default_config()
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = s.dec_dim, s.dec_depth, s.dec_heads
     model = MAE(cfg)
@@ -129,71 +126,6 @@ IMPLS = {"mimkit": mimkit_mae, "transformers": transformers_mae, "lightly": ligh
 PEER_BUILDS = {transformers_mae, lightly_mae}  # run as their libraries ship; mimkit's rows get the loop's kernels
 
 
-# ------------------------------------------------------------------------------------------------ timing
-def make_step(build, s: Size, batch: int, device, dtype, compile_: bool, engine_kernels: bool = False):
-    """-> one() running a full training step (forward, backward, AdamW) of the built model. `engine_kernels`: the
-    kernel choices mimkit's loop makes for this device and precision (runtime.prepare_for_precision)."""
-    torch.manual_seed(0)
-    model, loss_fn = build(s)
-    model.to(device).train()
-    if engine_kernels:
-        prepare_for_precision(model, device, dtype)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
-    fn = torch.compile(loss_fn) if compile_ else loss_fn
-    x = torch.randn(batch, 3, s.image, s.image, device=device)
-
-    def one():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = fn(x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return one
-
-
-def measure_many(builds: dict, s, batch: int, device, dtype, steps: int, warmup: int, compile_: bool,
-                 rounds: int = 3) -> dict:  # fmt: skip
-    """Time every build in turn, `rounds` times over (A B C A B C ...), `steps` steps per turn; -> per name the
-    median turn. A build may be `(build, dtype)`: that row at its own precision (with mimkit's kernel choices for
-    mimkit's rows). Interleaving matters: on the 2-core VM whichever model ran first measured 10-15% slower than
-    when it ran second (clock and allocator warm-up), which is larger than the differences being measured."""
-    cuda = device.type == "cuda"
-    steppers, results, times, peaks = {}, {}, {}, {}
-    for name, build in builds.items():
-        build, row_dtype = build if isinstance(build, tuple) else (build, dtype)
-        try:
-            steppers[name] = make_step(build, s, batch, device, row_dtype, compile_, build not in PEER_BUILDS)
-        except ImportError as e:
-            results[name] = {"skipped": f"{e.name} not installed"}
-    for one in steppers.values():
-        for _ in range(warmup):
-            one()
-    for _ in range(rounds):
-        for name, one in steppers.items():
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            for _ in range(steps):
-                one()
-            if cuda:
-                torch.cuda.synchronize()
-                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 1e9)
-            times.setdefault(name, []).append(time.perf_counter() - t)
-    for name, ts in times.items():
-        dt = sorted(ts)[len(ts) // 2]
-        results[name] = {"img_per_s": batch * steps / dt, "step_ms": 1000 * dt / steps, "rounds": len(ts)}
-        if cuda:
-            results[name]["peak_mem_gb"] = peaks[name]
-    return results
-
-
-def measure(build, s: Size, batch: int, device, dtype, steps: int, warmup: int, compile_: bool) -> dict:
-    """One build on its own (sections whose rows are read on their own, not as ratios)."""
-    return measure_many({"one": build}, s, batch, device, dtype, steps, warmup, compile_, rounds=1)["one"]
-
-
 # ------------------------------------------------------------------------------------------------ CMAE
 CMAE_DECODER = {"tiny": (128, 2, 4), "base": (256, 4, 8)}  # (dim, depth, heads), slimmer than MAE's decoders
 CMAE_VARIANTS = {  # loss weights (rec, contrast, pos): the full method, then each task alone on top of MAE
@@ -206,7 +138,7 @@ CMAE_VARIANTS = {  # loss weights (rec, contrast, pos): the full method, then ea
 
 def mimkit_cmae(s: Size, size_name: str, weights: tuple[float, float, float]):
     """mimkit's CMAE with two crops (here: the image and its mirror) and the EMA update inside the step."""
-    cfg = Config()
+    cfg = default_config()
     cfg.method = "cmae"
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     o = cfg.cmae
@@ -226,13 +158,13 @@ def measure_box_pass(s: Size, batch: int, device, dtype, steps: int) -> float:
     """Images/s of ContrastiveCrop's box re-estimation: encoder forward (eval) + heat map + boxes, no data loading."""
     from mimkit.data.ccrop import boxes_from_heatmaps, feature_heatmap
 
-    cfg = Config()
+    cfg = default_config()
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     encoder = MAE(cfg).encoder.to(device).eval()
     x = torch.randn(batch, 3, s.image, s.image, device=device)
 
     def one():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             boxes_from_heatmaps(feature_heatmap(encoder, x), s.image, 0.1).cpu()
 
     return batch / mean_seconds(one, device, steps)
@@ -258,14 +190,11 @@ def cmae_section(args, device, dtype, steps: int, warmup: int, name: str) -> Non
             print(row + (f" {r.get('peak_mem_gb', 0):.1f} |" if gpu else ""))
         box = measure_box_pass(s, batch, device, dtype, steps)
         print(f"| ContrastiveCrop box pass (eval forward + heat map + boxes) | {box:.1f} | - | - |")
-        if args.json:
-            with open(args.json, "a") as f:
-                for label, r in rows.items():
-                    rec = {"section": "cmae", "size": size_name, "variant": label, "batch": batch, "device": name,
-                           "compile": args.compile, "precision": args.precision, **r}  # fmt: skip
-                    f.write(json.dumps(rec) + "\n")
-                f.write(json.dumps({"section": "cmae", "size": size_name, "variant": "ccrop box pass", "batch": batch,
-                                    "device": name, "precision": args.precision, "img_per_s": box}) + "\n")  # fmt: skip
+        recs = [{"section": "cmae", "size": size_name, "variant": label, "batch": batch, "device": name,
+                 "compile": args.compile, "precision": args.precision, **r} for label, r in rows.items()]  # fmt: skip
+        recs.append({"section": "cmae", "size": size_name, "variant": "ccrop box pass", "batch": batch, "device": name,
+                     "precision": args.precision, "img_per_s": box})  # fmt: skip
+        append_jsonl(args.json, recs)
 
 
 # ------------------------------------------------------------------------------------------------ ConMIM
@@ -286,7 +215,7 @@ def mimkit_conmim(s: Size, size_name: str, perturb: bool = True):
     """mimkit's ConMIM step: on-device strong perturbation, teacher forward, masked student, loss, EMA update."""
     from mimkit.methods.conmim import ConMIM
 
-    cfg = Config()
+    cfg = default_config()
     cfg.method = "conmim"
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     cfg.conmim.proj_hidden, cfg.conmim.proj_dim = CONMIM_PROJ[size_name]
@@ -329,13 +258,9 @@ def conmim_section(args, device, dtype, steps: int, warmup: int, name: str) -> N
                 mfu = f"{100 * r['img_per_s'] * flops / peak:.1f}%" if peak and label.startswith("ConMIM") else "-"
                 row += f" {mfu} | {r.get('peak_mem_gb', 0):.1f} |"
             print(row)
-        if args.json:
-            with open(args.json, "a") as f:
-                for label, r in rows.items():
-                    rec = {"section": "conmim", "size": size_name, "variant": label, "batch": batch, "device": name,
-                           "compile": args.compile, "precision": args.precision,
-                           "train_gflop_per_img": flops / 1e9, **r}  # fmt: skip
-                    f.write(json.dumps(rec) + "\n")
+        append_jsonl(args.json, [{"section": "conmim", "size": size_name, "variant": label, "batch": batch,
+                                  "device": name, "compile": args.compile, "precision": args.precision,
+                                  "train_gflop_per_img": flops / 1e9, **r} for label, r in rows.items()])  # fmt: skip
 
 
 def main() -> None:
@@ -359,8 +284,7 @@ def main() -> None:
     ap.add_argument("--cmae", action="store_true", help="also time CMAE, its task ablations and the box pass")
     args = ap.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
@@ -391,7 +315,7 @@ def main() -> None:
         print("| impl | precision | img/s | ms/step | vs transformers' best | vs mimkit fp32 |"
               + (" MFU | peak GB |" if gpu else " % of the matmul rate |"))  # fmt: skip
         builds = {(impl, p): (IMPLS[impl], PRECISIONS[p]) for impl in args.impls.split(",") for p in table_precisions}
-        results = measure_many(builds, s, batch, device, dtype, steps, warmup, args.compile, args.rounds)
+        results = measure_many(builds, s, batch, device, dtype, steps, warmup, args.compile, args.rounds, PEER_BUILDS)
         for key in [k for k, r in results.items() if "skipped" in r]:
             print(f"| {key[0]} | {key[1]} | skipped ({results.pop(key)['skipped']}) |")
         ref = max((r["img_per_s"] for k, r in results.items() if k[0] == "transformers"), default=None)
@@ -406,13 +330,9 @@ def main() -> None:
             else:
                 row += f" {100 * r['img_per_s'] * flops / rates[prec]:.0f}% |"
             print(row)
-            if args.json:
-                with open(args.json, "a") as f:
-                    rec = {"size": size_name, "impl": impl, "batch": batch, "device": name, "compile": args.compile,
-                           "precision": prec, "train_gflop_per_img": flops / 1e9, **r}  # fmt: skip
-                    if rates:
-                        rec["matmul_gflops"] = rates[prec] / 1e9
-                    f.write(json.dumps(rec) + "\n")
+            rec = {"size": size_name, "impl": impl, "batch": batch, "device": name, "compile": args.compile,
+                   "precision": prec, "train_gflop_per_img": flops / 1e9, **r}  # fmt: skip
+            append_jsonl(args.json, [{**rec, "matmul_gflops": rates[prec] / 1e9} if rates else rec])
     if args.cmae:
         cmae_section(args, device, dtype, steps, warmup, name)
     if "conmim" in args.methods.split(","):
@@ -420,11 +340,11 @@ def main() -> None:
     if "all" in args.methods.split(","):
         from sections import every_method_section
 
-        every_method_section(args, measure_many, device, dtype, steps, warmup, name)
+        every_method_section(args, device, dtype, steps, warmup, name)
     if "downstream" in args.methods.split(","):
         from sections import downstream_section
 
-        downstream_section(args, measure, device, dtype, steps, warmup, name)
+        downstream_section(args, device, dtype, steps, warmup, name)
 
 
 if __name__ == "__main__":

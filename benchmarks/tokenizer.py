@@ -13,12 +13,10 @@ caller's precision), so there is no precision flag. Synthetic images; results go
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 
 import torch
-from timing import mean_seconds
+from harness import append_jsonl, autocast, device_name, machine_line, mean_seconds, pick_device
 
 from mimkit.models.tokenizer import DalleTokenizer, VQTokenizer
 
@@ -46,7 +44,7 @@ def measure(name: str, device, steps: int, warmup: int, train: bool) -> dict:
         opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
 
         def step(dtype=None):
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device, dtype):
                 out = tok.forward_train(x)
                 loss = (out["recon"] - x).pow(2).mean() + 0.25 * out["commit"]
             loss.backward()
@@ -69,14 +67,12 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="skip the VQ-VAE training step")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     args = ap.parse_args()
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     gpu = device.type == "cuda"
     steps, warmup = args.steps or (30 if gpu else 5), args.warmup or (5 if gpu else 1)
-    name = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    name = device_name(device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# device {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; load {load:.1f}; "
-          f"float32; steps {steps} (+{warmup} warm-up)")  # fmt: skip
+    print(machine_line(name, f"load {load:.1f}", "float32", f"steps {steps} (+{warmup} warm-up)"))
     print("| tokenizer | batch | tokens | encode img/s | decode img/s | train img/s (fp32 / bf16) |")
     print("|---|---|---|---|---|---|")
     for cfg in args.only.split(","):
@@ -85,10 +81,8 @@ def main() -> None:
         grid = f"{r['grid']}x{r['grid']} of {r['vocab']}"
         rates = f"{r['encode_img_per_s']:.1f} | {r['decode_img_per_s']:.1f}"
         print(f"| {r['label']} | {r['batch']} | {grid} | {rates} | {tr} |")
-        if args.json:
-            with open(args.json, "a") as f:
-                rec = {"bench": "tokenizer", "device": name, "threads": torch.get_num_threads(), "load": load, **r}
-                f.write(json.dumps(rec) + "\n")
+        rec = {"bench": "tokenizer", "device": name, "threads": torch.get_num_threads(), "load": load}
+        append_jsonl(args.json, [{**rec, **r}])
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ import torch
 from helpers import TINY, make_tokenizer
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.engine.trainer.optim import param_groups
 from mimkit.masking import beit_mask_count
 from mimkit.methods.beit import BEiT
+from mimkit.run_config import build_config
 
 BEIT_TINY = [
     *TINY, "method=beit", "model.name=beit_base_patch16_224", "model.layer_scale=0.1", "beit.mask_ratio=0.4",

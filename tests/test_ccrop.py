@@ -9,7 +9,7 @@ import torch
 from helpers import TINY, write_images
 from PIL import Image
 
-from mimkit.config import ConfigError, DataConfig, build_config
+from mimkit.config import ConfigError, DataConfig
 from mimkit.data import DataError, View
 from mimkit.data.ccrop import boxes_from_heatmaps, check_boxes, estimate_boxes, feature_heatmap, update_due
 from mimkit.data.folder import ImageSource, scan_folder
@@ -22,6 +22,7 @@ from mimkit.data.pipeline import (
     train_loader,
 )
 from mimkit.models.vit import create_vit
+from mimkit.run_config import build_config
 
 CCROP = ["data.crop_mode=ccrop", "data.ccrop_warmup_epochs=1", "data.ccrop_interval=1"]
 

@@ -12,10 +12,11 @@ from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.engine.trainer.optim import build_optimizer, set_lr
 from mimkit.methods import build_method
 from mimkit.methods.cim import sliding_window_targets, window_stats
+from mimkit.run_config import build_config
 
 GEN = ["cim.generator_dim=32", "cim.generator_depth=1", "cim.generator_heads=2"]
 RESNET = ["model.name=resnet18", "model.patch_size=4", "cim.cnn_output_stride=8"]

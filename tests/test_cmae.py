@@ -10,9 +10,10 @@ from helpers import TINY
 from PIL import Image
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.methods import MAE, build_method
 from mimkit.methods.cmae import CMAE
+from mimkit.run_config import build_config
 
 CMAE_TINY = [*TINY, "method=cmae", "cmae.decoder_dim=32", "cmae.decoder_depth=1", "cmae.decoder_heads=2"]
 CMAE_TINY += ["cmae.proj_hidden=64", "cmae.proj_dim=16"]

@@ -13,9 +13,9 @@ from helpers import TINY
 
 from mimkit import methods
 from mimkit.cli import main
-from mimkit.config import build_config
 from mimkit.methods import CMAE, build_method, method_class
 from mimkit.methods.cmae_huang import CMAEHuang
+from mimkit.run_config import build_config
 
 SMALL = [
     "cmae-huang.decoder_dim=32",

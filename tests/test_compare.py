@@ -96,7 +96,7 @@ def test_compare_runs_methods_writes_report_and_resumes(tmp_path, capsys, labele
 
 
 def test_wall_clock_budget_is_turned_into_epochs(labeled_folder):
-    from mimkit.config import build_config
+    from mimkit.run_config import build_config
 
     base = build_config(dotted=[*TINY, f"data.path={labeled_folder}"])
     few = compare.method_config(base, "mae", labeled_folder / "unused", ("seconds", 0.01))
@@ -123,7 +123,8 @@ def test_tokenizer_budget_is_charged_to_the_methods_that_need_it(tmp_path, label
 
 def test_a_finished_run_keeps_the_epochs_it_ran(tmp_path, labeled_folder):
     """A re-run under a wall-clock budget reports the epochs the finished run had, without timing it again."""
-    from mimkit.config import build_config, dump_yaml
+    from mimkit.config_yaml import dump_yaml
+    from mimkit.run_config import build_config
 
     run = tmp_path / "mae"
     run.mkdir()
@@ -135,7 +136,7 @@ def test_a_finished_run_keeps_the_epochs_it_ran(tmp_path, labeled_folder):
 
 def test_short_runs_log_enough_losses_for_a_curve(labeled_folder):
     """A GPU recipe logs every 20 steps: a 3-step compare run would draw a single dot (README's compare)."""
-    from mimkit.config import build_config
+    from mimkit.run_config import build_config
 
     cfg = build_config(dotted=[*TINY, "train.log_every=20", "train.epochs=1"])
     assert compare.loss_log_every(cfg, 48) == 1  # 3 steps: log every one
@@ -147,7 +148,7 @@ def test_short_runs_log_enough_losses_for_a_curve(labeled_folder):
 
 
 def test_conmim_on_an_absolute_position_encoder_is_not_the_degenerate_setup():
-    from mimkit.config import build_config
+    from mimkit.run_config import build_config
 
     cfg = build_config(dotted=[*TINY, "method=conmim"])  # vit_*: absolute sin-cos positions, no centring
     note = compare.conmim_note(cfg, [])

@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import TINY
 
-from mimkit.config import build_config
 from mimkit.methods import build_method
+from mimkit.run_config import build_config
 
 
 def compile_unavailable() -> str | None:

@@ -1,6 +1,8 @@
 import pytest
 
-from mimkit.config import Config, ConfigError, build_config, config_from_dict, parse_override, to_dict
+from mimkit.config import Config, ConfigError, to_dict
+from mimkit.config_yaml import parse_override
+from mimkit.run_config import build_config, config_from_dict
 
 
 def test_defaults_and_dotted_overrides():

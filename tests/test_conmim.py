@@ -10,11 +10,12 @@ import torch
 from helpers import TINY
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.ema import cosine_momentum
 from mimkit.engine.trainer.logging import TIMING_KEYS
 from mimkit.engine.trainer.optim import build_optimizer
 from mimkit.methods.conmim import ConMIM
+from mimkit.run_config import build_config
 
 SMALL = [*TINY, "method=conmim", "conmim.proj_hidden=32", "conmim.proj_dim=16"]
 

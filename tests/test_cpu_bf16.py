@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mimkit import cpu_bf16
-from mimkit.config import Config
 from mimkit.methods.mae import MAE
 from mimkit.models.vit import create_vit
+from mimkit.run_config import default_config
 from mimkit.runtime import precision_and_reason, prepare_for_precision
 
 CPU = torch.device("cpu")
@@ -76,7 +76,7 @@ def test_prepare_switches_attention_only_under_cpu_bf16():
 def test_bf16_step_stays_close_to_fp32():
     """One MAE step on fixed images and masks: the bf16 path (autocast + unfused attention) gives the fp32 loss
     within bf16's resolution and gradients pointing the same way."""
-    cfg = Config()
+    cfg = default_config()
     cfg.data.image_size, cfg.model.patch_size = 16, 4
     cfg.model.depth, cfg.model.embed_dim, cfg.model.num_heads = 2, 64, 2
     cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = 32, 1, 2

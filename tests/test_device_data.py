@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import TINY, write_images
 
-from mimkit.config import ConfigError, DataConfig, build_config
+from mimkit.config import ConfigError, DataConfig
 from mimkit.data import DataError, ImageSource, View
 from mimkit.data.device_cache import DeviceCache
 from mimkit.data.device_crops import FastCrops
@@ -27,6 +27,7 @@ from mimkit.data.pipeline import (
 from mimkit.engine.tasks.pretrain import pretrain
 from mimkit.engine.trainer.logging import TIMING_KEYS
 from mimkit.methods.mae import MAE
+from mimkit.run_config import build_config
 
 # Measured on every batch below: 0 differing pixels (max and mean difference 0). The bounds allow one level on a
 # rare pixel in case a platform's libm (lanczos' sin) puts a fixed-point tap on the other side of a rounding tie.

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from helpers import TINY
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.methods import build_method
 from mimkit.methods.dino import DINO
 from mimkit.models import vit as V
+from mimkit.run_config import build_config
 
 SMALL = ["dino.out_dim=64", "dino.head_hidden=32", "dino.head_bottleneck=16", "dino.local_crops=2", "dino.local_size=8"]
 

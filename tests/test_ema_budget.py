@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.ema import (
     BUDGET_HALF_LIFE,
     budget_momentum,
@@ -15,6 +15,7 @@ from mimkit.ema import (
     teacher_momentum,
 )
 from mimkit.methods import build_method
+from mimkit.run_config import build_config
 
 
 def test_budget_momentum_values_at_known_run_lengths():

@@ -7,9 +7,9 @@ import torch
 from helpers import TINY
 from safetensors.torch import load_file
 
-from mimkit.config import build_config
 from mimkit.export import export_encoder
 from mimkit.methods import build_method
+from mimkit.run_config import build_config
 
 
 def test_export_loads_strictly_into_timm(tmp_path):

@@ -230,8 +230,6 @@ def write_pickle(path):
     path.write_bytes(pickle.dumps({"model": MakesAFile(), "config": {}}))
 
 
-
-
 @pytest.mark.parametrize(
     "damage",
     ["truncated", "zeroed", "random", "pickle"],
@@ -292,7 +290,6 @@ def test_restart_without_checkpoints_truncates_metrics_and_says_so(reference, co
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,12 @@ import torch
 from helpers import TINY
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.engine.tasks.encoders import build_model, encoder_spec
 from mimkit.engine.tasks.finetune import build_classifier, build_finetune_optimizer, mixup_and_criterion
 from mimkit.export import export_encoder
 from mimkit.models.vit import create_encoder
+from mimkit.run_config import build_config
 
 FT_TINY = ["data.num_workers=0", "train.batch_size=8", "train.log_every=1", "finetune.randaug=rand-m9-n1"]
 

@@ -12,9 +12,10 @@ from PIL import Image
 from test_tokenizer import TOK
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.models.tokenizer import load_tokenizer
 from mimkit.models.vit import create_encoder, resolve_patch_size
+from mimkit.run_config import build_config
 from mimkit.viz import save_grid
 
 

@@ -11,12 +11,12 @@ import yaml
 from helpers import TINY, make_tokenizer, write_images
 
 from mimkit.cli import main, parse_args
-from mimkit.config import ConfigError, build_config
-from mimkit.discover import recipe_names
+from mimkit.config import ConfigError
+from mimkit.config_yaml import recipe_names
 from mimkit.engine.trainer.fit import fit_workers, fitted_batch
 from mimkit.engine.trainer.resume_check import changed_keys
 from mimkit.methods import METHODS
-from mimkit.run_config import pretrain_config
+from mimkit.run_config import build_config, pretrain_config
 
 
 def test_options_and_overrides_in_any_order():

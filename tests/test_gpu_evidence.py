@@ -11,6 +11,7 @@ from helpers import write_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import evidence  # noqa: E402
 import gpu_evidence  # noqa: E402
 import pack_cifar10  # noqa: E402
 
@@ -108,14 +109,14 @@ def test_methods_dry_run_compares_every_method_and_copies_the_report(tmp_path):
 
 
 def test_parts_that_do_not_fit_are_skipped_and_failures_recorded(tmp_path):
-    ev = gpu_evidence.Evidence("speed", tmp_path / "out", tmp_path / "work", 1.0, True, ["--stage", "speed"])
+    ev = evidence.Evidence("speed", tmp_path / "out", tmp_path / "work", 1.0, True, ["--stage", "speed"])
     called = []
-    assert gpu_evidence.attempt(ev, "late", lambda: called.append(1), need_s=3600) is None and not called
+    assert evidence.attempt(ev, "late", lambda: called.append(1), need_s=3600) is None and not called
 
     def broken():
         raise ValueError("boom")
 
-    assert gpu_evidence.attempt(ev, "broken", broken) is None
+    assert evidence.attempt(ev, "broken", broken) is None
     ev.write_summary()
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert rows[0]["part"] == "late" and "needs about 3600 s" in rows[0]["skipped"]

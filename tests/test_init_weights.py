@@ -11,13 +11,14 @@ import torch
 from helpers import TINY
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.data import load_splits
 from mimkit.data.pipeline import EpochBatchSampler, ViewDataset, collate, prepare_batch
 from mimkit.engine.tasks.pretrain import PretrainTask, method_from_checkpoint, pretrain
-from mimkit.export import read_weights
 from mimkit.methods import build_method
 from mimkit.models.init_weights import describe_init, load_initial_weights
+from mimkit.run_config import build_config
+from mimkit.safe_load import read_weights
 
 RUN = ["--data", "demo", "--max-images", "64", "--epochs", "1", *TINY, "eval.final_knn=false"]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from mimkit.config import build_config
 from mimkit.data.pipeline import EpochBatchSampler
 from mimkit.engine.trainer import Runtime, Task, train
 from mimkit.errors import CheckpointError, TrainingError
+from mimkit.run_config import build_config
 
 
 class ToyTask(Task):

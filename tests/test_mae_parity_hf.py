@@ -4,8 +4,8 @@ import pytest
 import torch
 from hf_maps import hf_block_weights, hf_vit_weights
 
-from mimkit.config import Config
 from mimkit.methods.mae import MAE
+from mimkit.run_config import default_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,7 +26,7 @@ def _to_hf(ours: dict, hf_keys: set, depth: int, dec_depth: int) -> dict:
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_mae_loss_matches_transformers(norm_pix):
     torch.manual_seed(0)
-    cfg = Config()
+    cfg = default_config()
     cfg.data.image_size, cfg.model.patch_size = 32, 4
     cfg.model.name = "vit_tiny_patch16_224"  # 192 wide, 12 deep, 3 heads
     cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = 64, 2, 4

@@ -13,9 +13,10 @@ from helpers import TINY
 from PIL import Image
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.methods import build_method
 from mimkit.methods.mocov3 import MoCoV3, contrastive_loss
+from mimkit.run_config import build_config
 
 SMALL = ["mocov3.proj_hidden=32", "mocov3.proj_dim=16", "mocov3.pred_hidden=32"]
 

@@ -8,10 +8,10 @@ import re
 import torch
 from helpers import TINY
 
-from mimkit.config import build_config
 from mimkit.export import export_encoder, write_model_card
 from mimkit.methods import build_method
 from mimkit.models.vit import pool_features
+from mimkit.run_config import build_config
 
 INFO = {"method": "mae", "data": "demo", "train_images": 64, "epochs": 3, "steps": 12, "effective_batch": 16}
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from helpers import TINY
 
-from mimkit.config import build_config
 from mimkit.data.augment import ColorSpec
 from mimkit.data.views import View
 from mimkit.ema import cosine_momentum
 from mimkit.methods import build_method
 from mimkit.methods.parts import DINOHead, MomentumTeacher, TeacherCentre, ViewColour, info_nce
+from mimkit.run_config import build_config
 
 MOCO = ["method=mocov3", "mocov3.proj_hidden=32", "mocov3.proj_dim=16", "mocov3.pred_hidden=32"]
 FIXED = ["mocov3.momentum_rule=fixed", "cmae.momentum_rule=fixed"]  # the schedule the values below were made with

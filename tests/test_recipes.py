@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mimkit.config import build_config
 from mimkit.masking import block_mask_count
 from mimkit.methods import method_class
+from mimkit.run_config import build_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 

@@ -81,7 +81,8 @@ def test_interrupted_epoch_end_work_is_logged_once(tmp_path, monkeypatch, capsys
 
 
 FINETUNE = ["finetune", "--checkpoint", "none", "--data", "{data}", "--epochs", "2", *TINY[:5], "data.num_workers=0",
-            "train.batch_size=8", "train.log_every=1", "finetune.randaug=rand-m9-n1", "train.checkpoint_every=2"]
+            "train.batch_size=8", "train.log_every=1", "finetune.randaug=rand-m9-n1",
+            "train.checkpoint_every=2"]  # fmt: skip
 SEGMENT = ["segment", "--checkpoint", "none", "--data", "demo", "--epochs", "2", "--batch-size", "16", "--image-size",
            "32", "--max-images", "64", *TINY[1:5], "data.num_workers=0", "train.log_every=1",
            "segment.max_eval_images=9", "segment.base_size=32", "train.checkpoint_every=1"]  # fmt: skip

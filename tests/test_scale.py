@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import TINY
 
-from mimkit.config import build_config
 from mimkit.engine.trainer.distributed import first_host, launcher_env
 from mimkit.methods import build_method
+from mimkit.run_config import build_config
 from mimkit.runtime import enable_grad_checkpointing
 
 

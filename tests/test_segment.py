@@ -11,13 +11,13 @@ from PIL import Image
 from sklearn.metrics import jaccard_score
 
 from mimkit.cli import main
-from mimkit.config import build_config
 from mimkit.data.folder import DataError
 from mimkit.data.segmentation import SegmentationDataset, check_pairs, scan_pairs, synthetic_pairs
 from mimkit.engine.tasks.segment import confusion_matrix, constant_confusion, scores, slide_logits
 from mimkit.export import export_encoder
 from mimkit.models.seg_heads import SegmentationModel, vit_feature_indices
 from mimkit.models.vit import create_encoder
+from mimkit.run_config import build_config
 
 TINY_VIT = ["model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
 SEG_TINY = [*TINY_VIT, "data.num_workers=0", "train.log_every=1", "segment.num_classes=3", "segment.head_width=16"]

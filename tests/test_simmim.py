@@ -5,9 +5,10 @@ import torch
 from helpers import TINY
 from hf_maps import hf_vit_weights
 
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.engine.trainer.optim import param_groups
 from mimkit.methods.simmim import SimMIM
+from mimkit.run_config import build_config
 
 
 def tiny(*extra):

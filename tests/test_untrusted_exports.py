@@ -16,9 +16,10 @@ from helpers import TINY, write_images
 from safetensors.torch import load_file, save_file
 
 from mimkit.cli import main
-from mimkit.config import ConfigError, build_config
+from mimkit.config import ConfigError
 from mimkit.engine.tasks.encoders import build_model, encoder_spec
-from mimkit.export import load_exported, read_export
+from mimkit.run_config import build_config
+from mimkit.safe_load import load_exported, read_export
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 

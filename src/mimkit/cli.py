@@ -11,9 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import build_config
 from .errors import MimkitError, TrainingError, write_failure
-from .run_config import downstream_config, flag_overrides, pretrain_config
+from .run_config import build_config, downstream_config, flag_overrides, pretrain_config
 
 EXIT_BAD_INPUT = 2
 

@@ -1,58 +1,28 @@
-"""Typed run configuration: dataclasses, YAML recipes and dotted command-line overrides.
+"""Typed run configuration: the sections every run shares, as dataclasses, and the `Config` that holds them.
 
 A recipe is plain YAML whose keys mirror the dataclasses below. Every key is checked: an unknown key, a value of
 the wrong type, a value outside its range (`Annotated[int, Range(1)]`) or outside its choices (`Literal[...]`)
 raises `ConfigError` naming the dotted key, so a typo never silently falls back to a default.
 
-This file holds the sections every run shares. A method's own section (`mae`, `beit`, ...) is the `Options`
-dataclass in the method's file; `Config` finds them through the method registry (`mimkit.methods.METHODS`), so
-adding a method never touches this file.
+The machinery lives below and knows no method: the types and checks in `config_schema`, YAML and dotted overrides
+in `config_yaml`. A method's own section (`mae`, `beit`, ...) is the `Options` dataclass in the method's file;
+`mimkit.run_config` attaches every registered one when it builds a run's config, so adding a method never touches
+this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
-
+from .config_schema import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Probability, Range
 from .errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "Range", "build_config", "config_from_dict", "to_dict", "dump_yaml"]
-
-
-@dataclass(frozen=True)
-class Range:
-    """Bounds of a number in the schema: `Annotated[int, Range(1)]` is an integer >= 1."""
-
-    min: float | None = None
-    max: float | None = None
-    min_open: bool = False  # True: the value must be strictly above `min`
-
-    def check(self, key: str, value) -> None:
-        low = self.min is not None and (value <= self.min if self.min_open else value < self.min)
-        if low or (self.max is not None and value > self.max):
-            if self.min is not None and self.max is not None:
-                bounds = f"in {'(' if self.min_open else '['}{self.min:g}, {self.max:g}]"
-            elif self.min is not None:
-                bounds = f"{'>' if self.min_open else '>='} {self.min:g}"
-            else:
-                bounds = f"<= {self.max:g}"
-            raise ConfigError(f"{key} must be {bounds}, got {value:g}")
-
-
-PositiveInt = Annotated[int, Range(1)]
-NonNegInt = Annotated[int, Range(0)]
-PositiveFloat = Annotated[float, Range(0, min_open=True)]
-NonNegFloat = Annotated[float, Range(0)]
-Probability = Annotated[float, Range(0, 1)]
+# the schema's vocabulary is imported from here by the sections declared elsewhere (each method's Options)
+__all__ = ["Config", "ConfigError", "Range", "PositiveInt", "NonNegInt", "PositiveFloat", "NonNegFloat",
+           "Probability", "DataConfig", "ModelConfig", "TokenizerConfig", "OptimConfig", "TrainConfig", "LogConfig",
+           "EvalConfig", "FinetuneConfig", "SegmentConfig", "to_dict"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -229,18 +199,11 @@ class SegmentConfig:
     max_eval_images: PositiveInt | None = None  # a fixed, seeded subset of the evaluation split (None = all)
 
 
-def method_sections() -> dict[str, type]:
-    """Every registered method's option section: {section name: its Options dataclass}. The registry sits above
-    this file (methods import config), so it is looked up when a Config is made, not at import time."""
-    from .methods import option_sections
-
-    return option_sections()
-
-
 @dataclass
 class Config:
     """The shared sections as fields; the method sections (`cfg.mae`, `cfg.beit`, ...) in `sections`, reached as
-    attributes. Every registered section is present, so `config.yaml` is a complete record of the run."""
+    attributes. `sections` is empty unless the builder fills it: `mimkit.run_config` puts every registered
+    method's there, so `config.yaml` is a complete record of the run."""
 
     method: str = "mae"
     out: str = "runs/demo"
@@ -253,182 +216,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
-    sections: dict[str, Any] = field(default_factory=lambda: {k: cls() for k, cls in method_sections().items()})
+    sections: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:  # only called when normal lookup fails
         sections = self.__dict__.get("sections")
         if sections is not None and name in sections:
             return sections[name]
         raise AttributeError(f"Config has no section '{name}'")
-
-
-# ----------------------------------------------------------------------------------------------- typing
-def _check_value(key: str, value: Any, tp: Any) -> Any:
-    """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        base, *marks = typing.get_args(tp)
-        value = _check_value(key, value, base)
-        for mark in marks:
-            if isinstance(mark, Range):
-                mark.check(key, value)
-        return value
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            names = [repr(c) for c in choices]
-            raise ConfigError(f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"config key '{key}' expects a list of {len(args)} values, got {value!r}")
-        return tuple(_check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
-    if tp is float:
-        number = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
-        if not math.isfinite(number):  # NaN passes every range comparison; no setting means infinity
-            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")
-
-
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
-    if not isinstance(updates, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(obj), include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    sections = getattr(obj, "sections", {}) if isinstance(obj, Config) else {}
-    names = sorted(set(fields) - {"sections"} | set(sections))
-    for k, v in updates.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            renamed = getattr(type(obj), "renamed", {})
-            if k in renamed:
-                raise ConfigError(f"config key '{key}' was renamed: use '{renamed[k]}'")
-            raise ConfigError(f"unknown config key '{key}'{_did_you_mean(k, names, prefix)}")
-        current = sections[k] if k in sections else getattr(obj, k)
-        if dataclasses.is_dataclass(current):
-            _apply(current, v, key + ".")
-        else:
-            setattr(obj, k, _check_value(key, v, hints[k]))
-
-
-def closest_name(name: str, names: list[str], cutoff: float = 0.6) -> str | None:
-    """The one of `names` closest to a misspelt `name`, or None."""
-    close = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
-    return close[0] if close else None
-
-
-def _did_you_mean(name: str, names: list[str], prefix: str) -> str:
-    close = closest_name(name, names)
-    if close:
-        return f"; did you mean '{prefix}{close}'?"
-    return f" (known: {', '.join(names)})"
-
-
-def _nest(dotted: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'train.epochs=5' -> ('train.epochs', 5); the value is read as YAML (numbers, bools, lists, null)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
-        value = raw  # e.g. 'data.path=a:b' — keep the text, the schema decides
-    return key.strip(), value
-
-
-def packaged_recipe(name: str) -> Path:
-    path = resources.files("mimkit") / "configs" / f"{name}.yaml"
-    return Path(str(path))
-
-
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        # a bare name such as 'cifar10-mae' refers to a recipe shipped with mimkit
-        packaged = packaged_recipe(str(path))
-        if packaged.is_file():
-            p = packaged
-        else:
-            from .discover import did_you_mean_recipe
-
-            if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
-                raise ConfigError(f"config file '{path}' does not exist")
-            raise ConfigError(f"'{path}' is neither a config file nor a packaged recipe{did_you_mean_recipe(p.stem)}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
-    return data
-
-
-def build_config(files: list[str | Path] = (), overrides: dict | None = None, dotted: list[str] = ()) -> Config:
-    """Defaults <- YAML files (in order) <- `overrides` (a nested dict) <- dotted `key=value` strings."""
-    cfg = Config()
-    for f in files:
-        _apply(cfg, read_yaml(f))
-    if overrides:
-        _apply(cfg, overrides)
-    for text in dotted:
-        key, value = parse_override(text)
-        _apply(cfg, _nest(key, value))
-    from .config_checks import check_across_keys
-
-    check_across_keys(cfg)  # before anything is written
-    return cfg
-
-
-def config_from_dict(d: dict) -> Config:
-    cfg = Config()
-    _apply(cfg, d)
-    return cfg
 
 
 def to_dict(cfg: Any) -> dict:
@@ -446,9 +240,3 @@ def to_dict(cfg: Any) -> dict:
     if isinstance(cfg, Config):
         d.update(d.pop("sections"))
     return d
-
-
-def dump_yaml(cfg: Config, path: str | Path) -> None:
-    from .atomic import replace_text  # torch-free import of this module for the CLI's parsing
-
-    replace_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

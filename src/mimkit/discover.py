@@ -7,22 +7,14 @@ import dataclasses
 import inspect
 import re
 import typing
-from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from .config import closest_name
+from .config_schema import Range
+from .config_yaml import recipe_folder, recipe_names
 
-__all__ = ["recipe_names", "recipe_lines", "did_you_mean_recipe", "option_lines", "type_name"]
-
-
-def recipe_folder() -> Path:
-    return Path(str(resources.files("mimkit") / "configs"))
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in recipe_folder().glob("*.yaml"))
+__all__ = ["recipe_lines", "option_lines", "type_name"]
 
 
 def recipe_summary(path: Path) -> str:
@@ -60,17 +52,8 @@ def recipe_lines() -> list[str]:
     return [f"{n:{wide_name}s}  {c:{wide_cmd}s}  {s}" for n, c, s in rows]
 
 
-def did_you_mean_recipe(name: str) -> str:
-    """The end of an 'unknown recipe' message: the closest packaged name, and where the list is."""
-    close = closest_name(name, recipe_names(), cutoff=0.5)
-    hint = f"; did you mean '{close}'?" if close else ""
-    return f"{hint} (packaged recipes: {', '.join(recipe_names())}; `mimkit recipes` says what each is)"
-
-
 def type_name(tp) -> str:
     """A schema type as a user reads it: 'int >= 1', 'float | None', "'random' | 'block'"."""
-    from .config import Range
-
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         base, *marks = typing.get_args(tp)

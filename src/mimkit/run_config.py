@@ -1,6 +1,10 @@
 """The config each command builds from what the user typed: packaged recipe <- --config <- flags <- `key=value`
 overrides, plus the defaults that depend on what the user did not say (the run folder's name, the patch size
-for small images)."""
+for small images).
+
+This is the layer above the methods: it attaches every registered method's section to the shared ones, which the
+schema machinery (config, config_schema, config_yaml) does not know of. `build_config` and `config_from_dict`
+are the ways to a run's config, from the command line, a recipe or a checkpoint's record."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from .config import Config, build_config, read_yaml
+from .config import Config
+from .config_schema import apply_updates
+from .config_yaml import apply_layers, read_yaml
 
 MIN_GRID = 8  # tokens per side a default model gets on small images (MAE's 75% masking leaves 16 of 64 visible)
 
@@ -31,6 +37,31 @@ FLAG_KEYS = {
     "max_eval_images": "eval.max_eval_images",
     "allow_config_change": "train.allow_config_change",
 }
+
+
+def method_sections() -> dict[str, type]:
+    """Every registered method's option section: {section name: its Options dataclass}."""
+    from .methods import option_sections  # torch: imported when a config is made, not for `mimkit --help`
+
+    return option_sections()
+
+
+def default_config() -> Config:
+    """Every shared and every registered method section at its defaults."""
+    return Config(sections={name: options() for name, options in method_sections().items()})
+
+
+def build_config(files=(), overrides: dict | None = None, dotted=()) -> Config:
+    """Defaults <- YAML files (in order) <- `overrides` (a nested dict) <- dotted `key=value` strings."""
+    return apply_layers(default_config(), files, overrides, dotted)
+
+
+def config_from_dict(d: dict) -> Config:
+    """A recorded config (a checkpoint's, `to_dict`'s) on the defaults: keys added since it was written keep
+    theirs, keys that are gone are named."""
+    cfg = default_config()
+    apply_updates(cfg, d)
+    return cfg
 
 
 def flag_overrides(args, **extra) -> dict:
@@ -91,8 +122,10 @@ def small_image_patch(cfg: Config, chosen: bool) -> str | None:
     if patch is None:
         return None
     m.patch_size = patch
-    return (f"model {m.name} with model.patch_size={patch}: {size // patch}x{size // patch} tokens at {size} px (its "
-            f"own patch {own} would give {size // own}x{size // own}); --model or model.patch_size=N chooses")
+    return (
+        f"model {m.name} with model.patch_size={patch}: {size // patch}x{size // patch} tokens at {size} px (its "
+        f"own patch {own} would give {size // own}x{size // own}); --model or model.patch_size=N chooses"
+    )
 
 
 def pretrain_config(args, kind: str = "pretrain"):
@@ -125,5 +158,3 @@ def downstream_config(args, recipe: str):
         data = _data_name(cfg)
         cfg.out = f"runs/{recipe}-{source}" + ("" if source.endswith(f"-{data}") else f"-{data}")
     return cfg
-
-

@@ -40,4 +40,3 @@ class KeyedDataset(Dataset):
             finally:
                 random.setstate(py)
                 np.random.set_state(np_state)
-

@@ -34,7 +34,7 @@ _noticed: set[str] = set()
 
 
 def option_sections() -> dict[str, type]:
-    """{config section: options dataclass} of every registered method (what `mimkit.config` reads them with)."""
+    """{config section: options dataclass} of every registered method (`mimkit.run_config` attaches them to a run)."""
     return {cls.section_name(): cls.Options for cls in METHODS.values()}
 
 

@@ -2,7 +2,7 @@
 and an official MAE checkpoint's decoder into a method that has MAE's decoder (`models.decoder.MaskedDecoder`).
 
 Sources (each an untrusted file: nothing in it is executed, every tensor must be finite):
-- an export folder (mimkit's or timm's Hub layout: `config.json` + `model.safetensors`), read by `mimkit.export`;
+- an export folder (mimkit's or timm's Hub layout: `config.json` + `model.safetensors`), read by `mimkit.safe_load`;
 - a timm checkpoint file: `.safetensors`, or `.pth`/`.pt`/`.bin` read with `torch.load(weights_only=True)`, the
   state dict itself or under "model" / "state_dict" (DDP's `module.` and torch.compile's `_orig_mod.` stripped);
 - an official MAE checkpoint (facebookresearch/mae: `{"model": ...}` with `decoder_embed`, `decoder_blocks`, ...);
@@ -28,7 +28,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from ..config import ConfigError
-from ..export import (
+from ..safe_load import (
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
     check_finite,

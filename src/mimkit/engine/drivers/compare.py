@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from ...atomic import replace_text
-from ...config import Config, ConfigError, build_config
+from ...config import Config, ConfigError
 from ...data import labeled_splits, load_splits
 from ...eval import FeatureEval
 from ...methods import METHODS, RENAMED, build_method, method_class
 from ...models.vit import resolve_patch_size
-from ...run_config import names_model, say_first, small_image_patch
+from ...run_config import build_config, names_model, say_first, small_image_patch
 from ...runtime import is_vit, resolve_device
 from ..tasks.encoders import build_model, encoder_spec, load_encoder
 from ..tasks.finetune import finetune

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ...config import DataConfig, config_from_dict
+from ...config import DataConfig
 from ...data import load_splits
 from ...data.ccrop import check_boxes
 from ...data.pipeline import ViewDataset, collate, prepare_batch
+from ...run_config import config_from_dict
 from ...viz import save_grid, unnormalize
 from ..tasks.pretrain import method_from_checkpoint
 from ..trainer.checkpoint import load_checkpoint

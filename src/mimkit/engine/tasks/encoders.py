@@ -17,19 +17,18 @@ import torch
 from torch import nn
 
 from ...config import Config, ConfigError
-from ...export import (
+from ...export import encoder_state, timm_model_args
+from ...models.rel_pos import per_layer_model_args, resize_tables, shared_to_per_layer
+from ...safe_load import (
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
     check_finite,
     create_timm_model,
-    encoder_state,
     fit_problems,
     load_exported,
     read_export,
     read_weights,
-    timm_model_args,
 )
-from ...models.rel_pos import per_layer_model_args, resize_tables, shared_to_per_layer
 from .pretrain import method_from_checkpoint
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ...atomic import replace_text
-from ...config import Config, ConfigError, config_from_dict
+from ...config import Config, ConfigError
 from ...data import Splits, describe, load_splits
 from ...data.ccrop import box_encoder, check_boxes, estimate_boxes, update_due
 from ...data.device_cache import DeviceCache
@@ -20,6 +20,7 @@ from ...data.pipeline import EpochBatchSampler, ViewDataset, prepare_batch, trai
 from ...eval import FeatureEval
 from ...export import export_encoder, write_model_card
 from ...methods import Method, build_method, method_class
+from ...run_config import config_from_dict
 from ...runtime import enable_grad_checkpointing, is_vit
 from ..trainer import Runtime, Task, run
 from ..trainer import distributed as D

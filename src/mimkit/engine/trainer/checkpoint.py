@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from ...atomic import on_full_disk, pid_alive, remove_leftovers, temp_name
-from ...config import config_from_dict, to_dict
+from ...config import to_dict
 from ...errors import CheckpointError, TrainingError
-from ...export import torch_load_safely
+from ...run_config import config_from_dict
+from ...safe_load import torch_load_safely
 from .logging import say
 from .resume_check import check_config_change, flatten, with_patch_size
 

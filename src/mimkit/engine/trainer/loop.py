@@ -23,7 +23,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ... import __version__
-from ...config import Config, dump_yaml, to_dict
+from ...config import Config, to_dict
+from ...config_yaml import dump_yaml
 from ...errors import DiskFullError, DivergedError, TrainingError
 from ...runtime import prepare_for_precision
 from . import distributed as D
