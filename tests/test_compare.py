@@ -204,9 +204,9 @@ def test_seeds_give_spread_and_the_step0_row_is_the_runs_own_start(tmp_path, lab
 def test_calibration_times_the_real_step(labeled_folder, monkeypatch):
     """The budget is sized on the loop's own step: every accumulated micro-batch and the task's after_step (the
     teacher update) are inside the timed step."""
-    from mimkit.config import build_config
     from mimkit.engine.tasks.pretrain import PretrainTask
     from mimkit.engine.trainer import Runtime, seconds_per_step
+    from mimkit.run_config import build_config
 
     cfg = build_config(dotted=[*TINY, f"data.path={labeled_folder}", "method=mocov3", "optim.accum_steps=2",
                                "train.batch_size=4", "train.precision=fp32"])  # fmt: skip

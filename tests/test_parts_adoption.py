@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import TINY
 
-from mimkit.config import build_config
 from mimkit.data.augment import ColorAugment, scale_sigma
 from mimkit.data.pipeline import prepare_batch
 from mimkit.methods import build_method
+from mimkit.run_config import build_config
 
 CMAE_DECODER = ["cmae.decoder_dim=32", "cmae.decoder_depth=1", "cmae.decoder_heads=2"]
 SMALL = {

@@ -125,6 +125,6 @@ def test_readme_command_runs(command, workspace, monkeypatch, capsys):
     if argv[:2] == ["pretrain", "--data"] and argv[2].startswith("hf:"):
         assert "runs/mae-imagenette-pq" in out  # the default run folder of an hf: source has no colon
     if argv[0] == "compare":
-        report = (workspace / "runs/compare/report.md").read_text()
+        report = (workspace / argv[argv.index("--out") + 1] / "report.md").read_text()
         assert "| conmim |" in report and "center_teacher=true" in report  # not the degenerate ConMIM
         assert "outside the budget" in report
