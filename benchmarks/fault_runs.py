@@ -56,9 +56,9 @@ def install_faults(faults: dict) -> list[str]:
     refused. -> the list network attempts are appended to."""
     attempts: list[str] = []
     if "checkpoint_full_at" in faults:
-        from mimkit.engine.trainer import checkpoint
+        from mimkit import atomic
 
-        checkpoint.torch = FullDiskTorch(**faults["checkpoint_full_at"])
+        atomic.torch = FullDiskTorch(**faults["checkpoint_full_at"])  # the checkpoint writer's torch.save
     if faults.get("export_full"):
         from mimkit import atomic
 
@@ -110,7 +110,7 @@ def install_slow_export(marker: str) -> None:
 
 
 class FullDiskTorch:
-    """`torch` as mimkit.engine.trainer.checkpoint sees it, except that the `at`-th save copies the checkpoints in
+    """`torch` as mimkit.atomic (the checkpoint writer) sees it, except that the `at`-th save copies the checkpoints in
     `folder` to `snapshot` (what must survive), writes a few bytes and fails with `code`."""
 
     def __init__(self, at: int, folder: str, snapshot: str, code: int = errno.ENOSPC):

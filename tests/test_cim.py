@@ -160,7 +160,7 @@ def test_objective_losses_follow_the_papers_definitions(tok, method):
         p = torch.sigmoid(out)
         enh = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
     else:
-        enh = (out - independent_window_targets(b["image"].double(), m.cfg.window)).pow(2).mean()
+        enh = (out - independent_window_targets(b["image"].double(), m.options.window)).pow(2).mean()
     torch.testing.assert_close(metrics["gen_loss"].double(), gen_ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(metrics["enh_loss"].double(), enh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss.detach().double(), gen_ce + enh, rtol=1e-4, atol=1e-6)

@@ -254,7 +254,7 @@ def test_reference_backbone_init_masks_and_blur():
     init for encoder and projector; block masks of BEiT's 75 of 196; blur sigma relative to the image."""
     m = make("model.name=beit_base_patch16_224")
     vit = m.student["vit"]
-    assert vit.pos_embed is None and vit.rel_pos_bias is not None and not m.cfg.center_teacher
+    assert vit.pos_embed is None and vit.rel_pos_bias is not None and not m.options.center_teacher
     assert all((b.gamma_1 == 0.1).all() for b in vit.blocks)
     for w in (vit.blocks[0].mlp.fc1.weight, m.student["proj"][0].weight, m.student["proj"][6].weight, m.mask_token):
         assert w.abs().max() <= 0.02  # trunc-normal 0.02 cut at +-1 std (PyTorch's Linear default is wider)

@@ -25,8 +25,8 @@ import pytest
 import torch
 from helpers import TINY
 
+from mimkit import atomic as atomic_writes
 from mimkit.cli import main
-from mimkit.engine.trainer import checkpoint as checkpoint_module
 from mimkit.engine.trainer.logging import TIMING_KEYS
 
 # 64 images, batches of 16: 2 epochs x 4 steps, a checkpoint after every step (so prev.pt is one step back)
@@ -144,7 +144,7 @@ def test_diverged_run_goes_on_with_a_sane_learning_rate(diverged, copy_of, capsy
 
 
 class TorchWithFullDisk:
-    """`torch` as mimkit.engine.trainer.checkpoint sees it, except that the `fail_at`-th torch.save writes a few
+    """`torch` as mimkit.atomic (the checkpoint writer) sees it, except that the `fail_at`-th torch.save writes a few
     bytes and then fails as a full disk does: an OSError, or (`disguised`) as torch.save does, a RuntimeError
     ('unexpected pos') with the OSError as its context."""
 
@@ -173,7 +173,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_names_folder_and_size(tmp_p
     out = tmp_path / "run"
     ckpt = out / "checkpoints"
     full = TorchWithFullDisk(fail_at=2, last_pt=ckpt / "last.pt")  # step 1 saved, step 2 hits the full disk
-    monkeypatch.setattr(checkpoint_module, "torch", full)
+    monkeypatch.setattr(atomic_writes, "torch", full)
     code, _, err = run(out, capsys)
     monkeypatch.undo()
     assert code == 2 and err.count("\n") == 1, err

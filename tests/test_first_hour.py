@@ -15,8 +15,8 @@ from mimkit.cli import main
 from mimkit.config import ConfigError
 from mimkit.models.tokenizer import load_tokenizer
 from mimkit.models.vit import create_encoder, resolve_patch_size
+from mimkit.picture_grid import save_grid
 from mimkit.run_config import build_config
-from mimkit.viz import save_grid
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ def test_conmim_teacher_view_is_its_former_colour_augment(strong):
     (blur sigmas scaled from 224 px to the image) on the [0, 1] image, then normalised, from the same RNG draws."""
     every = ["conmim.blur_p=1", "conmim.solarize_p=1", "conmim.grayscale_p=0.5"] if strong else []
     m, cfg = build("conmim", *every)
-    o = m.cfg
+    o = m.options
     x = torch.rand(8, 3, 16, 16)
     mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     torch.manual_seed(3)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 from timm.data.auto_augment import NAME_TO_OP, AugmentOp, RandAugment
 
-from mimkit.data.classify import PosterizeBits, clamp_posterize_bits, finetune_transforms
+from mimkit.data.finetune_transforms import PosterizeBits, clamp_posterize_bits, finetune_transforms
 from mimkit.run_config import build_config
 
 # (magnitude, magnitude_std, magnitude_max): both ends of timm's default range [0, 10] with normal noise, a

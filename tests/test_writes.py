@@ -18,6 +18,7 @@ import time
 import pytest
 from test_faults import TorchWithFullDisk, argv, load, metrics, run
 
+from mimkit import atomic as atomic_writes
 from mimkit.cli import main
 from mimkit.engine.tasks import pretrain as pretrain_module
 from mimkit.engine.trainer import checkpoint as checkpoint_module
@@ -39,7 +40,7 @@ def left_behind(out) -> list[str]:
 @pytest.mark.parametrize("at, holds", [(1, "no checkpoint was written yet"), (3, "holds step 2")])
 def test_torch_disguised_full_disk_is_one_line_saying_what_is_kept(tmp_path, monkeypatch, capsys, at, holds):
     out = tmp_path / "run"
-    monkeypatch.setattr(checkpoint_module, "torch", TorchWithFullDisk(at, disguised=True))
+    monkeypatch.setattr(atomic_writes, "torch", TorchWithFullDisk(at, disguised=True))
     code, _, err = run(out, capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"'{out / 'checkpoints'}'" in err and "no space left" in err and holds in err, err

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -123,3 +124,41 @@ def replace_text(path: str | Path, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def save_torch(state: dict, path: str | Path, keep_previous: bool = False,
+                kept: Callable[[], str] | None = None) -> None:  # fmt: skip
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (the old file becomes
+    `prev.pt` first when `keep_previous`). A full disk raises DiskFullError naming the folder, the size and what
+    is left (`kept()`, by default whether `path` is unchanged)."""
+    path = Path(path)
+    kept = kept or (lambda: f"'{path}' is unchanged" if path.exists() else f"'{path}' was not written")
+    with on_full_disk(path, kept, state_bytes(state)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            if keep_previous and path.exists():
+                prev = path.with_name("prev.pt")
+                link = prev.with_name(temp_name(prev) + "link.tmp")
+                link.unlink(missing_ok=True)
+                os.link(path, link)  # `path` stays in place until the new state replaces it
+                os.replace(link, prev)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def state_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(state_bytes(v) for v in obj)
+    return 0

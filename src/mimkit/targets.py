@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -31,3 +32,19 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)
     return (target - mean) / (var + eps) ** 0.5
+
+
+def sliding_window_targets(imgs: torch.Tensor, window: int, eps: float = 1e-6) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H, W): each pixel standardised by the mean and (biased) variance of the
+    `window` x `window` neighbourhood centred on it, per channel; borders use the pixels inside the image."""
+    mean, var = window_stats(imgs, window)
+    return (imgs - mean) / (var + eps).sqrt()
+
+
+def window_stats(imgs: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mean and biased variance over a centred window (stride 1, zero padding not counted)."""
+    pad = window // 2
+    x = imgs.float()
+    mean = F.avg_pool2d(x, window, stride=1, padding=pad, count_include_pad=False)
+    sq = F.avg_pool2d(x * x, window, stride=1, padding=pad, count_include_pad=False)
+    return mean, (sq - mean * mean).clamp_min(0)

@@ -1,7 +1,7 @@
 """The training data path with JPEG decoding on the device (`data.decode=gpu`), for datasets too large for the
 device cache: loader workers only read the encoded bytes and parse the JPEG header; each batch is decoded on the
 device in one `torchvision.io.decode_jpeg(list, device=...)` call (nvjpeg on CUDA), then cropped, resized and
-flipped there by the device cache's Pillow-exact batched resize (`device_cache.resize_crops`).
+flipped there by the device cache's Pillow-exact batched resize (`pillow_resize.resize_crops`).
 
 Same batches as the worker loader, up to the JPEG decoder: for a batch of (epoch, index) keys from the same
 `EpochBatchSampler`, crop boxes and flips come from `ViewDataset.random_crops` (drawn in the workers from the
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .device_cache import resize_crops
+from .pillow_resize import resize_crops
 from .pipeline import EpochBatchSampler, ViewDataset, load_first_readable, prepare_batch, to_uint8_chw, train_loader
 
 JPEG_MODES = ("RGB", "L")  # what decode_jpeg(mode=RGB) converts as Pillow's convert("RGB") does

@@ -19,7 +19,8 @@ class NoOptions:
 class Method(nn.Module):
     """An `nn.Module` that owns every trainable part it needs and offers:
 
-    - `Options`: its options dataclass, read from the config section `section` (default: the method's name);
+    - `Options`: its options dataclass, read from the config section `section` (default: the method's name) by
+      `options_of(cfg)`; an instance keeps its own as `self.options`;
     - `views`: what the data pipeline delivers per image (the batch holds one tensor per view name);
     - `forward(batch) -> (loss, metrics)`: one step's scalar loss and a dict of detached scalar tensors to log;
     - `after_step(step, total_steps)`: post-optimizer work such as EMA updates;
@@ -48,7 +49,7 @@ class Method(nn.Module):
         return cls.section or cls.name
 
     @classmethod
-    def options(cls, cfg) -> Any:
+    def options_of(cls, cfg) -> Any:
         """This method's options from `cfg` (the section registered for it)."""
         return getattr(cfg, cls.section_name())
 

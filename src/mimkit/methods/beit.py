@@ -55,8 +55,8 @@ class BEiT(Method):
     def __init__(self, cfg: Config, tokenizer=None, options: BEiTOptions | None = None):
         """`tokenizer`/`options`: given when BEiT is a part of another method (CIM's generator)."""
         super().__init__()
-        o = options or self.options(cfg)
-        self.cfg = o
+        o = options or self.options_of(cfg)
+        self.options = o
         self._mean, self._std = cfg.data.mean, cfg.data.std
         self.encoder = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
         self.grid = V.grid_size(self.encoder)
@@ -79,7 +79,7 @@ class BEiT(Method):
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device) -> torch.Tensor:
         """-> (B, N) bool, 1 = masked: BEiT's blockwise masking (at most `num_masked` patches)."""
-        o = self.cfg
+        o = self.options
         return blockwise_masking(
             batch_size, self.grid, self.num_masked, o.min_block_patches, o.min_aspect, o.max_block_patches,
             device=device,

@@ -26,8 +26,8 @@ from ..config import Config, ConfigError, NonNegFloat, NonNegInt, PositiveFloat,
 from ..data.pipeline import ViewDataset, collate, prepare_batch
 from ..masking import random_masking
 from ..models import vit as V
-from ..models.cim import PixelShuffleHead, TokenLogitHead, generator_model, sliding_window_targets, window_stats
-from ..targets import normalize_patches, patchify, unpatchify
+from ..models.cim_heads import PixelShuffleHead, TokenLogitHead, generator_model
+from ..targets import normalize_patches, patchify, sliding_window_targets, unpatchify, window_stats
 from .base import Method
 from .beit import BEiT, BEiTOptions, check_mask_ratio, require_tokenizer
 
@@ -166,8 +166,8 @@ class CIM(Method):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = self.options(cfg)
-        self.cfg, self._mean, self._std = o, cfg.data.mean, cfg.data.std
+        o = self.options_of(cfg)
+        self.options, self._mean, self._std = o, cfg.data.mean, cfg.data.std
         # made once on the module's device (non-persistent: not in the state dict); used every step
         self.register_buffer("pixel_mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
@@ -205,8 +205,8 @@ class CIM(Method):
         if not timm.is_model(name):
             raise ConfigError(f"model.name '{name}' is not a timm model")
         kwargs = {"num_classes": 0, "drop_path_rate": cfg.model.drop_path}
-        if self.cfg.cnn_output_stride != 32:
-            kwargs["output_stride"] = self.cfg.cnn_output_stride
+        if self.options.cnn_output_stride != 32:
+            kwargs["output_stride"] = self.options.cnn_output_stride
         try:
             cnn = timm.create_model(name, pretrained=False, **kwargs)
         except TypeError as e:
@@ -229,9 +229,9 @@ class CIM(Method):
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device) -> torch.Tensor:
         """-> (B, N) bool, 1 = masked: random (default, CIM's ablation winner) or BEiT's blockwise."""
-        if self.cfg.mask_mode == "block":
+        if self.options.mask_mode == "block":
             return self.generator.mask(batch_size, device)
-        _, mask, _ = random_masking(batch_size, self.num_patches, self.cfg.mask_ratio, device)
+        _, mask, _ = random_masking(batch_size, self.num_patches, self.options.mask_ratio, device)
         return mask.bool()
 
     def generate(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -242,8 +242,8 @@ class CIM(Method):
     def corrupt(self, ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """ids (B, N), mask (B, N), generator logits (M, V) -> corrupted ids (B, N), replaced (B, N) bool,
         and the corrupted image (B, 3, H, W) in the enhancer's normalised space. Sampled, so no gradient."""
-        if self.cfg.sample == "softmax":
-            probs = torch.softmax(logits.float() / self.cfg.temperature, dim=-1)
+        if self.options.sample == "softmax":
+            probs = torch.softmax(logits.float() / self.options.temperature, dim=-1)
             sampled = torch.multinomial(probs, 1).squeeze(1)
         else:
             sampled = logits.argmax(-1)
@@ -307,7 +307,7 @@ class CIM(Method):
 
     def lr_scale(self, name: str) -> float:
         """`cim.generator_lr_scale` for the generator's parameters, 1 for the enhancer and its head."""
-        return self.cfg.generator_lr_scale if name.startswith("generator.") else 1.0
+        return self.options.generator_lr_scale if name.startswith("generator.") else 1.0
 
     @torch.no_grad()
     def infer(self, batch: dict) -> tuple[torch.Tensor, ...]:
@@ -328,7 +328,7 @@ class CIM(Method):
     def on_epoch_end(self, ctx) -> dict:
         """Held-out check against the trivial baselines (query split, else the first training images)."""
         source = ctx.splits.query if ctx.splits.query is not None else ctx.splits.train
-        n = min(self.cfg.eval_images, len(source))
+        n = min(self.options.eval_images, len(source))
         ds = ViewDataset(source, self.views, ctx.cfg.data, seed=0, train=False)
         batch = prepare_batch(collate([ds[i] for i in range(n)]), self.views, ctx.device, self._mean, self._std)
         was_training = self.training

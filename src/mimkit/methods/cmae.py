@@ -107,7 +107,7 @@ class CMAE(MAE):
     Options = CMAEOptions
 
     def __init__(self, cfg: Config):
-        o = self.options(cfg)
+        o = self.options_of(cfg)
         check_options(o)
         super().__init__(cfg)
         self.weights = {t: getattr(o, f"{t}_weight") for t in TASKS}
@@ -144,7 +144,7 @@ class CMAE(MAE):
         if self.target_vit is None:
             return None
         teacher = self.target_vit.module
-        return ("cmae.export_encoder", self.cfg.export_encoder, {"student": self.encoder, "teacher": teacher},
+        return ("cmae.export_encoder", self.options.export_encoder, {"student": self.encoder, "teacher": teacher},
                 "student")  # fmt: skip
 
     def select_encoder(self, name: str) -> None:
@@ -160,7 +160,7 @@ class CMAE(MAE):
     # ---- contrastive steps -------------------------------------------------------------------------------
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, P + K, D) encoded tokens -> (B, D): mean of the patch tokens ('avg') or the class token ('cls')."""
-        return V.pool_features(self.encoder, tokens, self.cfg.pool)
+        return V.pool_features(self.encoder, tokens, self.options.pool)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, d) L2-normalised online embedding (projector, then predictor)."""
@@ -172,12 +172,12 @@ class CMAE(MAE):
         vit = self.target_vit.module if self.target_vit is not None else self.encoder
         proj = self.target_projector.module if self.target_projector is not None else self.projector
         tokens = V.encode_visible(vit, V.embed_patches(vit, imgs))
-        return F.normalize(proj(V.pool_features(vit, tokens, self.cfg.pool)).float(), dim=-1)
+        return F.normalize(proj(V.pool_features(vit, tokens, self.options.pool)).float(), dim=-1)
 
     def contrast_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Symmetric InfoNCE over this process's batch: (B, d), (B, d) -> scalar; the positive of q_b is k_b, and
         each query is ranked among the keys and each key among the queries (so no gather: q has a gradient)."""
-        t = self.cfg.temperature
+        t = self.options.temperature
         return 0.5 * (info_nce(q, k, t)[0] + info_nce(k, q, t)[0])
 
     # ---- position steps ----------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class CMAE(MAE):
         position: no position embedding ('drop') or the embeddings of K random distinct positions ('permute').
         `patches`: the images' patch embeddings (B, N, D) when the step has them already."""
         x = gather_tokens(self.encoder.patch_embed(imgs) if patches is None else patches, ids_keep)
-        if self.cfg.pos_hiding == "permute":
+        if self.options.pos_hiding == "permute":
             table = V.patch_pos_embed(self.encoder)
             fake = torch.rand(ids_keep.shape[0], self.num_patches, device=imgs.device).argsort(dim=1)
             x = x + gather_tokens(table.expand(ids_keep.shape[0], -1, -1), fake[:, : ids_keep.shape[1]])

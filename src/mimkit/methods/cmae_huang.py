@@ -65,7 +65,7 @@ class CMAEHuang(MAE):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        o = self.cfg
+        o = self.options
         size = cfg.data.image_size
         self.cell = mask_cell(o.mask_patch_size, self.patch, "cmae-huang.mask_patch_size")
         if self.grid[0] % self.cell or self.grid[1] % self.cell:
@@ -94,7 +94,7 @@ class CMAEHuang(MAE):
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device, noise=None):
         """-> ids_keep (B, K), mask (B, N) 1 = masked, ids_restore (B, N); whole cells of cell x cell patches."""
-        return cell_masking(batch_size, self.grid, self.cell, self.cfg.mask_ratio, device)
+        return cell_masking(batch_size, self.grid, self.cell, self.options.mask_ratio, device)
 
     def shift_views(self, crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S + pad, S + pad) -> online (B, 3, S, S), its top-left window, and target (B, 3, S, S), a window
@@ -125,8 +125,8 @@ class CMAEHuang(MAE):
 
     def contrast_loss(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) queries, keys -> (2T * InfoNCE against every process's keys, accuracy) (CMAEPretrainHead)."""
-        loss, acc = info_nce(q, k, self.cfg.temperature, gather=True)
-        return loss * (2 * self.cfg.temperature), acc
+        loss, acc = info_nce(q, k, self.options.temperature, gather=True)
+        return loss * (2 * self.options.temperature), acc
 
     # ---- contract ----------------------------------------------------------------------------------------
     def forward(self, batch: dict):
@@ -136,7 +136,7 @@ class CMAEHuang(MAE):
         tokens = self.encode(online, ids_keep)
         rec = self.loss(self.decode(tokens, ids_restore), self.targets(online), mask)
         contrast, acc = self.contrast_loss(self.query(tokens, ids_restore), self.key(target))
-        loss = self.cfg.rec_weight * rec + self.cfg.contrast_weight * contrast
+        loss = self.options.rec_weight * rec + self.options.contrast_weight * contrast
         metrics = {"loss_rec": rec.detach(), "loss_contrast": contrast.detach(), "contrast_acc": acc}
         return loss, {"loss": loss.detach(), **metrics}
 

@@ -122,8 +122,8 @@ class ConMIM(Method):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = self.options(cfg)
-        self.cfg = o
+        o = self.options_of(cfg)
+        self.options = o
         # one view, the student's; the teacher's is the same crop strongly perturbed on the device (not loaded)
         self.views = (View("image", cfg.data.image_size),)
         self.teacher_view = View("teacher", cfg.data.image_size, color=teacher_colour(o))
@@ -163,7 +163,7 @@ class ConMIM(Method):
         return self.teacher.module["vit"] if self.exported == "teacher" else self.student["vit"]
 
     def export_options(self):
-        return ("conmim.export_encoder", self.cfg.export_encoder,
+        return ("conmim.export_encoder", self.options.export_encoder,
                 {"student": self.student["vit"], "teacher": self.teacher.module["vit"]}, "teacher")  # fmt: skip
 
     def select_encoder(self, name: str) -> None:
@@ -178,7 +178,7 @@ class ConMIM(Method):
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device) -> torch.Tensor:
         """-> (B, N) bool, True = masked (BEiT blocks or coarse random cells)."""
-        o = self.cfg
+        o = self.options
         if o.mask_mode == "coarse":
             ratio = COARSE_RATIO if o.mask_ratio is None else o.mask_ratio
             return coarse_random_masking(batch_size, self.grid, ratio, self.cell, device)
@@ -194,7 +194,7 @@ class ConMIM(Method):
         grid), to which BEiT's distribution is symmetric; from a generator seeded by train.seed alone, so a resumed
         run rebuilds the same bank. Drawing from it is one gather on the device, where generating B masks per step
         is a Python loop on the host (docs/benchmarks.md)."""
-        o, (gh, gw) = self.cfg, self.grid
+        o, (gh, gw) = self.options, self.grid
         rng = np.random.default_rng([self.bank_seed, 0xC0])
         m = blockwise_masking(o.mask_bank, self.grid, self.num_masked, o.min_block_patches, generator=rng)
         m = m.view(-1, gh, gw)
@@ -226,11 +226,11 @@ class ConMIM(Method):
     def encode_teacher(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs (B, 3, H, W) normalised, unmasked -> (B, N, d) projections, no gradient."""
         t = self.teacher.module
-        return self.project(t["proj"], t["vit"].forward_features(imgs), self.cfg.center_teacher)
+        return self.project(t["proj"], t["vit"].forward_features(imgs), self.options.center_teacher)
 
     def logits(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """s (B, N, d), t (B, N, d) -> (B, N, N): logits[b, i, j] = s_bi . t_bj / temperature."""
-        return torch.einsum("bid,bjd->bij", s, t) / self.cfg.temperature
+        return torch.einsum("bid,bjd->bij", s, t) / self.options.temperature
 
     def loss(self, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over masked positions of -log softmax_j(logits[b, i, :])[i]: (B, N, d), (B, N, d), (B, N) ->

@@ -118,8 +118,8 @@ class DINO(Method):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = self.options(cfg)
-        self.cfg, self.epochs = o, cfg.train.epochs
+        o = self.options_of(cfg)
+        self.options, self.epochs = o, cfg.train.epochs
         vit = V.create_encoder(cfg.model, cfg.data.image_size, sincos_pos=False)  # learned, interpolated
         check_options(o, cfg.data.image_size, V.patch_size(vit))
         self.views = multi_crop_views(o, cfg.data.image_size, V.patch_size(vit))
@@ -149,7 +149,7 @@ class DINO(Method):
         """Crops (B, 3, h, w) of one size -> (len(crops) * B, D) features (`dino.pool`), in one pass (as DINO's
         MultiCropWrapper: one forward per resolution)."""
         tokens = V.encode_visible(vit, V.embed_patches_any_size(vit, torch.cat(crops)))
-        return V.pool_features(vit, tokens, self.cfg.pool)
+        return V.pool_features(vit, tokens, self.options.pool)
 
     def student_logits(self, batch: dict) -> torch.Tensor:
         """Every crop -> (n_crops * B, K) student logits, global crops first, then the local ones."""
@@ -158,7 +158,7 @@ class DINO(Method):
         local = [batch[v.name] for v in self.views[2:]]
         if local:
             features.append(self.encode(vit, local))
-        return head(torch.cat(features), freeze_last_layer=int(self.epoch) < self.cfg.freeze_last_layer_epochs)
+        return head(torch.cat(features), freeze_last_layer=int(self.epoch) < self.options.freeze_last_layer_epochs)
 
     @torch.no_grad()
     def teacher_logits(self, batch: dict) -> torch.Tensor:
@@ -169,7 +169,7 @@ class DINO(Method):
     def teacher_temp(self) -> float:
         """The teacher temperature of this epoch: linear from warmup_teacher_temp to teacher_temp over the warm-up
         epochs (np.linspace of both ends, as the official), then constant."""
-        o, e = self.cfg, int(self.epoch)
+        o, e = self.options, int(self.epoch)
         n = o.warmup_teacher_temp_epochs
         if e >= n:
             return o.teacher_temp
@@ -180,7 +180,7 @@ class DINO(Method):
         t, student crop s != t) of the batch mean of H(softmax((teacher_t - c) / teacher_temp),
         softmax(student_s / student_temp)), c the running centre."""
         n_crops = student.shape[0] // (teacher.shape[0] // 2)
-        s = F.log_softmax(student.float() / self.cfg.student_temp, dim=-1).chunk(n_crops)
+        s = F.log_softmax(student.float() / self.options.student_temp, dim=-1).chunk(n_crops)
         t = F.softmax(self.centre(teacher.float()) / teacher_temp, dim=-1).chunk(2)
         terms = [(-ti * s[v]).sum(dim=-1).mean() for i, ti in enumerate(t) for v in range(n_crops) if v != i]
         return sum(terms) / len(terms)
@@ -202,7 +202,7 @@ class DINO(Method):
         self.epoch.fill_(step * self.epochs // max(1, total_steps))
 
     def lr_scale(self, name: str) -> float:
-        return self.cfg.lr_scale
+        return self.options.lr_scale
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:

@@ -46,10 +46,10 @@ class MAE(Method):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = self.options(cfg)
+        o = self.options_of(cfg)
         if not 0.0 < o.mask_ratio < 1.0:
             raise ConfigError(f"{self.section_name()}.mask_ratio must be in (0, 1), got {o.mask_ratio}")
-        self.cfg = o
+        self.options = o
         self.views = (View("image", cfg.data.image_size),)
         self.encoder = V.create_encoder(cfg.model, cfg.data.image_size)
         self.patch = V.patch_size(self.encoder)
@@ -76,7 +76,7 @@ class MAE(Method):
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device, noise=None):
         """-> ids_keep (B, K), mask (B, N) with 1 = masked, ids_restore (B, N)."""
-        return random_masking(batch_size, self.num_patches, self.cfg.mask_ratio, device, noise)
+        return random_masking(batch_size, self.num_patches, self.options.mask_ratio, device, noise)
 
     def encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """imgs (B, 3, H, W), ids_keep (B, K) -> (B, 1 + K, D) encoded visible tokens."""
@@ -94,7 +94,7 @@ class MAE(Method):
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, p*p*3); per-patch normalised when mae.norm_pix_loss."""
         t = patchify(imgs, self.patch)
-        return normalize_patches(t, self.cfg.norm_pix_eps) if self.cfg.norm_pix_loss else t
+        return normalize_patches(t, self.options.norm_pix_eps) if self.options.norm_pix_loss else t
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error over the masked patches only: (B, N, P), (B, N, P), (B, N) -> scalar."""
@@ -120,9 +120,9 @@ class MAE(Method):
         ids_keep, mask, ids_restore = self.mask(imgs.shape[0], imgs.device, noise)
         pred = self.decode(self.encode(imgs, ids_keep), ids_restore).float()
         target = patchify(imgs, self.patch)
-        if self.cfg.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
+        if self.options.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            pred = pred * (var + self.cfg.norm_pix_eps) ** 0.5 + mean
+            pred = pred * (var + self.options.norm_pix_eps) ** 0.5 + mean
         m = mask.unsqueeze(-1)
         masked = unpatchify(target * (1 - m), self.patch, self.grid)
         recon = unpatchify(target * (1 - m) + pred * m, self.patch, self.grid)

@@ -98,9 +98,9 @@ class MoCoV3(Method):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = self.options(cfg)
+        o = self.options_of(cfg)
         check_options(o)
-        self.cfg = o
+        self.options = o
         size = cfg.data.image_size
         # two independent crops, each with its own colour (blur and solarize differ per view), on the device
         spec = dict(
@@ -129,7 +129,7 @@ class MoCoV3(Method):
         return self.momentum.module["vit"] if self.exported == "teacher" else self.base["vit"]
 
     def export_options(self):
-        return ("mocov3.export_encoder", self.cfg.export_encoder,
+        return ("mocov3.export_encoder", self.options.export_encoder,
                 {"student": self.base["vit"], "teacher": self.momentum.module["vit"]}, "student")  # fmt: skip
 
     def select_encoder(self, name: str) -> None:
@@ -171,8 +171,8 @@ class MoCoV3(Method):
 
     def loss(self, q1, q2, k1, k2) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric: ctr(q1, k2) + ctr(q2, k1), all (B, d) -> (loss, mean top-1 accuracy of the positives)."""
-        loss12, acc12 = contrastive_loss(q1, k2, self.cfg.temperature)
-        loss21, acc21 = contrastive_loss(q2, k1, self.cfg.temperature)
+        loss12, acc12 = contrastive_loss(q1, k2, self.options.temperature)
+        loss21, acc21 = contrastive_loss(q2, k1, self.options.temperature)
         return loss12 + loss21, (acc12 + acc21) / 2
 
     # ---- contract ----------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ class SimMIM(Method):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        o = self.options(cfg)
-        self.cfg = o
+        o = self.options_of(cfg)
+        self.options = o
         self.views = (View("image", cfg.data.image_size),)
         # vit_*: timm's ViT with fixed sin-cos positions; beit_*: SimMIM's own ViT-B (shared relative position bias,
         # no absolute position); both with LayerScale 0.1 unless model.layer_scale says otherwise
@@ -59,7 +59,7 @@ class SimMIM(Method):
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device) -> torch.Tensor:
         """-> (B, N) bool, 1 = masked, whole cells of mask_patch_size pixels."""
-        return coarse_random_masking(batch_size, self.grid, self.cfg.mask_ratio, self.cell, device)
+        return coarse_random_masking(batch_size, self.grid, self.options.mask_ratio, self.cell, device)
 
     def encode(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W), (B, N) -> (B, N, D) patch tokens, masked ones seen as the mask token."""

@@ -13,8 +13,8 @@ from ...config import DataConfig
 from ...data import load_splits
 from ...data.ccrop import check_boxes
 from ...data.pipeline import ViewDataset, collate, prepare_batch
+from ...picture_grid import save_grid, unnormalize
 from ...run_config import config_from_dict
-from ...viz import save_grid, unnormalize
 from ..tasks.pretrain import method_from_checkpoint
 from ..trainer.checkpoint import load_checkpoint
 

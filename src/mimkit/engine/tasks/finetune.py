@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ...atomic import replace_text
 from ...config import Config, ConfigError, to_dict
 from ...data import DataError
-from ...data.classify import ClassificationDataset, collate_labeled, finetune_transforms
+from ...data.finetune_transforms import ClassificationDataset, collate_labeled, finetune_transforms
 from ...data.folder import ImageSource
 from ...data.keyed import KeyedDataset, item_seed
 from ...data.pipeline import EpochBatchSampler, train_loader

@@ -13,15 +13,13 @@ import contextlib
 import json
 import os
 import socket
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ...atomic import on_full_disk, pid_alive, remove_leftovers, temp_name
+from ...atomic import on_full_disk, pid_alive, remove_leftovers, save_torch, temp_name
 from ...config import to_dict
 from ...errors import CheckpointError, TrainingError
 from ...run_config import config_from_dict
@@ -32,44 +30,6 @@ from .resume_check import check_config_change, flatten, with_patch_size
 # the lock appears with its holder in it (a hard link of a complete file); an empty or unreadable one comes from
 # an older mimkit, which created it empty and then wrote it: younger than this, its writer may still be at work
 UNREADABLE_LOCK_GRACE_S = 10
-
-
-def save_atomic(state: dict, path: str | Path, keep_previous: bool = False,
-                kept: Callable[[], str] | None = None) -> None:  # fmt: skip
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (the old file becomes
-    `prev.pt` first when `keep_previous`). A full disk raises DiskFullError naming the folder, the size and what
-    is left (`kept()`, by default whether `path` is unchanged)."""
-    path = Path(path)
-    kept = kept or (lambda: f"'{path}' is unchanged" if path.exists() else f"'{path}' was not written")
-    with on_full_disk(path, kept, state_bytes(state)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            if keep_previous and path.exists():
-                prev = path.with_name("prev.pt")
-                link = prev.with_name(temp_name(prev) + "link.tmp")
-                link.unlink(missing_ok=True)
-                os.link(path, link)  # `path` stays in place until the new state replaces it
-                os.replace(link, prev)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def state_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(state_bytes(v) for v in obj)
-    return 0
 
 
 def load_checkpoint(path: str | Path, expect_method: str | None = None) -> dict:
@@ -272,7 +232,7 @@ class RunFolder:
                 "last good state (try a lower optim.blr, optim.clip_grad, or train.precision=fp32)"
             )
         if self.main:
-            save_atomic(state, self.last, keep_previous=True, kept=self.holds)
+            save_torch(state, self.last, keep_previous=True, kept=self.holds)
             if keep_epochs and state["run"]["batch"] == 0:
                 snapshot = self.last.with_name(f"epoch-{state['run']['epoch']}.pt")
                 snapshot.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
-"""CIM's model parts (mimkit.methods.cim): the generator's encoder settings, the enhancer heads for CNNs and the
-sliding-window pixel targets of ResPix."""
+"""CIM's model parts (mimkit.methods.cim): the generator's encoder settings and the enhancer heads (token logits
+for RevDet, pixel shuffle for a CNN's ResPix); ResPix's sliding-window targets are in mimkit.targets."""
 
 from __future__ import annotations
 
@@ -49,19 +49,3 @@ class PixelShuffleHead(nn.Module):
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.proj(fmap)
-
-
-def sliding_window_targets(imgs: torch.Tensor, window: int, eps: float = 1e-6) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H, W): each pixel standardised by the mean and (biased) variance of the
-    `window` x `window` neighbourhood centred on it, per channel; borders use the pixels inside the image."""
-    mean, var = window_stats(imgs, window)
-    return (imgs - mean) / (var + eps).sqrt()
-
-
-def window_stats(imgs: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local mean and biased variance over a centred window (stride 1, zero padding not counted)."""
-    pad = window // 2
-    x = imgs.float()
-    mean = F.avg_pool2d(x, window, stride=1, padding=pad, count_include_pad=False)
-    sq = F.avg_pool2d(x * x, window, stride=1, padding=pad, count_include_pad=False)
-    return mean, (sq - mean * mean).clamp_min(0)
