@@ -219,3 +219,28 @@ def test_calibration_times_the_real_step(labeled_folder, monkeypatch):
     )
     assert seconds_per_step(task, steps=2) > 0
     assert calls == {"step": 6, "after_step": 3}  # a first step for one-off costs, then 2 timed; 2 micro-batches each
+
+
+def test_an_interrupted_wall_clock_compare_keeps_the_epochs_it_sized(tmp_path, labeled_folder, monkeypatch):
+    """Epochs sized from a wall-clock budget are recorded before any method trains; a re-run (after a kill) reuses
+    them instead of timing again on a machine whose load has changed. Another budget times afresh."""
+    timed = []
+    monkeypatch.setattr(compare, "calibrate_epochs", lambda cfg, seconds, task: timed.append(cfg.method) or 2)
+    monkeypatch.setattr(compare, "run_one", lambda *a: {})
+    monkeypatch.setattr(compare, "run_step0", lambda *a: {})
+    monkeypatch.setattr(compare, "run_scratch", lambda *a: {})
+    monkeypatch.setattr(compare, "write_report", lambda *a: None)
+    out = tmp_path / "cmp"
+
+    def run(budget):
+        args = build_parser().parse_args(["compare", "--methods", "mae,simmim", "--data", str(labeled_folder),
+                                         "--out", str(out), "--budget", budget, *TINY])  # fmt: skip
+        compare.compare_from_args(args)
+
+    run("5min")
+    assert timed == ["mae", "simmim"]
+    assert json.loads((out / "epochs.json").read_text()) == {"budget": "5min", "epochs": {"mae": 2, "simmim": 2}}
+    run("5min")
+    assert timed == ["mae", "simmim"]  # not timed again
+    run("10min")
+    assert timed == ["mae", "simmim", "mae", "simmim"]

@@ -94,6 +94,7 @@ def compare_from_args(args) -> dict:
         folder, results["tokenizer"] = ensure_tokenizer(base, out / "tokenizer", tok_budget)
         base.tokenizer.path, tokenizer_seconds = str(folder), results["tokenizer"]["seconds"]
     configs, notes = {}, {}
+    sized = sized_epochs(out, args.budget)
     for name in methods:  # every method's epochs first: timed on the same machine state, shared by the seeds
         own = budget
         if METHODS[name].needs_tokenizer and budget[0] == "seconds":  # the tokenizer's time is part of its budget
@@ -101,8 +102,12 @@ def compare_from_args(args) -> dict:
         own_base = copy.deepcopy(base) if name == "conmim" else base
         notes[name] = conmim_note(own_base, args.overrides) if name == "conmim" else None  # before timing
         first = seed_dir(out / name, seeds[0], seeds)
-        configs[name] = method_config(own_base, name, first, finished_budget(first) or own)
+        known = ("epochs", sized[name]) if name in sized else finished_budget(first)
+        configs[name] = method_config(own_base, name, first, known or own)
         configs[name].train.log_every = loss_log_every(configs[name], num_images)
+        sized[name] = configs[name].train.epochs
+        if budget[0] == "seconds":
+            replace_text(out / "epochs.json", json.dumps({"budget": args.budget, "epochs": sized}, indent=2) + "\n")
     per_seed = {name: [] for name in methods}
     step0 = {name: [] for name in methods}
     scratch = []
@@ -193,6 +198,13 @@ def method_config(base: Config, method: str, out: Path, budget: tuple[str, float
     kind, amount = budget
     cfg.train.epochs = int(amount) if kind == "epochs" else calibrate_epochs(cfg, amount, task)
     return cfg
+
+
+def sized_epochs(out: Path, budget: str) -> dict[str, int]:
+    """The epochs an earlier, interrupted run of the same wall-clock budget gave each method (out/epochs.json): a
+    re-run keeps them rather than timing the steps again on a machine that may be busier or quieter now."""
+    recorded = load_json(out / "epochs.json")
+    return dict(recorded.get("epochs", {})) if recorded.get("budget") == budget else {}
 
 
 def finished_budget(run_dir: Path) -> tuple[str, int] | None:
