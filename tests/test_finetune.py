@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+import yaml
 from helpers import TINY
 
 from mimkit.cli import main
@@ -120,6 +121,8 @@ def test_cli_finetune_pretrained_and_scratch_then_resume(tmp_path, capsys, label
     assert (out / "metrics.jsonl").read_text().splitlines() == lines
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["run"]["epoch"] == 2 and state["kind"] == "finetune"
+    recorded = yaml.safe_load((out / "config.yaml").read_text())  # what this run used: no pre-training method
+    assert "finetune" in recorded and not {"mae", "beit", "conmim", "dino"} & set(recorded) == set(state["config"])
 
     scratch = tmp_path / "scratch"
     argv = ["finetune", "--checkpoint", "none", "--data", str(labeled_folder), "--out", str(scratch), "--epochs", "1"]

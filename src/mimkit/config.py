@@ -225,9 +225,10 @@ class Config:
         raise AttributeError(f"Config has no section '{name}'")
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: Any, sections=None) -> dict:
     """Plain nested dict (tuples become lists; method sections at the top level beside the shared ones): safe for
-    YAML, JSON and weights-only checkpoints."""
+    YAML, JSON and weights-only checkpoints. `sections`: the method sections to keep (None: all), so that a run
+    records only what it used."""
 
     def plain(v):
         if isinstance(v, tuple | list):
@@ -238,5 +239,5 @@ def to_dict(cfg: Any) -> dict:
 
     d = plain(dataclasses.asdict(cfg))
     if isinstance(cfg, Config):
-        d.update(d.pop("sections"))
+        d.update({k: v for k, v in d.pop("sections").items() if sections is None or k in sections})
     return d

@@ -94,7 +94,8 @@ def apply_layers(cfg: Config, files=(), overrides: dict | None = None, dotted=()
     return cfg
 
 
-def dump_yaml(cfg: Config, path: str | Path) -> None:
+def dump_yaml(cfg: Config, path: str | Path, sections=None) -> None:
+    """`cfg` as YAML at `path` (atomically); `sections`: the method sections to write (None: all)."""
     from .atomic import replace_text  # torch: not for the CLI's parsing, which reads recipes through this module
 
-    replace_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    replace_text(path, yaml.safe_dump(to_dict(cfg, sections), sort_keys=False))

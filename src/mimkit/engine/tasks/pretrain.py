@@ -81,6 +81,9 @@ class PretrainTask(Task):
     def identity(self) -> dict:
         return {"method": self.cfg.method}
 
+    def method_sections(self) -> tuple[str, ...]:
+        return (method_class(self.cfg.method).section_name(),)
+
     def describe(self, steps_per_epoch: int, effective_batch: int, lr: float) -> str:
         cfg = self.cfg
         return (

@@ -205,6 +205,9 @@ class TokenizerTask(PretrainTask):
     def identity(self) -> dict:
         return {}
 
+    def method_sections(self) -> tuple[str, ...]:
+        return ()  # the tokenizer's own settings are the shared `tokenizer` section
+
     def trained_what(self) -> str:
         t = self.cfg.tokenizer
         return f"VQ tokenizer ({t.vocab_size} codes, {t.downsample}x downsampling)"

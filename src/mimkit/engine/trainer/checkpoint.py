@@ -100,7 +100,7 @@ class RunFolder:
         self.locked = False
 
     # ---- resume --------------------------------------------------------------------------------------------
-    def load_resume(self, kind: str, cfg, resume_keys, identity: dict) -> dict | None:
+    def load_resume(self, kind: str, cfg, resume_keys, identity: dict, sections=()) -> dict | None:
         """The newest loadable checkpoint of this run, checked against it; None for a fresh start. A corrupt
         `last.pt` falls back to `prev.pt` with a warning naming both."""
         if not self.last.exists() and not self.prev.exists():
@@ -117,7 +117,7 @@ class RunFolder:
                 raise CheckpointError(f"neither checkpoint can continue the run: {e}; {e2}") from None
             self.resumed_from = self.prev
             say(f"warning: {e}; resuming from the previous checkpoint '{self.prev}' instead", self.main)
-        changes = check_same_run(state, self.resumed_from, kind, cfg, resume_keys, identity)
+        changes = check_same_run(state, self.resumed_from, kind, cfg, resume_keys, identity, sections)
         if changes:
             say(f"continuing '{self.resumed_from}' with changed settings (train.allow_config_change): "
                 + "; ".join(changes), self.main)  # fmt: skip
@@ -291,10 +291,12 @@ def saved_step(path: Path) -> int:
     return torch_load_safely(path, mmap=True)["run"]["step"]
 
 
-def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identity: dict) -> list[str]:
+def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identity: dict, sections=()) -> list[str]:
     """A checkpoint continues this run only if it is of the same `kind` and shares `identity` and the config
     values at `resume_keys`; otherwise an error naming the file and the first difference. Other settings that
-    differ are refused too unless `train.allow_config_change` (resume_check.py). -> the allowed changes."""
+    differ are refused too unless `train.allow_config_change` (resume_check.py); of the method sections only
+    `sections` (the ones this run uses) are compared, so checkpoints that recorded every section still resume.
+    -> the allowed changes."""
     stored_kind = state.get("kind", "pretrain")
     if stored_kind != kind:
         raise CheckpointError(f"'{path}' is a {stored_kind} checkpoint, not a {kind} one; use another --out")
@@ -303,8 +305,8 @@ def check_same_run(state: dict, path: Path, kind: str, cfg, resume_keys, identit
         old = stored.get(key, state.get(key))
         if old != value:
             raise CheckpointError(f"checkpoint '{path}' was written by {key} '{old}', not '{value}'; use another --out")
-    old_cfg = to_dict(config_from_dict(state["config"]))  # keys added since then: their defaults
-    new_cfg = to_dict(cfg)
+    old_cfg = to_dict(config_from_dict(state["config"]), sections)  # keys added since then: their defaults
+    new_cfg = to_dict(cfg, sections)
     old_flat, new_flat = with_patch_size(flatten(old_cfg)), with_patch_size(flatten(new_cfg))  # None -> 16
     for key in resume_keys:
         a, b = old_flat.get(key, dotted(old_cfg, key)), new_flat.get(key, dotted(new_cfg, key))

@@ -54,7 +54,7 @@ def train(task: Task, finish: Callable[[int], dict] | None = None) -> dict:
     """Run `task` to its last epoch (or resume it), then `finish(steps)` (the export, final evaluation and
     summary), all under the run lock; -> {'steps', 'out', 'finished', 'report': what `finish` returned}."""
     loop = Loop(task)
-    resume = loop.folder.load_resume(task.kind, task.cfg, task.resume_keys, task.identity())
+    resume = loop.folder.load_resume(task.kind, task.cfg, task.resume_keys, task.identity(), task.method_sections())
     if resume is not None:
         loop.restore(resume)
     loop.folder.start(fresh=resume is None)  # run lock, stale temp files, metrics truncated to the checkpoint
@@ -127,7 +127,11 @@ class Loop:
         """The metrics log (cut back to the checkpoint), config.yaml, the run's first lines, the model as the
         steps see it (precision kernels, DDP, compile), the step path, progress bar and stop signal."""
         cfg, rt, task, pos = self.cfg, self.rt, self.task, self.pos
-        wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "config": to_dict(cfg)}
+        wandb = {
+            "project": cfg.log.wandb_project,
+            "mode": cfg.log.wandb_mode,
+            "config": to_dict(cfg, task.method_sections()),
+        }
         self.log = MetricsLog(self.out, enabled=rt.main, tensorboard=cfg.log.tensorboard,
                               run_id=resume.get("run_id") if resume else None,
                               wandb=wandb if cfg.log.wandb else None,
@@ -135,7 +139,7 @@ class Loop:
         cleanup.callback(self.log.close)
         self.log.truncate_after(pos.step if resume is not None else -1)
         if rt.main:
-            dump_yaml(cfg, self.out / "config.yaml")
+            dump_yaml(cfg, self.out / "config.yaml", task.method_sections())
         self.announce(resume)
         model = task.model
         prepare_for_precision(model, rt.device, rt.amp)
@@ -233,7 +237,7 @@ class Loop:
             "mimkit_version": __version__,
             "kind": task.kind,
             "method": task.identity().get("method", task.kind),  # what trained (plain value, for tools)
-            "config": to_dict(self.cfg),
+            "config": to_dict(self.cfg, task.method_sections()),
             "identity": task.identity(),
             "model": task.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),

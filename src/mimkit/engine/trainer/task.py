@@ -70,6 +70,11 @@ class Task:
         """Plain values (beyond `resume_keys`) that a checkpoint must share to continue this run."""
         return {}
 
+    def method_sections(self) -> tuple[str, ...]:
+        """The method config sections this run uses: recorded (config.yaml, checkpoints, W&B) and compared on
+        resume beside the shared sections; the others are left out (a fine-tuning run has none)."""
+        return ()
+
     def describe(self, steps_per_epoch: int, effective_batch: int, lr: float) -> str:
         raise NotImplementedError
 
