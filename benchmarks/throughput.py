@@ -74,7 +74,7 @@ def mimkit_mae(s: Size) -> tuple[nn.Module, callable]:
     cfg = default_config()
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
     cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = s.dec_dim, s.dec_depth, s.dec_heads
-    model = MAE(cfg)
+    model = MAE.from_config(cfg)
     return model, lambda x: model({"image": x})[0]
 
 
@@ -144,7 +144,7 @@ def mimkit_cmae(s: Size, size_name: str, weights: tuple[float, float, float]):
     o = cfg.cmae
     o.decoder_dim, o.decoder_depth, o.decoder_heads = CMAE_DECODER[size_name]
     o.rec_weight, o.contrast_weight, o.pos_weight = weights
-    model = CMAE(cfg)
+    model = CMAE.from_config(cfg)
 
     def step(x):
         model.after_step(1, 100)  # the EMA update of the previous step (same cost, kept inside the timing)
@@ -160,7 +160,7 @@ def measure_box_pass(s: Size, batch: int, device, dtype, steps: int) -> float:
 
     cfg = default_config()
     cfg.data.image_size, cfg.model.name, cfg.model.patch_size = s.image, s.timm_name, s.patch
-    encoder = MAE(cfg).encoder.to(device).eval()
+    encoder = MAE.from_config(cfg).encoder.to(device).eval()
     x = torch.randn(batch, 3, s.image, s.image, device=device)
 
     def one():
@@ -221,7 +221,7 @@ def mimkit_conmim(s: Size, size_name: str, perturb: bool = True):
     cfg.conmim.proj_hidden, cfg.conmim.proj_dim = CONMIM_PROJ[size_name]
     if not perturb:
         cfg.conmim.jitter_p = cfg.conmim.grayscale_p = cfg.conmim.blur_p = cfg.conmim.solarize_p = 0.0
-    model = ConMIM(cfg)
+    model = ConMIM.from_config(cfg)
 
     def step(x):
         model.after_step(1, 100)  # the EMA update of the previous step (same cost, kept inside the timing)

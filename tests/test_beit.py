@@ -63,7 +63,7 @@ def test_beit_loss_matches_transformers(tokenizer_dir):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = build_config(dotted=[*BEIT_TINY, f"tokenizer.path={tokenizer_dir}"])
-    ours = BEiT(cfg).eval()
+    ours = BEiT.from_config(cfg).eval()
     for p in ours.parameters():  # leave the init (layer scale 0.1 everywhere) so the check means something
         p.data.add_(0.02 * torch.randn_like(p))
     hf_cfg = transformers.BeitConfig(
@@ -90,11 +90,11 @@ def test_beit_loss_matches_transformers(tokenizer_dir):
 
 def test_tokenizer_problems_are_named(tmp_path, tokenizer_dir):
     with pytest.raises(ConfigError, match="needs a tokenizer"):
-        BEiT(build_config(dotted=BEIT_TINY))
+        BEiT.from_config(build_config(dotted=BEIT_TINY))
     with pytest.raises(ConfigError, match="does not exist"):
-        BEiT(build_config(dotted=[*BEIT_TINY, f"tokenizer.path={tmp_path / 'nope'}"]))
+        BEiT.from_config(build_config(dotted=[*BEIT_TINY, f"tokenizer.path={tmp_path / 'nope'}"]))
     with pytest.raises(ConfigError, match=r"tokenizer grid 4x4 != encoder grid 8x8"):
-        BEiT(build_config(dotted=[*BEIT_TINY, f"tokenizer.path={tokenizer_dir}", "model.patch_size=2"]))
+        BEiT.from_config(build_config(dotted=[*BEIT_TINY, f"tokenizer.path={tokenizer_dir}", "model.patch_size=2"]))
 
 
 def test_beit_pretrain_exports_a_timm_beit(tmp_path, labeled_folder, tokenizer_dir, capsys):
@@ -123,7 +123,7 @@ def beit_14x14(tmp_path, *extra):
     """BEiT on BEiT's own 14 x 14 grid (56 px / patch 4, a tokenizer of 14 x 14 tokens), ViT-B's depth of 12."""
     tok = make_tokenizer(tmp_path / "tok14", image_size=56)
     dims = ["data.image_size=56", "model.embed_dim=64", "model.depth=12", "model.num_heads=2"]
-    return BEiT(build_config(dotted=[*TINY, "method=beit", "model.name=beit_base_patch16_224", *dims,
+    return BEiT.from_config(build_config(dotted=[*TINY, "method=beit", "model.name=beit_base_patch16_224", *dims,
                                      f"tokenizer.path={tok}", *extra]))  # fmt: skip
 
 
@@ -164,16 +164,16 @@ def test_init_is_beits_trunc_normal_cut_at_one_std_with_depth_rescaling(tmp_path
 
 def test_layer_scale_defaults_to_beits_0_1_and_0_turns_it_off(tmp_path, tokenizer_dir):
     plain = [*TINY, "method=beit", "model.name=beit_base_patch16_224", f"tokenizer.path={tokenizer_dir}"]
-    m = BEiT(build_config(dotted=plain))
+    m = BEiT.from_config(build_config(dotted=plain))
     assert all((b.gamma_1 == 0.1).all() and (b.gamma_2 == 0.1).all() for b in m.encoder.blocks)
-    off = BEiT(build_config(dotted=[*plain, "model.layer_scale=0"]))
+    off = BEiT.from_config(build_config(dotted=[*plain, "model.layer_scale=0"]))
     assert all(b.gamma_1 is None for b in off.encoder.blocks)
-    vit = BEiT(build_config(dotted=[*plain, "model.name=vit_tiny_patch16_224"]))
+    vit = BEiT.from_config(build_config(dotted=[*plain, "model.name=vit_tiny_patch16_224"]))
     assert all((b.ls1.gamma == 0.1).all() for b in vit.encoder.blocks)
 
 
 def test_weight_decay_groups_are_beits(tokenizer_dir):
-    m = BEiT(build_config(dotted=[*BEIT_TINY, f"tokenizer.path={tokenizer_dir}"]))
+    m = BEiT.from_config(build_config(dotted=[*BEIT_TINY, f"tokenizer.path={tokenizer_dir}"]))
     names = {id(p): n for n, p in m.named_parameters()}
     groups = param_groups(m, 0.05, m.no_weight_decay())
     decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}

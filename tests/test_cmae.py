@@ -84,7 +84,7 @@ def test_tasks_switch_off_and_rec_only_equals_mae():
     assert [v.name for v in m.views] == ["image"] and not hasattr(m, "projector") and not hasattr(m, "pos_head")
     cfg = build_config([], None, [*CMAE_TINY, "method=mae", "mae.decoder_dim=32", "mae.decoder_depth=1"])
     torch.manual_seed(0)
-    mae = MAE(cfg)
+    mae = MAE.from_config(cfg)
     m.load_state_dict(mae.state_dict())
     noise = torch.rand(4, m.num_patches)
     assert torch.allclose(m(batch(), noise)[0], mae(batch(), noise)[0])

@@ -22,7 +22,7 @@ SMALL = [*TINY, "method=conmim", "conmim.proj_hidden=32", "conmim.proj_dim=16"]
 
 def make(*overrides: str) -> ConMIM:
     torch.manual_seed(0)
-    return ConMIM(build_config([], None, [*SMALL, *overrides]))
+    return ConMIM.from_config(build_config([], None, [*SMALL, *overrides]))
 
 
 def loop_loss(s, t, mask, tau):

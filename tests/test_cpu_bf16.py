@@ -81,7 +81,7 @@ def test_bf16_step_stays_close_to_fp32():
     cfg.model.depth, cfg.model.embed_dim, cfg.model.num_heads = 2, 64, 2
     cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = 32, 1, 2
     torch.manual_seed(0)
-    model = MAE(cfg)
+    model = MAE.from_config(cfg)
     x = torch.randn(8, 3, 16, 16)
 
     def loss_and_grad(dtype):

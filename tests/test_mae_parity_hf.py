@@ -31,7 +31,7 @@ def test_mae_loss_matches_transformers(norm_pix):
     cfg.model.name = "vit_tiny_patch16_224"  # 192 wide, 12 deep, 3 heads
     cfg.mae.decoder_dim, cfg.mae.decoder_depth, cfg.mae.decoder_heads = 64, 2, 4
     cfg.mae.norm_pix_loss = norm_pix
-    ours = MAE(cfg).eval()
+    ours = MAE.from_config(cfg).eval()
 
     hf_cfg = transformers.ViTMAEConfig(
         image_size=32,

@@ -17,7 +17,7 @@ def tiny(*extra):
 
 def test_loss_ignores_visible_pixels_and_matches_direct_l1():
     torch.manual_seed(0)
-    m = SimMIM(tiny()).eval()
+    m = SimMIM.from_config(tiny()).eval()
     imgs = torch.randn(2, 3, 16, 16)
     mask = m.mask(2, "cpu")
     assert mask.shape == (2, 16) and (mask.sum(1) == 12).all()  # ceil(0.6 * 4 cells of 2x2 patches) = 3 cells
@@ -39,9 +39,9 @@ def test_loss_ignores_visible_pixels_and_matches_direct_l1():
 
 def test_bad_mask_settings_name_the_key():
     with pytest.raises(ConfigError, match="simmim.mask_patch_size 6 is not a multiple"):
-        SimMIM(tiny("simmim.mask_patch_size=6"))
+        SimMIM.from_config(tiny("simmim.mask_patch_size=6"))
     with pytest.raises(ConfigError, match="simmim.mask_ratio"):
-        SimMIM(tiny("simmim.mask_ratio=0.99"))
+        SimMIM.from_config(tiny("simmim.mask_ratio=0.99"))
 
 
 def test_simmim_loss_matches_transformers():
@@ -49,7 +49,7 @@ def test_simmim_loss_matches_transformers():
     torch.manual_seed(0)
     # transformers masks at patch granularity; its ViT has no LayerScale (SimMIM's 0.1 is off here)
     cfg = tiny("simmim.mask_patch_size=4", "model.layer_scale=0")
-    ours = SimMIM(cfg).eval()
+    ours = SimMIM.from_config(cfg).eval()
     hf_cfg = transformers.ViTConfig(
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=128, encoder_stride=4, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
@@ -77,9 +77,9 @@ def test_simmim_vit_is_simmims_own_layer_scale_init_and_weight_decay():
     """SimMIM's ViT-B (microsoft/SimMIM config.py, models/vision_transformer.py, optimizer.py): LayerScale 0.1,
     BEiT's init (trunc-normal cut at +-1 std, depth rescaling), weight decay on all but cls/pos and 1-D."""
     torch.manual_seed(0)
-    m = SimMIM(tiny())
+    m = SimMIM.from_config(tiny())
     assert all((b.ls1.gamma == 0.1).all() and (b.ls2.gamma == 0.1).all() for b in m.encoder.blocks)
-    assert not hasattr(SimMIM(tiny("model.layer_scale=0")).encoder.blocks[0].ls1, "gamma")
+    assert not hasattr(SimMIM.from_config(tiny("model.layer_scale=0")).encoder.blocks[0].ls1, "gamma")
     assert m.encoder.blocks[0].mlp.fc1.weight.abs().max() <= 0.02 and m.mask_token.abs().max() <= 0.02
     assert m.encoder.blocks[1].attn.proj.weight.abs().max() <= 0.02 / 2  # block 2: divided by sqrt(2 * 2)
     names = {id(p): n for n, p in m.named_parameters()}
@@ -87,7 +87,7 @@ def test_simmim_vit_is_simmims_own_layer_scale_init_and_weight_decay():
     decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
     assert "mask_token" in decayed and "encoder.cls_token" not in decayed and "head.weight" in decayed
     # SimMIM's ViT-B proper: shared relative position bias, no absolute position (a beit_* name)
-    b = SimMIM(tiny("model.name=beit_base_patch16_224"))
+    b = SimMIM.from_config(tiny("model.name=beit_base_patch16_224"))
     assert b.encoder.pos_embed is None and b.encoder.rel_pos_bias is not None
     assert "encoder.rel_pos_bias.relative_position_bias_table" in {n for n, _ in b.named_parameters()}
     with torch.no_grad():

@@ -51,4 +51,4 @@ def method_class(name: str) -> type[Method]:
 
 
 def build_method(cfg) -> Method:
-    return method_class(cfg.method)(cfg)
+    return method_class(cfg.method).from_config(cfg)

@@ -8,7 +8,29 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import ModelConfig, TokenizerConfig
 from ..data.views import View
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    """What a method is built from besides its own options: the encoder's settings (`model`), the size and
+    normalisation of the run's images, the tokenizer section (BEiT, CIM) and the run's length and seed. A method
+    sees these slices of the run's config, never the whole of it."""
+
+    model: ModelConfig
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    tokenizer: TokenizerConfig
+    epochs: int
+    seed: int
+
+    @classmethod
+    def of(cls, cfg) -> SharedSettings:
+        d = cfg.data
+        return cls(cfg.model, d.image_size, tuple(d.mean), tuple(d.std), cfg.tokenizer, cfg.train.epochs,
+                   cfg.train.seed)  # fmt: skip
 
 
 @dataclass
@@ -47,6 +69,11 @@ class Method(nn.Module):
     @classmethod
     def section_name(cls) -> str:
         return cls.section or cls.name
+
+    @classmethod
+    def from_config(cls, cfg) -> Method:
+        """The method built from a run's config: its own options section and the shared slices it reads."""
+        return cls(cls.options_of(cfg), SharedSettings.of(cfg))
 
     @classmethod
     def options_of(cls, cfg) -> Any:

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError, PositiveFloat, PositiveInt, Probability
+from ..config import ConfigError, PositiveFloat, PositiveInt, Probability, TokenizerConfig
 from ..data.views import View
 from ..masking import block_mask_count, blockwise_masking
 from ..models import vit as V
 from ..models.tokenizer import check_grid, load_tokenizer
-from .base import Method
+from .base import Method, SharedSettings
 
 
 @dataclass
@@ -35,14 +35,14 @@ def check_mask_ratio(key: str, ratio: float, num_patches: int) -> None:
         raise ConfigError(f"{key} {ratio} leaves no masked or no visible patch of {num_patches}")
 
 
-def require_tokenizer(cfg: Config, method: str):
+def require_tokenizer(tokenizer: TokenizerConfig, method: str):
     """The frozen tokenizer named by tokenizer.path, or an error saying how to get one."""
-    if not cfg.tokenizer.path:
+    if not tokenizer.path:
         raise ConfigError(
             f"method {method} needs a tokenizer: set tokenizer.path=DIR (made by `mimkit tokenizer train` "
             "or `mimkit tokenizer import-dalle`)"
         )
-    return load_tokenizer(cfg.tokenizer.path)
+    return load_tokenizer(tokenizer.path)
 
 
 class BEiT(Method):
@@ -52,23 +52,23 @@ class BEiT(Method):
     Options = BEiTOptions
     needs_tokenizer = True
 
-    def __init__(self, cfg: Config, tokenizer=None, options: BEiTOptions | None = None):
-        """`tokenizer`/`options`: given when BEiT is a part of another method (CIM's generator)."""
+    def __init__(self, options: BEiTOptions, shared: SharedSettings, tokenizer=None):
+        """`tokenizer`: given when BEiT is a part of another method (CIM's generator)."""
         super().__init__()
-        o = options or self.options_of(cfg)
+        o = options
         self.options = o
-        self._mean, self._std = cfg.data.mean, cfg.data.std
-        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
+        self._mean, self._std = shared.mean, shared.std
+        self.encoder = V.create_encoder(shared.model, shared.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
         self.grid = V.grid_size(self.encoder)
         self.num_patches = self.grid[0] * self.grid[1]
         self.num_masked = block_mask_count(self.num_patches, o.num_masking_patches, o.mask_ratio, "beit")
         if tokenizer is None:
-            tokenizer = require_tokenizer(cfg, self.name)
+            tokenizer = require_tokenizer(shared.tokenizer, self.name)
         self.tokenizer = tokenizer  # frozen; its weights travel in the checkpoint
-        check_grid(self.tokenizer, cfg.data.image_size, V.patch_size(self.encoder))
+        check_grid(self.tokenizer, shared.image_size, V.patch_size(self.encoder))
         tok_size = self.grid[0] * self.tokenizer.downsample
         # one crop, two resizes: the encoder's view and the tokenizer's (112 px for 224 / DALL-E)
-        self.views = (View("image", cfg.data.image_size), View("tokens", tok_size, "lanczos", normalize="unit"))
+        self.views = (View("image", shared.image_size), View("tokens", tok_size, "lanczos", normalize="unit"))
         dim = self.encoder.embed_dim
         self.lm_head = nn.Linear(dim, self.tokenizer.vocab_size)
         self.mask_token = V.new_mask_token(dim)

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
+from ..config import ConfigError, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from ..data.pipeline import ViewDataset, collate, prepare_batch
 from ..masking import random_masking
 from ..models import vit as V
 from ..models.cim_heads import PixelShuffleHead, TokenLogitHead, generator_model
 from ..targets import normalize_patches, patchify, sliding_window_targets, unpatchify, window_stats
-from .base import Method
+from .base import Method, SharedSettings
 from .beit import BEiT, BEiTOptions, check_mask_ratio, require_tokenizer
 
 __all__ = ["CIMOptions", "CIMResPix", "CIMRevDet", "ResPix", "RevDet", "sliding_window_targets", "window_stats"]
@@ -164,47 +164,49 @@ class CIM(Method):
     needs_tokenizer = True
     Objective: ClassVar[type]  # ResPix | RevDet, set by the registered variants below
 
-    def __init__(self, cfg: Config):
+    def __init__(self, options: CIMOptions, shared: SharedSettings):
         super().__init__()
-        o = self.options_of(cfg)
-        self.options, self._mean, self._std = o, cfg.data.mean, cfg.data.std
+        o = options
+        self.options, self._mean, self._std = o, shared.mean, shared.std
         # made once on the module's device (non-persistent: not in the state dict); used every step
-        self.register_buffer("pixel_mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(shared.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(shared.std).view(1, 3, 1, 1), persistent=False)
         if o.window % 2 == 0:
             raise ConfigError(f"cim.window must be a positive odd number, got {o.window}")
-        size = cfg.data.image_size
-        self.enhancer, self.is_vit = self.build_enhancer(cfg)
-        self.patch = o.generator_patch or (V.patch_size(self.enhancer) if self.is_vit else cfg.model.patch_size)
+        size = shared.image_size
+        self.enhancer, self.is_vit = self.build_enhancer(shared)
+        self.patch = o.generator_patch or (V.patch_size(self.enhancer) if self.is_vit else shared.model.patch_size)
         if self.patch is None:
-            raise ConfigError(f"a CNN enhancer ({cfg.model.name}) has no patch: set cim.generator_patch (pixels/token)")
+            raise ConfigError(
+                f"a CNN enhancer ({shared.model.name}) has no patch: set cim.generator_patch (pixels/token)"
+            )
         if self.is_vit and self.patch != V.patch_size(self.enhancer):
             raise ConfigError(f"cim.generator_patch {self.patch} differs from the ViT enhancer's patch")
         if size % self.patch:
             raise ConfigError(f"data.image_size {size} is not divisible by cim.generator_patch {self.patch}")
         check_mask_ratio("cim.mask_ratio", o.mask_ratio, (size // self.patch) ** 2)
         # the generator: a small BEiT over the same tokenizer (its cross-entropy is the generator loss)
-        tokenizer = require_tokenizer(cfg, "cim")
+        tokenizer = require_tokenizer(shared.tokenizer, "cim")
         if tokenizer.vocab_size != o.vocab_size and o.vocab_size:
             raise ConfigError(f"cim.vocab_size {o.vocab_size} != the tokenizer's codebook size {tokenizer.vocab_size}")
         gen_options = BEiTOptions(mask_ratio=o.mask_ratio)  # BEiT's block shapes when cim.mask_mode=block
-        # BEiT reads its encoder from `cfg.model`: a new Config with that one section replaced (the rest shared)
-        gen_cfg = dataclasses.replace(cfg, model=generator_model(cfg.model, o, self.patch))
-        self.generator = BEiT(gen_cfg, tokenizer=tokenizer, options=gen_options)
+        # BEiT reads its encoder from `shared.model`: the generator's settings in its place, the rest shared
+        gen_shared = dataclasses.replace(shared, model=generator_model(shared.model, o, self.patch))
+        self.generator = BEiT(gen_options, gen_shared, tokenizer=tokenizer)
         self.grid = V.grid_size(self.generator.encoder)
         self.num_patches = self.grid[0] * self.grid[1]
         self.views = self.generator.views  # the image and the same crop at the tokenizer's input size
         self.objective = self.Objective(o, self.patch, self.grid)
-        self.head = self.build_head(cfg, size)
+        self.head = self.build_head(shared, size)
 
     # ---- construction ------------------------------------------------------------------------------------
-    def build_enhancer(self, cfg: Config) -> tuple[nn.Module, bool]:
-        name = cfg.model.name
+    def build_enhancer(self, shared: SharedSettings) -> tuple[nn.Module, bool]:
+        name = shared.model.name
         if name.startswith(("vit_", "deit_", "beit_")):
-            return V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True), True
+            return V.create_encoder(shared.model, shared.image_size, allow_beit=True), True
         if not timm.is_model(name):
             raise ConfigError(f"model.name '{name}' is not a timm model")
-        kwargs = {"num_classes": 0, "drop_path_rate": cfg.model.drop_path}
+        kwargs = {"num_classes": 0, "drop_path_rate": shared.model.drop_path}
         if self.options.cnn_output_stride != 32:
             kwargs["output_stride"] = self.options.cnn_output_stride
         try:
@@ -213,7 +215,7 @@ class CIM(Method):
             raise ConfigError(f"model.name '{name}' does not accept cim.cnn_output_stride: {e}") from None
         return cnn, False
 
-    def build_head(self, cfg: Config, size: int) -> nn.Module:
+    def build_head(self, shared: SharedSettings, size: int) -> nn.Module:
         if self.is_vit:
             return self.objective.vit_head(self.enhancer.embed_dim)
         with torch.no_grad():
@@ -221,7 +223,7 @@ class CIM(Method):
         side = fmap.shape[-1]
         if size % side or not self.objective.cnn_map_fits(side):
             raise ConfigError(
-                f"model.name '{cfg.model.name}' gives a {fmap.shape[-2]}x{side} feature map at {size} px, "
+                f"model.name '{shared.model.name}' gives a {fmap.shape[-2]}x{side} feature map at {size} px, "
                 f"which does not fit the {self.grid[0]}x{self.grid[1]} token grid (set cim.cnn_output_stride 8|16|32)"
             )
         return self.objective.cnn_head(fmap.shape[1], size // side)

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Probability
+from ..config import ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.ccrop import outline_boxes
 from ..data.views import View
 from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..masking import gather_tokens
 from ..models import vit as V
+from .base import SharedSettings
 from .mae import MAE, MAEOptions, init_mae_weights
 from .parts import MomentumTeacher, ViewColour, info_nce, ln_mlp
 
@@ -106,12 +107,12 @@ class CMAE(MAE):
     section = "cmae"  # the section it had as `cmae` (recipes and runs keep working)
     Options = CMAEOptions
 
-    def __init__(self, cfg: Config):
-        o = self.options_of(cfg)
+    def __init__(self, options: CMAEOptions, shared: SharedSettings):
+        o = options
         check_options(o)
-        super().__init__(cfg)
+        super().__init__(options, shared)
         self.weights = {t: getattr(o, f"{t}_weight") for t in TASKS}
-        self.pixel_mean, self.pixel_std = tuple(cfg.data.mean), tuple(cfg.data.std)
+        self.pixel_mean, self.pixel_std = tuple(shared.mean), tuple(shared.std)
         dim = self.encoder.embed_dim
         if not self.weights["rec"]:
             del self.decoder
@@ -119,12 +120,12 @@ class CMAE(MAE):
         self.target_projector = self.target_vit = None
         self.exported_teacher = False
         if self.weights["contrast"]:
-            size = cfg.data.image_size
+            size = shared.image_size
             color = color_spec(o)
             online = color if o.color_views == "both" else None
             target = color if o.color_views in ("both", "target") else None
             self.views = (View("image", size, color=online), View("target", size, crop_group=1, color=target))
-            self.color = ViewColour(self.views, cfg.data.mean, cfg.data.std)
+            self.color = ViewColour(self.views, shared.mean, shared.std)
             self.projector = ln_mlp(dim, o.proj_hidden, o.proj_dim)
             self.predictor = ln_mlp(o.proj_dim, o.proj_hidden, o.proj_dim) if o.predictor else nn.Identity()
             init_mae_weights(self.projector)

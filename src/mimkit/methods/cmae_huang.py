@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config, ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Probability
+from ..config import ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.views import View
 from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..masking import cell_masking, mask_cell
 from ..models import vit as V
 from ..models.decoder import MaskedDecoder
+from .base import SharedSettings
 from .mae import MAE, MAEOptions, init_mae_weights
 from .parts import MomentumTeacher, ViewColour, bn_mlp, info_nce
 
@@ -63,10 +64,10 @@ class CMAEHuang(MAE):
     name = "cmae-huang"
     Options = CMAEHuangOptions
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def __init__(self, options: CMAEHuangOptions, shared: SharedSettings):
+        super().__init__(options, shared)
         o = self.options
-        size = cfg.data.image_size
+        size = shared.image_size
         self.cell = mask_cell(o.mask_patch_size, self.patch, "cmae-huang.mask_patch_size")
         if self.grid[0] % self.cell or self.grid[1] % self.cell:
             raise ConfigError(f"cmae-huang.mask_patch_size: cells of {self.cell} patches do not tile {self.grid}")
@@ -77,7 +78,7 @@ class CMAEHuang(MAE):
         self.views = (View("image", size + self.pad),)  # one crop; both windows are cut from it on the device
         color = ColorSpec(tuple(o.color_jitter), o.color_jitter_p, o.color_grayscale_p, o.color_blur_p)
         self.target_view = View("target", size, color=color)  # not loaded: cut from "image", then recoloured
-        self.color = ViewColour((self.target_view,), cfg.data.mean, cfg.data.std)
+        self.color = ViewColour((self.target_view,), shared.mean, shared.std)
         dim = self.encoder.embed_dim
         self.feature_decoder = MaskedDecoder(
             dim, o.decoder_dim, o.feature_decoder_depth, o.decoder_heads, self.grid, out_dim=dim,

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
+from ..config import ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.views import View
 from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..masking import block_mask_count, blockwise_masking, coarse_random_masking, mask_cell
 from ..models import vit as V
-from .base import Method
+from .base import Method, SharedSettings
 from .parts import MomentumTeacher, ViewColour
 
 
@@ -120,17 +120,17 @@ class ConMIM(Method):
     name = "conmim"
     Options = ConMIMOptions
 
-    def __init__(self, cfg: Config):
+    def __init__(self, options: ConMIMOptions, shared: SharedSettings):
         super().__init__()
-        o = self.options_of(cfg)
+        o = options
         self.options = o
         # one view, the student's; the teacher's is the same crop strongly perturbed on the device (not loaded)
-        self.views = (View("image", cfg.data.image_size),)
-        self.teacher_view = View("teacher", cfg.data.image_size, color=teacher_colour(o))
-        self.color = ViewColour((self.teacher_view,), cfg.data.mean, cfg.data.std)
+        self.views = (View("image", shared.image_size),)
+        self.teacher_view = View("teacher", shared.image_size, color=teacher_colour(o))
+        self.color = ViewColour((self.teacher_view,), shared.mean, shared.std)
         # beit_*: the reference's encoder (shared relative position bias, no absolute position); vit_*: fixed sin-cos
         # absolute positions, as MAE (mimkit's variant, docs/methods.md); LayerScale 0.1 unless model.layer_scale
-        vit = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
+        vit = V.create_encoder(shared.model, shared.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
         if getattr(vit, "pos_embed", None) is not None and not o.center_teacher:
             warnings.warn(
                 "conmim: the encoder has absolute positions and conmim.center_teacher is off, so the loss can be "
@@ -153,7 +153,7 @@ class ConMIM(Method):
         self.teacher = MomentumTeacher(self.student, o.momentum, o.momentum_final, eval_mode=False,
                                        rule=o.momentum_rule, half_life=o.momentum_half_life)  # fmt: skip
         self.exported = "teacher" if o.export_encoder == "auto" else o.export_encoder
-        self.bank_seed = cfg.train.seed
+        self.bank_seed = shared.seed
         self.register_buffer("mask_bank", None, persistent=False)  # built on first use (conmim.mask_bank > 0)
 
     @property

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
+from ..config import ConfigError, NonNegInt, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.views import View
 from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..models import vit as V
-from .base import Method
+from .base import Method, SharedSettings
 from .parts import DINOHead, MomentumTeacher, TeacherCentre, ViewColour, perturb_views
 
 
@@ -116,14 +116,14 @@ class DINO(Method):
     name = "dino"
     Options = DINOOptions
 
-    def __init__(self, cfg: Config):
+    def __init__(self, options: DINOOptions, shared: SharedSettings):
         super().__init__()
-        o = self.options_of(cfg)
-        self.options, self.epochs = o, cfg.train.epochs
-        vit = V.create_encoder(cfg.model, cfg.data.image_size, sincos_pos=False)  # learned, interpolated
-        check_options(o, cfg.data.image_size, V.patch_size(vit))
-        self.views = multi_crop_views(o, cfg.data.image_size, V.patch_size(vit))
-        self.color = ViewColour(self.views, cfg.data.mean, cfg.data.std)
+        o = options
+        self.options, self.epochs = o, shared.epochs
+        vit = V.create_encoder(shared.model, shared.image_size, sincos_pos=False)  # learned, interpolated
+        check_options(o, shared.image_size, V.patch_size(vit))
+        self.views = multi_crop_views(o, shared.image_size, V.patch_size(vit))
+        self.color = ViewColour(self.views, shared.mean, shared.std)
         head = DINOHead(vit.embed_dim, o.out_dim, o.head_hidden, o.head_bottleneck, 3, o.norm_last_layer, o.head_bn)
         self.student = nn.ModuleDict({"vit": vit, "head": head})
         self.teacher = MomentumTeacher(  # starts as the student

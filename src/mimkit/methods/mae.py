@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, NonNegFloat, PositiveInt
+from ..config import ConfigError, NonNegFloat, PositiveInt
 from ..data.views import View
 from ..masking import gather_tokens, random_masking
 from ..models import vit as V
 from ..models.decoder import MaskedDecoder
 from ..targets import normalize_patches, patchify, unpatchify
-from .base import Method
+from .base import Method, SharedSettings
 
 
 @dataclass
@@ -44,14 +44,14 @@ class MAE(Method):
     name = "mae"
     Options = MAEOptions
 
-    def __init__(self, cfg: Config):
+    def __init__(self, options: MAEOptions, shared: SharedSettings):
         super().__init__()
-        o = self.options_of(cfg)
+        o = options
         if not 0.0 < o.mask_ratio < 1.0:
             raise ConfigError(f"{self.section_name()}.mask_ratio must be in (0, 1), got {o.mask_ratio}")
         self.options = o
-        self.views = (View("image", cfg.data.image_size),)
-        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size)
+        self.views = (View("image", shared.image_size),)
+        self.encoder = V.create_encoder(shared.model, shared.image_size)
         self.patch = V.patch_size(self.encoder)
         self.grid = V.grid_size(self.encoder)
         self.num_patches = self.grid[0] * self.grid[1]

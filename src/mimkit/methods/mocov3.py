@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config, ConfigError, PositiveFloat, PositiveInt, Probability
+from ..config import ConfigError, PositiveFloat, PositiveInt, Probability
 from ..data.augment import ColorSpec
 from ..data.views import View
 from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..models import vit as V
-from .base import Method
+from .base import Method, SharedSettings
 from .parts import MomentumTeacher, ViewColour, bn_mlp, info_nce
 
 
@@ -96,20 +96,20 @@ class MoCoV3(Method):
     name = "mocov3"
     Options = MoCoV3Options
 
-    def __init__(self, cfg: Config):
+    def __init__(self, options: MoCoV3Options, shared: SharedSettings):
         super().__init__()
-        o = self.options_of(cfg)
+        o = options
         check_options(o)
         self.options = o
-        size = cfg.data.image_size
+        size = shared.image_size
         # two independent crops, each with its own colour (blur and solarize differ per view), on the device
         spec = dict(
             jitter=tuple(o.jitter), jitter_p=o.jitter_p, grayscale_p=o.grayscale_p, blur_sigma=tuple(o.blur_sigma)
         )
         color = [ColorSpec(**spec, blur_p=o.blur_p[i], solarize_p=o.solarize_p[i], blur_reference=None) for i in (0, 1)]
         self.views = (View("image", size, color=color[0]), View("target", size, crop_group=1, color=color[1]))
-        self.color = ViewColour(self.views, cfg.data.mean, cfg.data.std)
-        vit = V.create_encoder(cfg.model, size)
+        self.color = ViewColour(self.views, shared.mean, shared.std)
+        vit = V.create_encoder(shared.model, size)
         init_mocov3_vit(vit)
         if o.freeze_patch_embed:
             vit.patch_embed.requires_grad_(False)

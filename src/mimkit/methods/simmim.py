@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, PositiveInt
+from ..config import ConfigError, PositiveInt
 from ..data.views import View
 from ..masking import coarse_random_masking, mask_cell
 from ..models import vit as V
 from ..targets import patchify, unpatchify
-from .base import Method
+from .base import Method, SharedSettings
 
 
 @dataclass
@@ -31,20 +31,20 @@ class SimMIM(Method):
     name = "simmim"
     Options = SimMIMOptions
 
-    def __init__(self, cfg: Config):
+    def __init__(self, options: SimMIMOptions, shared: SharedSettings):
         super().__init__()
-        o = self.options_of(cfg)
+        o = options
         self.options = o
-        self.views = (View("image", cfg.data.image_size),)
+        self.views = (View("image", shared.image_size),)
         # vit_*: timm's ViT with fixed sin-cos positions; beit_*: SimMIM's own ViT-B (shared relative position bias,
         # no absolute position); both with LayerScale 0.1 unless model.layer_scale says otherwise
-        self.encoder = V.create_encoder(cfg.model, cfg.data.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
+        self.encoder = V.create_encoder(shared.model, shared.image_size, allow_beit=True, layer_scale=LAYER_SCALE)
         self.patch = V.patch_size(self.encoder)
         self.grid = V.grid_size(self.encoder)
         self.cell = mask_cell(o.mask_patch_size, self.patch, "simmim.mask_patch_size")
         if self.grid[0] % self.cell or self.grid[1] % self.cell:
             px = self.cell * self.patch
-            raise ConfigError(f"simmim.mask_patch_size {px} does not tile the {cfg.data.image_size} px image")
+            raise ConfigError(f"simmim.mask_patch_size {px} does not tile the {shared.image_size} px image")
         cells = (self.grid[0] // self.cell) * (self.grid[1] // self.cell)
         if not 0.0 < o.mask_ratio < 1.0 or math.ceil(o.mask_ratio * cells) >= cells:
             raise ConfigError(f"simmim.mask_ratio {o.mask_ratio} leaves no masked or no visible cell of {cells}")
