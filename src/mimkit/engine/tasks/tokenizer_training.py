@@ -42,7 +42,7 @@ class TokenizerTraining(Method):
             raise ConfigError("eval.knn_every: a tokenizer has no features for k-NN; set eval.knn_every=0")
         if t.restart_every < 0 or t.eval_images < 1:
             raise ConfigError("tokenizer.restart_every must be >= 0 and tokenizer.eval_images >= 1")
-        self.cfg = t
+        self.options = t
         self.mean, self.std = cfg.data.mean, cfg.data.std
         self.views = (View("image", cfg.data.image_size, normalize="unit"),)
         if tokenizer is None:
@@ -67,7 +67,7 @@ class TokenizerTraining(Method):
     def loss(self, recon: torch.Tensor, x: torch.Tensor, commit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) x2 in [0, 1], scalar -> (loss, reconstruction MSE)."""
         mse = F.mse_loss(recon, x)
-        return mse + self.cfg.commitment * commit, mse
+        return mse + self.options.commitment * commit, mse
 
     def usage(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, h, w) ids -> perplexity of the batch's code distribution and the fraction of codes it uses."""
@@ -94,11 +94,11 @@ class TokenizerTraining(Method):
             self.restarted += self.encoder.codebook.restart_dead()
 
     def after_step(self, step: int, total_steps: int) -> None:
-        if self.cfg.restart_every and step % self.cfg.restart_every == 0:
+        if self.options.restart_every and step % self.options.restart_every == 0:
             self.restart_dead_codes()
 
     def on_epoch_end(self, ctx) -> dict:
-        if not self.cfg.restart_every:
+        if not self.options.restart_every:
             self.restart_dead_codes()
         restarted = int(self.restarted)
         self.restarted.zero_()
@@ -114,7 +114,7 @@ class TokenizerTraining(Method):
         """PSNR (mean over images of the per-image value, reconstructions clamped to [0, 1] against the 8-bit
         originals) and codebook usage on up to `tokenizer.eval_images` centre-cropped held-out images."""
         held_out = splits.query is not None
-        source = seeded_subset(splits.query if held_out else splits.train, self.cfg.eval_images, cfg.train.seed)
+        source = seeded_subset(splits.query if held_out else splits.train, self.options.eval_images, cfg.train.seed)
         loader = eval_loader(ViewDataset(source, self.views, cfg.data, cfg.train.seed, train=False),
                              cfg.train.batch_size, cfg.data.num_workers)  # fmt: skip
         was_training = self.training
