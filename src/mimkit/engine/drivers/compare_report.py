@@ -17,7 +17,7 @@ def write_report(out: Path, results: dict, evals: list[str]) -> None:
     replace_text(out / "report.json", json.dumps(results, indent=2) + "\n")
     seeds = results.get("seeds", [0])
     head = "| method | epochs | pre-train s | eval s | " + " | ".join(evals) + " |"
-    lines = [f"# mimkit compare: {results['data']}, {results['model']}, budget {results['budget']}", "",
+    lines = [f"# mimkit compare: {data_name(results['data'])}, {results['model']}, budget {results['budget']}", "",
              *budget_lines(results), *seed_lines(seeds), "", head, "|" + "---|" * (4 + len(evals))]  # fmt: skip
     rows = results["methods"]
     for name, r in rows.items():
@@ -112,11 +112,11 @@ def budget_lines(results: dict) -> list[str]:
     runs = [*results["methods"].values(), results["scratch"], *results.get("step0", {}).values()]
     pretrain_s = sum(r.get("pretrain_seconds") or 0 for r in runs) + results.get("tokenizer", {}).get("seconds", 0)
     eval_s = sum(r.get("eval_seconds", 0) for r in runs)
-    per = " (means over seeds)" if len(results.get("seeds", [0])) > 1 else ""
+    per = ": means over seeds" if len(results.get("seeds", [0])) > 1 else ""
     return [
         f"Budget: {results['budget']} of pre-training per method (BEiT and CIM: their tokenizer's included); "
-        f"{pretrain_s:.0f} s of pre-training in all (`pre-train s`{per}; with eval.knn_every the k-NN monitor's "
-        "time is inside it).",
+        f"{pretrain_s:.0f} s of pre-training in all (`pre-train s`{per}; the k-NN monitor's time, with "
+        "eval.knn_every, is inside it).",
         f"Evaluation (k-NN, linear probe, fine-tuning) is outside the budget: {eval_s:.0f} s in all (`eval s`); "
         "the command's wall time is both plus the few steps timed per method to size its epochs.",
     ]
