@@ -172,7 +172,7 @@ def plot_report(out: Path, results: dict, evals: list[str]) -> None:
                            label="step 0 (same encoder)" if j == 0 else None)  # fmt: skip
     ax_acc.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax_acc.set_ylabel("top-1")
-    ax_acc.set_title(plot_title(results))
+    ax_acc.set_title(plot_title(results), fontsize=8)
     ax_acc.legend(fontsize=8)
     seeds = results.get("seeds", [0])
     for name in results["methods"]:
