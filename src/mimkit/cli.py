@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import build_config
 from .errors import MimkitError, TrainingError, write_failure
-from .run_config import downstream_config, flag_overrides, pretrain_config
+from .run_config import demo_tokenizer, downstream_config, flag_overrides, pretrain_config
 
 EXIT_BAD_INPUT = 2
 
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train mimkit's VQ-VAE image tokenizer (EMA codebook, dead-code restarts) with the "
         "training loop: same data and budget flags as `mimkit pretrain`, resumable. Reports held-out "
         "reconstruction PSNR and codebook usage; writes the tokenizer to <out>/tokenizer (pass "
-        "tokenizer.path=<out> to BEiT/CIM).",
+        "tokenizer.path=<out> to BEiT/CIM). With no --data: the built-in demo's tokenizer (recipe tokenizer-demo), "
+        "which `mimkit pretrain --method beit` on the demo also trains by itself.",
     )
     _run_flags(
         t,
@@ -197,7 +198,13 @@ DOWNSTREAM = {
 def cmd_pretrain(args) -> int:
     from .engine.pretrain import pretrain
 
-    pretrain(pretrain_config(args))
+    cfg = pretrain_config(args)
+    tokenizer = demo_tokenizer(cfg, args.overrides)  # BEiT/CIM on the demo without tokenizer.path: train it first
+    if tokenizer is not None:
+        from .engine.tokenizer import train_tokenizer
+
+        train_tokenizer(tokenizer)
+    pretrain(cfg)
     return 0
 
 
