@@ -17,6 +17,7 @@ from .run_config import demo_tokenizer, downstream_config, flag_overrides, pretr
 
 EXIT_BAD_INPUT = 2
 
+
 def _run_flags(p, *, out_default: str, config_example: str, override_example: str) -> None:
     """The data, budget and override flags of every command that trains."""
     p.add_argument("--config", help=f"a recipe YAML file or a packaged recipe's name (e.g. {config_example})")
@@ -332,8 +333,11 @@ def cmd_methods(args) -> int:
     section = cls.section_name()
     lines = option_lines(cls.Options, section)
     print(f"{args.name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-    print(f"options (set as {section}.key=value; shared sections: model, data, optim, train, eval, tokenizer):"
-          if lines else "no options of its own (shared sections: model, data, optim, train, eval, tokenizer)")
+    print(
+        f"options (set as {section}.key=value; shared sections: model, data, optim, train, eval, tokenizer):"
+        if lines
+        else "no options of its own (shared sections: model, data, optim, train, eval, tokenizer)"
+    )
     print("\n".join(lines))
     return 0
 

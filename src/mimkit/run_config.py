@@ -92,8 +92,10 @@ def small_image_patch(cfg: Config, chosen: bool) -> str | None:
     if patch is None:
         return None
     m.patch_size = patch
-    return (f"model {m.name} with model.patch_size={patch}: {size // patch}x{size // patch} tokens at {size} px (its "
-            f"own patch {own} would give {size // own}x{size // own}); --model or model.patch_size=N chooses")
+    return (
+        f"model {m.name} with model.patch_size={patch}: {size // patch}x{size // patch} tokens at {size} px (its "
+        f"own patch {own} would give {size // own}x{size // own}); --model or model.patch_size=N chooses"
+    )
 
 
 def pretrain_config(args, kind: str = "pretrain"):
@@ -168,5 +170,3 @@ def downstream_config(args, recipe: str):
         data = _data_name(cfg)
         cfg.out = f"runs/{recipe}-{source}" + ("" if source.endswith(f"-{data}") else f"-{data}")
     return cfg
-
-
