@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import TINY
 
 from mimkit.cli import main
 from mimkit.config import ConfigError
@@ -335,3 +336,31 @@ def test_visualize_tokenizer_path_that_does_not_exist(tmp_path, capsys, labeled_
     argv = ["visualize", "--checkpoint", str(missing), "--data", str(labeled_folder), "--out", str(tmp_path / "v.png")]
     assert main(argv) == 2
     assert f"tokenizer path '{missing}' is not a tokenizer folder" in capsys.readouterr().err
+
+
+def test_beit_on_the_demo_trains_the_demo_tokenizer_first_and_reuses_it(tmp_path, capsys):
+    out = tmp_path / "beit-demo"
+    tiny = [t for t in TOK if not t.startswith(("optim.", "tokenizer.restart"))]  # the pre-training's optim
+    argv = ["pretrain", "--method", "beit", "--out", str(out), "--max-images", "32", "--epochs", "1", *TINY, *tiny,
+            "tokenizer.eval_images=16", "beit.min_block_patches=2"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"training the demo's first (20 epochs, recipe tokenizer-demo) into '{out / 'tokenizer'}'" in printed
+    tok = json.loads((out / "tokenizer" / "summary.json").read_text())
+    assert tok["vocab_size"] == 32 and tok["steps"] > 0  # the user's tokenizer.* overrides reach it
+    summary = json.loads((out / "summary.json").read_text())
+    assert "knn_top1" in summary and summary["method"] == "beit"
+    assert f"path: {out / 'tokenizer'}" in (out / "config.yaml").read_text()
+    assert main(argv) == 0  # a re-run reuses the finished tokenizer (and reports the finished run again)
+    printed = capsys.readouterr().out
+    assert f"beit: reusing the demo tokenizer in '{out / 'tokenizer'}'" in printed and "psnr" not in printed
+
+
+@pytest.mark.parametrize("method", ["beit", "cim-respix"])
+def test_tokenizer_methods_on_user_data_name_the_command(tmp_path, capsys, labeled_folder, method):
+    out = tmp_path / "run"
+    code = main(["pretrain", "--method", method, "--data", str(labeled_folder), "--out", str(out), *TINY])
+    err = capsys.readouterr().err
+    command = f"`mimkit tokenizer train --data {labeled_folder} --image-size 16 --out runs/tokenizer-data "
+    assert code == 2 and err.count("\n") == 1 and command + "tokenizer.downsample=4`" in err
+    assert "tokenizer.path=runs/tokenizer-data " in err and not out.exists()

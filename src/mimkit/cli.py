@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import MimkitError, TrainingError, write_failure
-from .run_config import build_config, downstream_config, flag_overrides, pretrain_config
+from .run_config import build_config, demo_tokenizer, downstream_config, flag_overrides, pretrain_config
 
 EXIT_BAD_INPUT = 2
 
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train mimkit's VQ-VAE image tokenizer (EMA codebook, dead-code restarts) with the "
         "training loop: same data and budget flags as `mimkit pretrain`, resumable. Reports held-out "
         "reconstruction PSNR and codebook usage; writes the tokenizer to <out>/tokenizer (pass "
-        "tokenizer.path=<out> to BEiT/CIM).",
+        "tokenizer.path=<out> to BEiT/CIM). With no --data: the built-in demo's tokenizer (recipe tokenizer-demo), "
+        "which `mimkit pretrain --method beit` on the demo also trains by itself.",
     )
     _run_flags(
         t,
@@ -203,7 +204,13 @@ DOWNSTREAM = {
 def cmd_pretrain(args) -> int:
     from .engine.tasks.pretrain import pretrain
 
-    pretrain(pretrain_config(args))
+    cfg = pretrain_config(args)
+    tokenizer = demo_tokenizer(cfg, args.overrides)  # BEiT/CIM on the demo without tokenizer.path: train it first
+    if tokenizer is not None:
+        from .engine.tasks.tokenizer_training import train_tokenizer
+
+        train_tokenizer(tokenizer)
+    pretrain(cfg)
     return 0
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
-from .config import Config
+from .config import Config, ConfigError
 from .config_schema import apply_updates
 from .config_yaml import apply_layers, read_yaml
 
@@ -130,14 +131,56 @@ def small_image_patch(cfg: Config, chosen: bool) -> str | None:
 
 def pretrain_config(args, kind: str = "pretrain"):
     files = [args.config] if args.config else []
-    if not files and kind == "pretrain" and args.data in (None, "demo"):
-        files = ["demo"]  # the packaged demo recipe
+    if not files and args.data in (None, "demo"):
+        files = ["demo" if kind == "pretrain" else f"{kind}-demo"]  # the packaged demo recipe
     cfg = build_config(files, flag_overrides(args), args.overrides)
     if _default_out(args, files):
         cfg.out = f"runs/{cfg.method if kind == 'pretrain' else kind}-{_data_name(cfg)}"
     if kind == "pretrain":
         say_first(small_image_patch(cfg, names_model(files, args)))
     return cfg
+
+
+DEMO_TOKENIZER = "tokenizer-demo"  # the packaged recipe of the demo's VQ tokenizer
+
+
+def demo_tokenizer(cfg: Config, overrides: list[str]) -> Config | None:
+    """BEiT and CIM read their targets from a tokenizer (`tokenizer.path`). When the user named none: on the built-in
+    demo, point `cfg` at `<out>/tokenizer` and -> the config of the demo tokenizer to train there first (the
+    `tokenizer-demo` recipe at the run's image size, patch, seed, subset and device, with the user's `tokenizer.*`
+    overrides), or None when a finished one is there (a re-run reuses it); on other data, an error giving the
+    command that makes one. None as well when the method needs no tokenizer or has one."""
+    from .methods import method_class  # torch: not for `mimkit --help`
+    from .models.vit import resolve_patch_size
+    from .runtime import is_vit
+
+    if not method_class(cfg.method).needs_tokenizer or cfg.tokenizer.path:
+        return None
+    m = cfg.model
+    patch = resolve_patch_size(m.name, m.patch_size) if is_vit(m.name) else m.patch_size  # a CNN: the generator's
+    if cfg.data.path != "demo":
+        out = f"runs/tokenizer-{_data_name(cfg)}"
+        down = f" tokenizer.downsample={patch}" if patch else ""
+        raise ConfigError(
+            f"method {cfg.method} needs a tokenizer: train one on this data first with `mimkit tokenizer train "
+            f"--data {shlex.quote(cfg.data.path)} --image-size {cfg.data.image_size} --out {out}{down}`, then add "
+            f"tokenizer.path={out} (or convert DALL-E's: `mimkit tokenizer import-dalle`)"
+        )
+    folder = Path(cfg.out) / "tokenizer"
+    cfg.tokenizer.path = str(folder)
+    if (folder / "summary.json").is_file():  # written last, after the export: a finished tokenizer run
+        say_first(f"{cfg.method}: reusing the demo tokenizer in '{folder}' (tokenizer.path={folder})")
+        return None
+    run = {
+        "out": str(folder),
+        "data": {"image_size": cfg.data.image_size, "max_images": cfg.data.max_images},
+        "train": {"seed": cfg.train.seed, "device": cfg.train.device, "precision": cfg.train.precision},
+        "tokenizer": {"downsample": patch or 4},
+    }
+    tok = build_config([DEMO_TOKENIZER], run, [o for o in overrides if o.startswith("tokenizer.")])
+    say_first(f"{cfg.method} reads its targets from a VQ tokenizer and none was given (tokenizer.path): training the "
+              f"demo's first ({tok.train.epochs} epochs, recipe {DEMO_TOKENIZER}) into '{folder}'")  # fmt: skip
+    return tok
 
 
 def say_first(line: str | None) -> None:
