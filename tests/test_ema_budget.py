@@ -89,7 +89,10 @@ def test_paper_recipes_keep_their_published_momentum(recipe, section, base):
 def test_small_recipes_and_the_demo_use_the_budget_rule(recipe):
     cfg = build_config([recipe])
     for section in ("conmim", "cmae", "mocov3"):
-        assert getattr(cfg, section).momentum_rule == "budget", (recipe, section)
+        # the demo's ConMIM keeps the reference's fixed 0.996: measured 0.852 against the rule's 0.752 on the
+        # digits (docs/results.md, "Teachers and ConMIM")
+        expected = "fixed" if (recipe, section) == ("demo", "conmim") else "budget"
+        assert getattr(cfg, section).momentum_rule == expected, (recipe, section)
 
 
 @pytest.mark.parametrize("method", ["conmim", "cmae", "mocov3"])
