@@ -289,25 +289,19 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.tasks.pretrain import data_name, export_method, method_from_checkpoint
+    from .engine.tasks.pretrain import data_name, export_method, method_from_checkpoint, reapply_export_choice
 
     method, cfg, state = method_from_checkpoint(args.checkpoint)
-    card = {
-        "method": cfg.method,
-        "data": data_name(cfg.data.path),
-        "epochs": state["run"]["epoch"],
-        "steps": state["run"]["step"],
-    }
-    summary = Path(args.checkpoint).parent.parent / "summary.json"  # the run's final k-NN, when it has one
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        if "knn" in s:
-            card["knn"] = s["knn"]
+    card = {"method": cfg.method, "data": data_name(cfg.data.path), "epochs": state["run"]["epoch"],
+            "steps": state["run"]["step"]}  # fmt: skip
+    summary_file = Path(args.checkpoint).parent.parent / "summary.json"  # the run's final k-NN and export choice
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if "knn" in summary:
+        card["knn"] = summary["knn"]
+    which = reapply_export_choice(method, summary)
     out = export_method(method, cfg, args.out, card)
-    print(
-        f"exported the {cfg.method} encoder to '{out}'; load it with "
-        f"timm.create_model('local-dir:{out}', pretrained=True)"
-    )
+    print(f"exported {which or 'the ' + cfg.method + ' encoder'} to '{out}'; load it with "
+          f"timm.create_model('local-dir:{out}', pretrained=True)")  # fmt: skip
     return 0
 
 

@@ -187,6 +187,8 @@ class PretrainTask(Task):
             say(choice)
         enc_dir = export_method(self.module, cfg, out / "encoder", card)
         summary = {"method": cfg.method, "steps": steps, "encoder": str(enc_dir), "pool": cfg.eval.pool}
+        if choice:  # what `mimkit export --checkpoint` exports again under an 'auto' setting
+            summary["exported_encoder"] = self.module.export_meta()["encoder"]
         say(f"encoder exported to '{enc_dir}' (timm.create_model('local-dir:{enc_dir}', pretrained=True))")
         if cfg.eval.final_knn and self.splits.query is not None:
             fe = self.feature_eval()
@@ -242,6 +244,24 @@ def choose_export(method: Method, cfg: Config, splits: Splits, device, max_image
     scores = ", ".join(f"{n} {v:.4f}" for n, v in top1.items())
     return (f"exported the {best} encoder ({key}=auto: k-NN top-1 {scores} on {len(picked)} training images, half "
             f"as memory, half as queries)")  # fmt: skip
+
+
+def reapply_export_choice(method: Method, summary: dict) -> str | None:
+    """`mimkit export` of a checkpoint: select the encoder the run exported. An explicit setting is applied as is;
+    under 'auto' the choice the run measured (its summary.json), else the fallback. -> one line saying which and why
+    (None for methods with a single encoder)."""
+    options = method.export_options()
+    if options is None:
+        return None
+    key, setting, _, fallback = options
+    if setting != "auto":
+        name, why = setting, f"{key}={setting}"
+    elif summary.get("exported_encoder"):
+        name, why = summary["exported_encoder"], f"{key}=auto: the one the run chose, summary.json"
+    else:
+        name, why = fallback, f"{key}=auto and no summary.json of the run: the fallback"
+    method.select_encoder(name)
+    return f"the {name} encoder ({why})"
 
 
 def data_name(path: str) -> str:
