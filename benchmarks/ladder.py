@@ -13,6 +13,7 @@ command skips everything finished (compare's own resume). OUT/ladder.md gathers 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,38 @@ def copy_missing(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+NAMES = {"mae": "MAE", "cmae-mao": "CMAE (Mao)", "cmae-huang": "CMAE (Huang)", "conmim": "ConMIM",
+         "mocov3": "MoCo v3", "dino": "DINO", "simmim": "SimMIM", "beit": "BEiT", "cim-respix": "CIM ResPix",
+         "cim-revdet": "CIM RevDet"}  # fmt: skip
+
+
+def both_budgets_table(wall: dict, epochs: dict) -> list[str]:
+    """One row per method from the two compare reports (report.json): top-1 mean ± sd and the paired gain over
+    the method's own step-0 encoder at each budget, then the step-0 row (budget-free)."""
+    from mimkit.engine.drivers.compare_report import gain
+
+    def top1(row: dict, key: str) -> str:
+        return f"{row[key]:.3f} ± {row.get(key + '_sd', 0.0):.3f}"
+
+    def gained(row: dict, start: dict, key: str) -> str:
+        mean, sd, clear = gain(row, start, key)
+        return f"{100 * mean:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "") + (" **clear**" if clear else "")
+
+    ep = epochs["budget"].removesuffix("ep")
+    lines = ["| method | wall: epochs | wall k-NN | wall linear | k-NN gain | linear gain | "
+             f"{ep} ep k-NN | {ep} ep linear | k-NN gain | linear gain | step 0 k-NN | step 0 linear |",
+             "|---" * 12 + "|"]  # fmt: skip
+    for name, w in wall["methods"].items():
+        e, start = epochs["methods"][name], wall["step0"][name]  # step 0 is budget-free: one row for both
+        cells = [NAMES.get(name, name), str(w["epochs"])]
+        for row, step0 in ((w, wall["step0"][name]), (e, epochs["step0"][name])):
+            cells += [top1(row, "knn"), top1(row, "linear"), gained(row, step0, "knn"), gained(row, step0, "linear")]
+        lines.append("| " + " | ".join(cells + [top1(start, "knn"), top1(start, "linear")]) + " |")
+    s = wall["scratch"]
+    lines.append(f"| random init (plain timm) | - | {top1(s, 'knn')} | {top1(s, 'linear')} |" + " |" * 8)
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="CIFAR-10 as train/<class>/ + test/<class>/")
@@ -53,15 +86,21 @@ def main() -> None:
     p.add_argument("--max-images", type=int, default=10000, help="training images (a seeded subset per seed)")
     p.add_argument("--eval-images", type=int, default=10000, help="held-out queries (CIFAR-10 has 10,000)")
     p.add_argument("--evals", default="knn,linear")
+    p.add_argument("--table", action="store_true", help="only print the two budgets' table from OUT's reports")
     args = p.parse_args()
     out = Path(args.out)
     wall, epochs = out / "wall", out / "epochs"
-    for seeds in range(min(2, args.seeds), args.seeds + 1):
+    for seeds in range(min(2, args.seeds), args.seeds + 1) if not args.table else ():
         compare(args, args.wall, wall, seeds, [])
         epochs.mkdir(parents=True, exist_ok=True)
         share(wall, epochs)
         compare(args, f"{args.epochs}ep", epochs, seeds, ["eval.knn_every=1"])
-    parts = [f"# CPU ladder: {args.wall} and {args.epochs} epochs per method, {args.seeds} seed(s)", ""]
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (wall, epochs)]
+    table = both_budgets_table(*reports)
+    if args.table:
+        print("\n".join(table))
+        return
+    parts = [f"# CPU ladder: {args.wall} and {args.epochs} epochs per method, {args.seeds} seed(s)", "", *table, ""]
     for name, folder in (("Equal wall-clock", wall), ("Equal epochs", epochs)):
         report = (folder / "report.md").read_text().split("\n", 1)[1]
         parts += [f"## {name} ({folder.name}/report.md, picture {folder.name}/report.png)", report]
