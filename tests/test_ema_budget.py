@@ -89,9 +89,9 @@ def test_paper_recipes_keep_their_published_momentum(recipe, section, base):
 def test_small_recipes_and_the_demo_use_the_budget_rule(recipe):
     cfg = build_config([recipe])
     for section in ("conmim", "cmae", "mocov3"):
-        # the demo's ConMIM keeps the reference's fixed 0.996: measured 0.852 against the rule's 0.752 on the
-        # digits (docs/results.md, "Teachers and ConMIM")
-        expected = "fixed" if (recipe, section) == ("demo", "conmim") else "budget"
+        # ConMIM keeps the reference's fixed 0.996 everywhere: measured better than the rule on the CIFAR-10 ladder
+        # and the digits (docs/methods.md, "Teachers that fit the budget")
+        expected = "fixed" if section == "conmim" else "budget"
         assert getattr(cfg, section).momentum_rule == expected, (recipe, section)
 
 
@@ -100,8 +100,8 @@ def test_every_teacher_moves_by_the_rule(method):
     from helpers import TINY
 
     small = [f"{method}.proj_hidden=32", f"{method}.proj_dim=16"] + (["mocov3.pred_hidden=32"] * (method == "mocov3"))
-    cfg = build_config([], None, [*TINY, f"method={method}", *small, f"{method}.momentum_half_life=0.1"])
-    assert getattr(cfg, method).momentum_rule == "budget"  # the default
+    rule = [f"{method}.momentum_rule=budget"]  # the default, except ConMIM's (fixed: measured better)
+    cfg = build_config([], None, [*TINY, f"method={method}", *small, f"{method}.momentum_half_life=0.1", *rule])
     torch.manual_seed(0)
     m = build_method(cfg)
     teacher = {"conmim": lambda: m.teacher, "cmae": lambda: m.target_vit, "mocov3": lambda: m.momentum}[method]().module
