@@ -168,3 +168,37 @@ def test_the_run_says_its_precision_and_why(tmp_path, capsys, precision):
     described = [line for line in capsys.readouterr().out.splitlines() if line.startswith("toy")]
     assert described and described[0].endswith(f"; precision {rt.precision}")
     assert rt.precision.startswith(precision if precision != "auto" else ("bf16 (auto:", "fp32 (auto:"))
+
+
+class DecayingToyTask(ToyTask):
+    """The toy with AdamW in two groups (the weight decays, the bias not), recording each step's weight decay."""
+
+    def build_optimizer(self, lr):
+        groups = [{"params": [self.model.weight], "weight_decay": self.cfg.optim.weight_decay},
+                  {"params": [self.model.bias], "weight_decay": 0.0}]  # fmt: skip
+        self.seen, self.optimizer = [], torch.optim.AdamW(groups, lr=lr)
+        return self.optimizer
+
+    def after_step(self, step, total):
+        self.seen.append((step, total, [g["weight_decay"] for g in self.optimizer.param_groups]))
+
+
+def test_weight_decay_schedule_is_dinos_cosine_on_the_decaying_groups_only(tmp_path):
+    from mimkit.engine.trainer.optim import weight_decay_at
+
+    cfg = toy_config(tmp_path / "wd", "train.batch_size=16", "optim.weight_decay=0.1", "optim.weight_decay_end=0.5")
+    task = DecayingToyTask(cfg, Runtime(torch.device("cpu"), None))
+    train(task)
+    steps = [s for s, _, _ in task.seen]
+    assert steps == list(range(1, 17)) and all(t == 16 for _, t, _ in task.seen)
+    first, last = task.seen[0][2], task.seen[-1][2]
+    assert first[0] == pytest.approx(0.1) and first[1] == 0.0  # DINO: weight_decay at the first step
+    assert last[1] == 0.0 and 0.49 < last[0] < 0.5
+    for step, total, (wd, bias_wd) in task.seen:
+        assert wd == pytest.approx(weight_decay_at(step - 1, total, 0.1, 0.5)) and bias_wd == 0.0
+    assert weight_decay_at(8, 16, 0.1, 0.5) == pytest.approx(0.3)  # half-way: the mean of the two ends
+    # without weight_decay_end the optimizer's values are left as built
+    plain = DecayingToyTask(toy_config(tmp_path / "plain", "train.batch_size=16", "optim.weight_decay=0.1"),
+                            Runtime(torch.device("cpu"), None))  # fmt: skip
+    train(plain)
+    assert all(g == [0.1, 0.0] for _, _, g in plain.seen)

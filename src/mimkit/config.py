@@ -99,6 +99,8 @@ class OptimConfig:
     lr_batch_divisor: PositiveInt = 256
     min_lr: NonNegFloat = 0.0
     weight_decay: NonNegFloat = 0.05
+    # a per-step cosine from weight_decay to this over the run (DINO's --weight_decay_end 0.4); None = constant
+    weight_decay_end: NonNegFloat | None = None
     betas: tuple[Probability, Probability] = (0.9, 0.95)
     warmup_epochs: NonNegFloat = 1.0
     clip_grad: PositiveFloat | None = None  # max global gradient norm; None = no clipping

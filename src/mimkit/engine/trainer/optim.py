@@ -47,6 +47,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Every group that decays (weight decay > 0 when first seen here) at `weight_decay`; the others stay at 0."""
+    for group in optimizer.param_groups:
+        if group.setdefault("decays", group["weight_decay"] > 0):
+            group["weight_decay"] = weight_decay
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """DINO's weight-decay schedule: a half-cycle cosine from `start` at step 0 to `end` at `total_steps`, no
+    warm-up (its utils.cosine_scheduler, read per iteration)."""
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: float) -> float:
     """Linear warm-up from 0 to `peak` over `warmup_steps`, then half-cycle cosine down to `min_lr`."""
     if step < warmup_steps:

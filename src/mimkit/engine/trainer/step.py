@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...runtime import prepare_for_precision
-from .optim import set_lr
+from .optim import set_lr, set_weight_decay, weight_decay_at
 from .task import Task
 from .window import Window
 
@@ -41,6 +41,9 @@ class StepPath:
     def apply(self, lr: float, step: int, total: int) -> None:
         """Take optimizer step `step` (1-based) of `total` at `lr` with the accumulated gradients."""
         set_lr(self.optimizer, lr)
+        o = self.task.cfg.optim
+        if o.weight_decay_end is not None:  # DINO's schedule; the step index is 0-based there
+            set_weight_decay(self.optimizer, weight_decay_at(step - 1, total, o.weight_decay, o.weight_decay_end))
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad or math.inf)
