@@ -12,10 +12,11 @@ from mimkit.methods import build_method
 from mimkit.run_config import build_config
 
 CMAE_DECODER = ["cmae.decoder_dim=32", "cmae.decoder_depth=1", "cmae.decoder_heads=2"]
+# the budget momentum rule pinned: the default of all three when BEFORE was recorded (ConMIM's is `fixed` since)
 SMALL = {
-    "conmim": ["conmim.proj_hidden=32", "conmim.proj_dim=16"],
-    "cmae-mao": [*CMAE_DECODER, "cmae.proj_hidden=32", "cmae.proj_dim=16"],
-    "mocov3": ["mocov3.proj_hidden=32", "mocov3.proj_dim=16", "mocov3.pred_hidden=32"],
+    "conmim": ["conmim.proj_hidden=32", "conmim.proj_dim=16", "conmim.momentum_rule=budget"],
+    "cmae-mao": [*CMAE_DECODER, "cmae.proj_hidden=32", "cmae.proj_dim=16", "cmae.momentum_rule=budget"],
+    "mocov3": ["mocov3.proj_hidden=32", "mocov3.proj_dim=16", "mocov3.pred_hidden=32", "mocov3.momentum_rule=budget"],
 }
 # the losses of `train_losses` run on the code before the move (commit eb3e075: private teacher copies updated by
 # mimkit.ema.ema_update, ConMIM's own ColorAugment on a [0, 1] view), CPU, float32
