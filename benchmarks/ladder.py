@@ -53,9 +53,13 @@ def both_budgets_table(wall: dict, epochs: dict) -> list[str]:
     from mimkit.engine.drivers.compare_report import gain
 
     def top1(row: dict, key: str) -> str:
-        return f"{row[key]:.3f} ± {row.get(key + '_sd', 0.0):.3f}"
+        if key not in row:  # an evaluation the run did not make (--evals)
+            return "-"
+        return f"{row[key]:.3f}" + (f" ± {row[key + '_sd']:.3f}" if key + "_sd" in row else "")
 
     def gained(row: dict, start: dict, key: str) -> str:
+        if key not in row or key not in start:
+            return "-"
         mean, sd, clear = gain(row, start, key)
         return f"{100 * mean:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "") + (" **clear**" if clear else "")
 
@@ -64,6 +68,8 @@ def both_budgets_table(wall: dict, epochs: dict) -> list[str]:
              f"{ep} ep k-NN | {ep} ep linear | k-NN gain | linear gain | step 0 k-NN | step 0 linear |",
              "|---" * 12 + "|"]  # fmt: skip
     for name, w in wall["methods"].items():
+        if name not in epochs["methods"]:
+            continue
         e, start = epochs["methods"][name], wall["step0"][name]  # step 0 is budget-free: one row for both
         cells = [NAMES.get(name, name), str(w["epochs"])]
         for row, step0 in ((w, wall["step0"][name]), (e, epochs["step0"][name])):
@@ -76,7 +82,7 @@ def both_budgets_table(wall: dict, epochs: dict) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="CIFAR-10 as train/<class>/ + test/<class>/")
+    p.add_argument("--data", help="CIFAR-10 as train/<class>/ + test/<class>/ (not needed with --table)")
     p.add_argument("--out", required=True)
     p.add_argument("--methods", default="all")
     p.add_argument("--config", default="cifar10-ladder16")
@@ -88,6 +94,8 @@ def main() -> None:
     p.add_argument("--evals", default="knn,linear")
     p.add_argument("--table", action="store_true", help="only print the two budgets' table from OUT's reports")
     args = p.parse_args()
+    if not args.table and not args.data:
+        p.error("--data is required (except with --table)")
     out = Path(args.out)
     wall, epochs = out / "wall", out / "epochs"
     for seeds in range(min(2, args.seeds), args.seeds + 1) if not args.table else ():

@@ -39,3 +39,22 @@ def test_export_from_checkpoint_matches_the_runs_export(tmp_path, capsys, labele
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
     student = state[STUDENT[method] + "blocks.0.attn.qkv.weight"]
     assert (chosen == "student") == torch.equal(re_export["blocks.0.attn.qkv.weight"], student)
+
+
+def test_auto_follows_the_runs_recorded_choice_only_at_its_last_step():
+    """Under 'auto', the non-fallback choice recorded for the checkpoint's step is applied; a summary of another
+    step (an earlier checkpoint, a run resumed past it) or none gives the fallback."""
+    from mimkit.engine.tasks.pretrain import reapply_export_choice
+    from mimkit.methods import build_method
+    from mimkit.run_config import build_config
+
+    def conmim():  # the fallback under auto is the teacher
+        return build_method(build_config([], None, [*TINY, "method=conmim", *CASES["conmim"]]))
+
+    m = conmim()
+    assert "the student encoder" in reapply_export_choice(m, {"exported_encoder": "student", "steps": 7}, 7)
+    assert m.export_meta()["encoder"] == "student"
+    for summary, step in (({"exported_encoder": "student", "steps": 7}, 5), ({}, 7)):
+        m = conmim()
+        assert "the teacher encoder" in reapply_export_choice(m, summary, step)
+        assert m.export_meta()["encoder"] == "teacher"

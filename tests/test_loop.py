@@ -202,3 +202,15 @@ def test_weight_decay_schedule_is_dinos_cosine_on_the_decaying_groups_only(tmp_p
                             Runtime(torch.device("cpu"), None))  # fmt: skip
     train(plain)
     assert all(g == [0.1, 0.0] for _, _, g in plain.seen)
+
+
+def test_weight_decay_schedule_without_decaying_groups_is_a_config_error(tmp_path):
+    from mimkit.config import ConfigError
+    from mimkit.engine.trainer.optim import param_groups
+
+    cfg = toy_config(tmp_path / "wd0", "train.batch_size=16", "optim.weight_decay=0", "optim.weight_decay_end=0.5")
+    with pytest.raises(ConfigError, match="optim.weight_decay_end"):
+        train(DecayingToyTask(cfg, Runtime(torch.device("cpu"), None)))
+    # mimkit's own groups say which decay, so a schedule may start at 0 there
+    groups = param_groups(nn.Linear(4, 2), 0.0, set())
+    assert [(g["weight_decay"], g["decays"]) for g in groups] == [(0.0, True), (0.0, False)]

@@ -298,7 +298,7 @@ def cmd_export(args) -> int:
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if "knn" in summary:
         card["knn"] = summary["knn"]
-    which = reapply_export_choice(method, summary)
+    which = reapply_export_choice(method, summary, state["run"]["step"])
     out = export_method(method, cfg, args.out, card)
     print(f"exported {which or 'the ' + cfg.method + ' encoder'} to '{out}'; load it with "
           f"timm.create_model('local-dir:{out}', pretrained=True)")  # fmt: skip

@@ -246,20 +246,20 @@ def choose_export(method: Method, cfg: Config, splits: Splits, device, max_image
             f"as memory, half as queries)")  # fmt: skip
 
 
-def reapply_export_choice(method: Method, summary: dict) -> str | None:
-    """`mimkit export` of a checkpoint: select the encoder the run exported. An explicit setting is applied as is;
-    under 'auto' the choice the run measured (its summary.json), else the fallback. -> one line saying which and why
-    (None for methods with a single encoder)."""
+def reapply_export_choice(method: Method, summary: dict, step: int) -> str | None:
+    """`mimkit export` of a checkpoint taken at `step`: select the encoder the run exported. An explicit setting is
+    applied as is; under 'auto' the choice the run measured (its summary.json) when the run ended at that step, else
+    the fallback. -> one line saying which and why (None for methods with a single encoder)."""
     options = method.export_options()
     if options is None:
         return None
     key, setting, _, fallback = options
     if setting != "auto":
         name, why = setting, f"{key}={setting}"
-    elif summary.get("exported_encoder"):
+    elif summary.get("exported_encoder") and summary.get("steps") == step:
         name, why = summary["exported_encoder"], f"{key}=auto: the one the run chose, summary.json"
     else:
-        name, why = fallback, f"{key}=auto and no summary.json of the run: the fallback"
+        name, why = fallback, f"{key}=auto and no choice recorded at step {step} in summary.json: the fallback"
     method.select_encoder(name)
     return f"the {name} encoder ({why})"
 

@@ -23,7 +23,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str]
         groups.setdefault((decay, scale), []).append(p)
     out = []
     for (decay, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, not kv[0][0], kv[0][1])):
-        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0, "decays": decay}
         if scale != 1.0:
             group["lr_scale"] = scale
         out.append(group)
@@ -48,7 +48,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
-    """Every group that decays (weight decay > 0 when first seen here) at `weight_decay`; the others stay at 0."""
+    """Every group that decays at `weight_decay`, the others stay at 0. A group decays when `param_groups` marked it
+    so, or (groups built elsewhere: timm's layer-decay ones) when its weight decay is > 0 the first time it is seen."""
     for group in optimizer.param_groups:
         if group.setdefault("decays", group["weight_decay"] > 0):
             group["weight_decay"] = weight_decay

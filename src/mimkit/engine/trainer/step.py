@@ -10,6 +10,7 @@ import time
 import torch
 from torch import nn
 
+from ...config import ConfigError
 from ...runtime import prepare_for_precision
 from .optim import set_lr, set_weight_decay, weight_decay_at
 from .task import Task
@@ -19,14 +20,20 @@ from .window import Window
 class StepPath:
     """The loop's way from micro-batches to one optimizer step, shared by `train` and `seconds_per_step` (so a
     budget is timed on the step the run really takes): DDP's no_sync while accumulating, autocast, the scaled
-    backward; then the lr, clipping, the non-finite guard, the optimizer, the weight EMA and the task's
-    `after_step` (teacher updates)."""
+    backward; then the lr (and the weight decay under `optim.weight_decay_end`), clipping, the non-finite guard, the
+    optimizer, the weight EMA and the task's `after_step` (teacher updates)."""
 
     def __init__(self, task: Task, model: nn.Module, step_model: nn.Module, optimizer, scaler, window: Window,
                  accum: int, clip_grad: float | None):  # fmt: skip
         self.task, self.model, self.step_model, self.optimizer = task, model, step_model, optimizer
         self.scaler, self.window, self.accum, self.clip_grad = scaler, window, accum, clip_grad
         self.params = [p for p in task.model.parameters() if p.requires_grad]
+        o = task.cfg.optim
+        if o.weight_decay_end is not None and not any(
+            g.setdefault("decays", g["weight_decay"] > 0) for g in optimizer.param_groups
+        ):
+            raise ConfigError(f"optim.weight_decay_end {o.weight_decay_end}: no parameter group of this task "
+                              "decays (built with optim.weight_decay 0): set optim.weight_decay > 0")  # fmt: skip
 
     def forward_backward(self, batch, update: bool):
         """One micro-batch -> (loss, metrics, unreadable indices); gradients accumulate (synced when `update`)."""
