@@ -214,3 +214,16 @@ def test_weight_decay_schedule_without_decaying_groups_is_a_config_error(tmp_pat
     # mimkit's own groups say which decay, so a schedule may start at 0 there
     groups = param_groups(nn.Linear(4, 2), 0.0, set())
     assert [(g["weight_decay"], g["decays"]) for g in groups] == [(0.0, True), (0.0, False)]
+
+
+def test_weight_decay_schedule_turned_off_on_resume_goes_back_to_the_constant(tmp_path):
+    """A run resumed without optim.weight_decay_end continues at optim.weight_decay, not at the schedule's last
+    value that the optimizer state carries."""
+    out = tmp_path / "run"
+    rt = Runtime(torch.device("cpu"), None)
+    train(DecayingToyTask(toy_config(out, "train.batch_size=16", "train.epochs=1", "optim.weight_decay=0.1",
+                                     "optim.weight_decay_end=0.5"), rt))  # fmt: skip
+    again = ["train.batch_size=16", "train.epochs=2", "optim.weight_decay=0.1", "train.allow_config_change=true"]
+    task = DecayingToyTask(toy_config(out, *again), rt)
+    train(task)
+    assert len(task.seen) == 8 and all(g[0] == pytest.approx(0.1) and g[1] == 0.0 for _, _, g in task.seen)

@@ -30,7 +30,7 @@ from ...runtime import prepare_for_precision
 from . import distributed as D
 from .checkpoint import RunFolder, capture_rng, restore_rng
 from .logging import MetricsLog, Progress, say
-from .optim import peak_lr
+from .optim import decaying_groups, peak_lr, set_weight_decay
 from .signals import StopSignal
 from .step import StepPath
 from .task import Position, Runtime, Task, start_runtime
@@ -101,6 +101,9 @@ class Loop:
         self.effective_batch = task.batch_size * rt.world * self.accum
         self.lr_peak = peak_lr(cfg.optim, self.effective_batch)
         self.optimizer = task.build_optimizer(self.lr_peak)
+        if cfg.optim.weight_decay_end is not None and not decaying_groups(self.optimizer):
+            raise_config(f"optim.weight_decay_end {cfg.optim.weight_decay_end}: no parameter group of this task "
+                         "decays (built with optim.weight_decay 0): set optim.weight_decay > 0")  # fmt: skip
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == torch.float16)
         if cfg.train.ema:
             from timm.utils import ModelEmaV3
@@ -114,6 +117,8 @@ class Loop:
         task = self.task
         task.model.load_state_dict(resume["model"])
         self.optimizer.load_state_dict(resume["optimizer"])
+        if self.cfg.optim.weight_decay_end is None:  # a schedule turned off on resume: back to the constant
+            set_weight_decay(self.optimizer, self.cfg.optim.weight_decay)
         if resume.get("scaler"):
             self.scaler.load_state_dict(resume["scaler"])
         if task.ema is not None and "ema" in resume:

@@ -47,12 +47,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def decaying_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The groups that decay: those `param_groups` marked so, or (groups built elsewhere: timm's layer-decay ones)
+    those whose weight decay is > 0 the first time they are seen here (then marked)."""
+    return [g for g in optimizer.param_groups if g.setdefault("decays", g["weight_decay"] > 0)]
+
+
 def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
-    """Every group that decays at `weight_decay`, the others stay at 0. A group decays when `param_groups` marked it
-    so, or (groups built elsewhere: timm's layer-decay ones) when its weight decay is > 0 the first time it is seen."""
-    for group in optimizer.param_groups:
-        if group.setdefault("decays", group["weight_decay"] > 0):
-            group["weight_decay"] = weight_decay
+    """Every group that decays (`decaying_groups`) at `weight_decay`; the others stay at 0."""
+    for group in decaying_groups(optimizer):
+        group["weight_decay"] = weight_decay
 
 
 def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:

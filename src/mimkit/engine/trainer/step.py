@@ -10,7 +10,6 @@ import time
 import torch
 from torch import nn
 
-from ...config import ConfigError
 from ...runtime import prepare_for_precision
 from .optim import set_lr, set_weight_decay, weight_decay_at
 from .task import Task
@@ -28,12 +27,6 @@ class StepPath:
         self.task, self.model, self.step_model, self.optimizer = task, model, step_model, optimizer
         self.scaler, self.window, self.accum, self.clip_grad = scaler, window, accum, clip_grad
         self.params = [p for p in task.model.parameters() if p.requires_grad]
-        o = task.cfg.optim
-        if o.weight_decay_end is not None and not any(
-            g.setdefault("decays", g["weight_decay"] > 0) for g in optimizer.param_groups
-        ):
-            raise ConfigError(f"optim.weight_decay_end {o.weight_decay_end}: no parameter group of this task "
-                              "decays (built with optim.weight_decay 0): set optim.weight_decay > 0")  # fmt: skip
 
     def forward_backward(self, batch, update: bool):
         """One micro-batch -> (loss, metrics, unreadable indices); gradients accumulate (synced when `update`)."""
