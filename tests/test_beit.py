@@ -181,19 +181,3 @@ def test_weight_decay_groups_are_beits(tokenizer_dir):
     # BEiT's no_weight_decay() is {pos_embed, cls_token}; everything else of 2+ dims is decayed
     assert {"mask_token", "encoder.rel_pos_bias.relative_position_bias_table", "lm_head.weight"} <= decayed
     assert {"encoder.cls_token", "lm_head.bias", "encoder.blocks.0.gamma_1"} <= undecayed
-
-
-def test_lr_scale_reaches_every_parameter_group(tokenizer_dir):
-    """beit.lr_scale multiplies the lr of every trainable parameter (the frozen tokenizer has none); 1 by default."""
-    from mimkit.engine.trainer.optim import build_optimizer, set_lr
-
-    for scale in (3.0, 1.0):
-        cfg = build_config(
-            [], None, [*TINY, "method=beit", f"tokenizer.path={tokenizer_dir}", f"beit.lr_scale={scale}"]
-        )
-        m = BEiT.from_config(cfg)
-        opt = build_optimizer(m, cfg.optim, 1e-3, m.no_weight_decay(), torch.device("cpu"), m.lr_scale)
-        set_lr(opt, 1e-3)
-        covered = {id(p) for g in opt.param_groups for p in g["params"]}
-        assert covered == {id(p) for p in m.parameters() if p.requires_grad}
-        assert all(g["lr"] == pytest.approx(scale * 1e-3) for g in opt.param_groups)
