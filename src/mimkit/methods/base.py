@@ -49,7 +49,7 @@ class Method(nn.Module):
     - `encoder`: the module that is evaluated and exported (a timm model);
     - `visualize(batch) -> (B, 3, H, W*k)`: rows of pictures a person should look at (normalised pixels);
     - `no_weight_decay()`: parameter names without weight decay beyond the 1-D ones; `lr_scale(name)`: a
-      parameter's lr relative to the run's (default 1);
+      parameter's lr relative to the run's (default: the options' `lr_scale`, else 1);
     - optional, declared on the class: `needs_tokenizer` (the run needs `tokenizer.path`), `on_epoch_end(ctx)`
       (per-epoch work; the dict it returns is logged), `export_meta()` (extra keys for the export's metadata);
     - optional, for methods with an EMA teacher: `export_options()` (the encoders a run may export, the setting
@@ -110,8 +110,10 @@ class Method(nn.Module):
         return set()
 
     def lr_scale(self, name: str) -> float:
-        """The learning rate of parameter `name` relative to the run's (e.g. a separately paced generator)."""
-        return 1.0
+        """The learning rate of parameter `name` relative to the run's (e.g. a separately paced generator). By
+        default the method's own `<method>.lr_scale` for every parameter where its options have one (a recipe
+        shared with other methods, such as the demo's, can give one method its own lr), else 1."""
+        return getattr(getattr(self, "options", None), "lr_scale", 1.0)
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:

@@ -126,9 +126,6 @@ class BEiT(Method):
         token and the relative position tables are decayed, as in BEiT's pre-training (its no_weight_decay)."""
         return {"encoder.cls_token", "encoder.pos_embed"}
 
-    def lr_scale(self, name: str) -> float:
-        return self.options.lr_scale
-
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:
         """Rows of original | masked | image decoded from the tokens (original ids, predictions where masked)."""

@@ -201,9 +201,6 @@ class DINO(Method):
         self.teacher.update(self.student, step, total_steps)
         self.epoch.fill_(step * self.epochs // max(1, total_steps))
 
-    def lr_scale(self, name: str) -> float:
-        return self.options.lr_scale
-
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:
         """Rows of global crop 1 | global crop 2 as the networks see them (colour perturbed)."""

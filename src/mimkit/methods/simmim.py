@@ -91,9 +91,6 @@ class SimMIM(Method):
         parameter); the mask token and relative position tables are decayed (only its Swin exempts the mask token)."""
         return {"encoder.cls_token", "encoder.pos_embed"}
 
-    def lr_scale(self, name: str) -> float:
-        return self.options.lr_scale
-
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:
         """Rows of original | masked | prediction pasted into the masked cells (normalised pixels)."""
