@@ -50,18 +50,16 @@ NAMES = {"mae": "MAE", "cmae-mao": "CMAE (Mao)", "cmae-huang": "CMAE (Huang)", "
 def both_budgets_table(wall: dict, epochs: dict) -> list[str]:
     """One row per method from the two compare reports (report.json): top-1 mean ± sd and the paired gain over
     the method's own step-0 encoder at each budget, then the step-0 row (budget-free)."""
-    from mimkit.engine.drivers.compare_report import gain
+    from mimkit.engine.drivers.compare_report import cell, gain_cell
 
     def top1(row: dict, key: str) -> str:
-        if key not in row:  # an evaluation the run did not make (--evals)
-            return "-"
-        return f"{row[key]:.3f}" + (f" ± {row[key + '_sd']:.3f}" if key + "_sd" in row else "")
+        return cell(row, key, digits=3)  # '-' for an evaluation the run did not make (--evals)
 
     def gained(row: dict, start: dict, key: str) -> str:
         if key not in row or key not in start:
             return "-"
-        mean, sd, clear = gain(row, start, key)
-        return f"{100 * mean:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "") + (" **clear**" if clear else "")
+        text, clear = gain_cell(row, start, key)
+        return text + (" **clear**" if clear else "")
 
     ep = epochs["budget"].removesuffix("ep")
     lines = ["| method | wall: epochs | wall k-NN | wall linear | k-NN gain | linear gain | "

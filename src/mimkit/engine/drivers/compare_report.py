@@ -48,12 +48,12 @@ def write_report(out: Path, results: dict, evals: list[str]) -> None:
     say(f"report written to '{out / 'report.md'}', '{out / 'report.json'}' and '{out / 'report.png'}'")
 
 
-def cell(row: dict, key: str) -> str:
+def cell(row: dict, key: str, digits: int = 4) -> str:
     """'0.4370', or '0.4370 ± 0.0040' over several seeds (sample standard deviation), or '-'."""
     if key not in row:
         return "-"
     sd = row.get(f"{key}_sd")
-    return f"{row[key]:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+    return f"{row[key]:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
 def table_row(name: str, epochs, pretrain_s, row: dict, evals: list[str]) -> str:
@@ -84,6 +84,12 @@ def gain(trained: dict, start: dict, key: str) -> tuple[float, float | None, boo
     return mean, statistics.stdev(diffs), mean > 2 * spread
 
 
+def gain_cell(trained: dict, start: dict, key: str) -> tuple[str, bool | None]:
+    """'+1.5' or '+1.5 ± 0.7' (top-1 points, `gain`), and whether the gain is clear (None with one seed)."""
+    mean, sd, clear = gain(trained, start, key)
+    return f"{100 * mean:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else ""), clear
+
+
 def gain_table(results: dict, evals: list[str]) -> list[str]:
     """Gain over each method's own step-0 encoder, per evaluation: mean (± sd) over seeds, paired by seed; with
     several seeds, 'yes' when the mean gain is more than twice the larger spread of the two rows."""
@@ -98,8 +104,8 @@ def gain_table(results: dict, evals: list[str]) -> list[str]:
             if e not in row or e not in results["step0"][name]:
                 cells += ["-"] + (["-"] if many else [])
                 continue
-            mean, sd, clear = gain(row, results["step0"][name], e)
-            cells.append(f"{100 * mean:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else ""))
+            text, clear = gain_cell(row, results["step0"][name], e)
+            cells.append(text)
             if many:
                 cells.append("yes" if clear else "no")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
