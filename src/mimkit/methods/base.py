@@ -115,6 +115,13 @@ class Method(nn.Module):
         shared with other methods, such as the demo's, can give one method its own lr), else 1."""
         return getattr(getattr(self, "options", None), "lr_scale", 1.0)
 
+    @property
+    def sync_batchnorm(self) -> bool:
+        """Whether the method's BatchNorm layers should normalise over the global batch when several processes
+        train (the loop converts them to SyncBatchNorm under NCCL before wrapping in DDP). By default the
+        method's own `<method>.sync_bn` where its options have one, else False (per-process statistics)."""
+        return bool(getattr(getattr(self, "options", None), "sync_bn", False))
+
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError(f"method '{self.name}' has no visualisation")

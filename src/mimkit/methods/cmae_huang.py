@@ -49,6 +49,7 @@ class CMAEHuangOptions(MAEOptions):
     momentum_final: Probability = 0.996
     momentum_rule: MomentumRule = "budget"  # the paper's base, lowered for short runs (mimkit.ema)
     momentum_half_life: HalfLife = BUDGET_HALF_LIFE
+    sync_bn: bool = True  # several processes on NCCL: the necks' BatchNorm over the global batch (the official SyncBN)
     shift: NonNegFloat = 32 / 224  # pixel shift: the crop is (1 + shift) x data.image_size (the official 256 / 224)
     # the target view's colour (CMAEDataset pipeline_aug): ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2,
     # Gaussian blur sigma 0.1-2 px (at 224 px) p 0.5; the online view has none

@@ -35,6 +35,7 @@ class DINOOptions:
     head_bottleneck: PositiveInt = 256  # DINOHead bottleneck_dim
     norm_last_layer: bool = True  # --norm_last_layer (the README's ViT-S runs: False)
     head_bn: bool = False  # --use_bn_in_head: BatchNorm in the head's MLP (batch statistics in both networks)
+    sync_bn: bool = True  # several processes on NCCL: that BatchNorm over the global batch (the official converts)
     # the feature the head reads: the class token (the official) | the mean of the patch tokens (mimkit's option,
     # for runs evaluated on that feature, e.g. the demo's avg-pooled k-NN)
     pool: Literal["cls", "avg"] = "cls"

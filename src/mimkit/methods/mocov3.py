@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, PositiveFloat, PositiveInt, Probability
@@ -46,7 +45,7 @@ class MoCoV3Options:
     # better by k-NN among the training images at the end of a run on labeled data (the student otherwise)
     export_encoder: Literal["student", "teacher", "auto"] = "auto"
     freeze_patch_embed: bool = True  # random, frozen patch projection (--stop-grad-conv1)
-    sync_bn: bool = True  # under torch.distributed with NCCL, the MLPs' BatchNorm uses the global batch (SyncBN)
+    sync_bn: bool = True  # several processes on NCCL: the MLPs' BatchNorm over the global batch (the official SyncBN)
     # per-view colour perturbation (BYOL's asymmetric pipeline, as main_moco.py); pairs are (view 1, view 2)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: Probability = 0.8
@@ -119,8 +118,6 @@ class MoCoV3(Method):
         self.momentum = MomentumTeacher(self.base, o.momentum, o.momentum_final, eval_mode=False,
                                         rule=o.momentum_rule, half_life=o.momentum_half_life)  # fmt: skip
         self.exported = "student" if o.export_encoder == "auto" else o.export_encoder
-        if o.sync_bn and dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)  # in place: the BN layers are children of children
 
     @property
     def encoder(self) -> nn.Module:

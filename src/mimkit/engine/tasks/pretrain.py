@@ -59,6 +59,7 @@ class PretrainTask(Task):
             for line in describe_init(report):
                 say(line, rt.main)
         self.module.to(rt.device)
+        self.sync_batchnorm = bool(getattr(self.module, "sync_batchnorm", False))
         if cfg.model.grad_checkpointing:
             enable_grad_checkpointing(self.module)
         self.model = self.module

@@ -13,6 +13,7 @@ import re
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def first_host(nodelist: str) -> str:
@@ -53,6 +54,19 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def sync_batchnorm(model: nn.Module, wanted: bool) -> bool:
+    """Turn `model`'s BatchNorm layers into SyncBatchNorm, in place, when `wanted` and the process group runs on
+    NCCL (SyncBatchNorm has no CPU kernel). The parameters and buffers are the same tensors, so an optimizer built
+    before and the state dict's keys stay valid. -> whether any layer was converted."""
+    if not (wanted and is_distributed() and dist.get_backend() == "nccl"):
+        return False
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not batchnorms or isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return False
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces children, so `model` itself is kept
+    return True
 
 
 def local_rank() -> int:

@@ -149,6 +149,8 @@ class Loop:
         model = task.model
         prepare_for_precision(model, rt.device, rt.amp)
         if rt.world > 1:
+            if D.sync_batchnorm(model, task.sync_batchnorm):
+                say("BatchNorm layers normalise over the global batch (SyncBatchNorm)", rt.main)
             ids = [rt.device.index] if rt.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids,
                                             find_unused_parameters=task.find_unused_parameters)  # fmt: skip

@@ -58,6 +58,7 @@ class Task:
     kind: str = ""  # the checkpoint's `kind`
     resume_keys: tuple[str, ...] = ()  # dotted config keys (or whole sections) a resumed run must share
     find_unused_parameters: bool = False  # DDP: parameters that get no gradient in some steps
+    sync_batchnorm: bool = False  # DDP on NCCL: BatchNorm layers normalise over the global batch (SyncBatchNorm)
     model: nn.Module
     batch_size: int
     num_images: int = 0  # training images per epoch (all processes), to report what full batches leave out
