@@ -31,6 +31,19 @@ TARGETS = {
     "summary.json": r"/\.summary\.json\.\d+\.tmp$",
 }
 WRITE = re.compile(r"^write\(\d+<([^>]*)>")
+# EIO (a failing device) at the first fsync, rename and link of each file a run makes durable; the label is the first
+# of these patterns that the call's arguments (paths, with strace -y) match
+DURABLE = {
+    "a checkpoint": r"/checkpoints/\.last\.pt\.\d+\.",
+    "prev.pt": r"/checkpoints/(\.)?prev\.pt",
+    "the export": r"/\.encoder\.\d+\.",
+    "summary.json": r"/\.summary\.json\.\d+\.",
+    "config.yaml": r"/\.config\.yaml\.\d+\.",
+    "metrics.jsonl rewrite": r"/\.metrics\.jsonl\.\d+\.",
+    "the run lock": r"\.mimkit\.lock",
+}
+SYSCALLS = ("fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat")
+CALL = re.compile(r"^(\w+)\((.*)")
 
 
 class Traced:
@@ -137,6 +150,43 @@ class IssueCases:
             out = resumed_copy(f"inject-{fault}-TensorBoard")
             r = self.run(self.argv(out), faults={"tensorboard_fault": {"at": 3, "fault": fault}})
             self.judge_fault(fault, "TensorBoard's thread", out, r, "its write #3")
+
+    def eio(self) -> None:
+        """EIO at the first fsync, rename and link of each durable file: a clean end (exit 2 and one line naming
+        the file, no temporary file, no lock), then a re-run that ends like the reference."""
+        if not strace_usable():
+            self.skip("EIO at fsync/rename/link", "strace is missing or may not trace here")
+            return
+        ref = self.reference()
+
+        def resumed_copy(name: str) -> Path:
+            out = self.work / name
+            shutil.copytree(ref, out)
+            (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")
+            shutil.rmtree(out / "encoder")
+            return out
+
+        for (call, target), index in self.first_calls(resumed_copy("eio-probe")).items():
+            out = resumed_copy(f"eio-{call}-{target.replace(' ', '-')}")
+            strace = ["-o", "/dev/null", "-e", f"trace={call}", "-e", f"inject={call}:error=EIO:when={index}"]
+            r = Traced(self.work / "logs" / f"{out.name}.log", self.argv(out), strace)
+            self.judge_fault("EIO", f"{call} of {target}", out, r, f"{call} #{index}")
+
+    def first_calls(self, out: Path) -> dict[tuple[str, str], int]:
+        """For each (system call, DURABLE label), the index among that call's invocations by the main thread of
+        the first one on that file, in one run of the command on `out`."""
+        log = self.work / "logs" / f"{out.name}.strace"
+        Traced(log.with_suffix(".log"), self.argv(out), ["-y", "-e", f"trace={','.join(SYSCALLS)}", "-o", str(log)])
+        counts: dict[str, int] = {}
+        first: dict[tuple[str, str], int] = {}
+        for match in map(CALL.match, log.read_text().splitlines()):
+            if match is None or match[1] not in SYSCALLS:
+                continue
+            counts[match[1]] = counts.get(match[1], 0) + 1
+            label = next((name for name, pattern in DURABLE.items() if re.search(pattern, match[2])), None)
+            if label is not None:
+                first.setdefault((match[1], label), counts[match[1]])
+        return first
 
     def judge_fault(self, fault: str, target: str, out: Path, r, where: str) -> None:
         """After SIGKILL: whole metrics lines; after ENOSPC: a clean end; then the re-run ends like the reference."""

@@ -285,8 +285,8 @@ class Campaign(IssueCases):
             shutil.rmtree(out, ignore_errors=True)
 
 
-SECTIONS = ["kill", "disk", "checkpoints", "concurrent", "data", "exports", "input", "fulldisk", "inject", "lock",
-            "guards"]  # fmt: skip
+SECTIONS = ["kill", "disk", "checkpoints", "concurrent", "data", "exports", "input", "fulldisk", "inject", "eio",
+            "lock", "guards"]  # fmt: skip
 
 
 def main() -> int:

@@ -197,3 +197,61 @@ def test_a_disk_that_fills_mid_run_loses_nothing(small_disk, reference, capsys, 
     code, _, err = run(out, capsys)
     assert code == 0, err
     assert metrics(out) == metrics(reference)
+
+
+class FailingOnce:
+    """os.<call> that raises OSError(`code`) on its `at`-th use and behaves otherwise."""
+
+    def __init__(self, real, at: int, code: int):
+        self.real, self.at, self.code, self.calls = real, at, code, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.real(*args, **kwargs)
+
+
+@pytest.mark.parametrize("call, at", [("fsync", 1), ("link", 1), ("replace", 1), ("replace", 2)])
+def test_a_failing_device_in_a_checkpoint_write_keeps_both_checkpoints(tmp_path, monkeypatch, call, at):
+    """EIO at the fsync, the hard link that keeps prev.pt, or either rename: one-line WriteError saying what is
+    kept, the previous checkpoints intact and no temporary file (the prev.pt link was once left behind)."""
+    import torch
+
+    folder = tmp_path / "checkpoints"
+    atomic_writes.save_torch({"step": torch.tensor(1)}, folder / "last.pt")
+    atomic_writes.save_torch({"step": torch.tensor(2)}, folder / "last.pt", keep_previous=True)
+    monkeypatch.setattr(atomic_writes.os, call, FailingOnce(getattr(os, call), at, errno.EIO))
+    with pytest.raises(atomic_writes.WriteError, match=r"cannot write 'last.pt' .*input/output error") as e:
+        atomic_writes.save_torch({"step": torch.tensor(3)}, folder / "last.pt", keep_previous=True)
+    monkeypatch.undo()
+    assert "'" + str(folder / "last.pt") + "' is unchanged" in str(e.value)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "prev.pt"]
+    assert int(torch.load(folder / "last.pt")["step"]) == 2
+    assert int(torch.load(folder / "prev.pt")["step"]) in (1, 2)  # 2 once the link was made: still a good state
+
+
+@pytest.mark.parametrize("code, said, advice", [(errno.EIO, "input/output error", "check the device"),
+                                                (errno.EROFS, "read-only file system", "make the folder writable"),
+                                                (errno.ENOSPC, "no space left", "free some space")])  # fmt: skip
+@pytest.mark.parametrize("at", [1, 6])  # the run lock (before the loop), a checkpoint (inside it)
+def test_a_refused_write_in_a_run_says_why_and_what_to_do(tmp_path, monkeypatch, capsys, code, said, advice, at):
+    out = tmp_path / "run"
+    monkeypatch.setattr(atomic_writes.os, "fsync", FailingOnce(os.fsync, at, code))
+    result, _, err = run(out, capsys)
+    assert result == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert said in err and advice in err and "re-run the same command" in err, err
+    monkeypatch.undo()
+    assert left_behind(out) == []
+
+
+def test_safetensors_io_error_text_is_a_refused_write():
+    from mimkit.errors import write_failure
+
+    text = "Error while serializing: I/O error: Input/output error (os error 5)"
+    assert (
+        write_failure(RuntimeError(text))
+        == write_failure(OSError(errno.EIO, "x"))
+        == ("input/output error (the device failed)")
+    )
+    assert write_failure(ValueError("(os error 2)")) is None  # a missing file is not the device's refusal

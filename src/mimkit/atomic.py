@@ -17,17 +17,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .errors import DiskFullError, write_failure
+from .errors import WriteError, write_failure
 
 
 @contextlib.contextmanager
-def on_full_disk(path: str | Path, kept: str | Callable[[], str] = "", need: int | None = None):
-    """A full disk (or torch's and safetensors' disguises of one) while writing `path` becomes a one-line
-    DiskFullError naming the file, the folder, the size when known (`need` bytes) and what is left (`kept`, or a
-    function saying it, asked only then)."""
+def on_write_failure(path: str | Path, kept: str | Callable[[], str] = "", need: int | None = None):
+    """A refused write (a full disk, an I/O error, a read-only file system, or torch's and safetensors' disguises
+    of them) while writing `path` becomes a one-line WriteError naming the file, the folder, the size when known
+    (`need` bytes) and what is left (`kept`, or a function saying it, asked only then)."""
     try:
         yield
-    except DiskFullError:
+    except WriteError:
         raise
     except Exception as e:
         reason = write_failure(e)
@@ -36,8 +36,8 @@ def on_full_disk(path: str | Path, kept: str | Callable[[], str] = "", need: int
         path = Path(path)
         size = f" (about {need / 2**20:.1f} MiB)" if need is not None else ""
         left = kept() if callable(kept) else kept
-        raise DiskFullError(f"cannot write '{path.name}' in '{path.parent}': {reason}{size}" +
-                            (f"; {left}" if left else "")) from None  # fmt: skip
+        raise WriteError(f"cannot write '{path.name}' in '{path.parent}': {reason}{size}" +
+                         (f"; {left}" if left else ""), reason) from None  # fmt: skip
 
 
 def temp_name(path: Path) -> str:
@@ -82,7 +82,7 @@ def write_weights_folder(
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     need = sum(t.numel() * t.element_size() for t in tensors.values())
     kept = "the previous folder is unchanged" if out_dir.exists() else "nothing was written"
-    with on_full_disk(out_dir, kept, need):
+    with on_write_failure(out_dir, kept, need):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out_dir)  # a killed export's temporary folder
         tmp = Path(tempfile.mkdtemp(prefix=temp_name(out_dir), suffix=".tmp", dir=out_dir.parent))
@@ -114,7 +114,7 @@ def replace_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     tmp = path.with_name(temp_name(path) + "tmp")
     try:
-        with on_full_disk(path, f"'{path.name}' is unchanged" if path.exists() else ""):
+        with on_write_failure(path, f"'{path.name}' is unchanged" if path.exists() else ""):
             with tmp.open("w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
@@ -129,13 +129,14 @@ def replace_text(path: str | Path, text: str) -> Path:
 def save_torch(state: dict, path: str | Path, keep_previous: bool = False,
                 kept: Callable[[], str] | None = None) -> None:  # fmt: skip
     """torch.save to a temporary file in the same folder, fsync, then rename over `path` (the old file becomes
-    `prev.pt` first when `keep_previous`). A full disk raises DiskFullError naming the folder, the size and what
-    is left (`kept()`, by default whether `path` is unchanged)."""
+    `prev.pt` first when `keep_previous`). A refused write raises WriteError naming the folder, the size and what
+    is left (`kept()`, by default whether `path` is unchanged); no temporary file is left either way."""
     path = Path(path)
     kept = kept or (lambda: f"'{path}' is unchanged" if path.exists() else f"'{path}' was not written")
-    with on_full_disk(path, kept, state_bytes(state)):
+    with on_write_failure(path, kept, state_bytes(state)):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent)
+        link = path.with_name(temp_name(path.with_name("prev.pt")) + "link.tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(state, f)
@@ -144,14 +145,14 @@ def save_torch(state: dict, path: str | Path, keep_previous: bool = False,
             os.chmod(tmp, 0o644)
             if keep_previous and path.exists():
                 prev = path.with_name("prev.pt")
-                link = prev.with_name(temp_name(prev) + "link.tmp")
                 link.unlink(missing_ok=True)
                 os.link(path, link)  # `path` stays in place until the new state replaces it
                 os.replace(link, prev)
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for name in (tmp, link):
+                if os.path.exists(name):
+                    os.unlink(name)
 
 
 def state_bytes(obj) -> int:

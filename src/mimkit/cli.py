@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import MimkitError, TrainingError, write_failure
+from .errors import MimkitError, TrainingError, WriteError, write_advice, write_failure
 from .run_config import build_config, demo_tokenizer, downstream_config, flag_overrides, pretrain_config
 
 EXIT_BAD_INPUT = 2
@@ -382,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MimkitError as e:
-        print(f"mimkit: error: {e}", file=sys.stderr)
+        advice = ""  # a refused write outside a training loop (the run lock, an export) says what to do here
+        if isinstance(e, WriteError) and "re-run" not in str(e):
+            advice = f"; {write_advice(e.reason)} and re-run the same command"
+        print(f"mimkit: error: {e}{advice}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingError as e:
         print(f"mimkit: error: {e}", file=sys.stderr)
@@ -390,12 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mimkit: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except Exception as e:  # a full disk in a write that does not say what it keeps: still one line, not a traceback
+    except Exception as e:  # a refused write that does not say what it keeps: still one line, not a traceback
         reason = write_failure(e)
         if reason is None:
             raise
         where = next((f" '{x.filename}'" for x in (e, e.__context__) if getattr(x, "filename", None)), "")
-        print(f"mimkit: error: cannot write{where}: {reason}; free some space and re-run the same command",
+        print(f"mimkit: error: cannot write{where}: {reason}; {write_advice(reason)} and re-run the same command",
               file=sys.stderr)  # fmt: skip
         return EXIT_BAD_INPUT
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .atomic import replace_text
-from .errors import DiskFullError
+from .errors import WriteError
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 products
 PAYS_AT = 1.5  # bf16/fp32 product-rate ratio from which bf16 is chosen: products are 50-70% of a CPU step
@@ -90,7 +90,7 @@ def bf16_speedup() -> tuple[float | None, str]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         replace_text(path, json.dumps(table, indent=1))
-    except (OSError, DiskFullError):
+    except (OSError, WriteError):
         pass  # an unwritable cache only costs the next run the same ~0.1 s measurement
     return ratio, f"{'/'.join(sorted(flags))}; measured now"
 

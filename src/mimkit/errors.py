@@ -34,31 +34,50 @@ class DivergedError(TrainingError):
         self.step = step
 
 
-class DiskFullError(MimkitError):
-    """A write found the device full (ENOSPC, EDQUOT); the message names the file and what the run folder keeps."""
+class WriteError(MimkitError):
+    """The device refused a write: full (ENOSPC), over quota (EDQUOT), failing (EIO) or read-only (EROFS). The
+    message names the file and what the run folder keeps; `reason` says which, for the advice."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
-# what torch.save and safetensors make of a full disk: the OSError is only the context of a RuntimeError
-# ("[enforce fail at inline_container.cc] unexpected pos", "file write failed") or text inside another error
-_NO_SPACE = "no space left on the device"
-_NO_SPACE_TEXT = {"No space left on device": _NO_SPACE, "(os error 28)": _NO_SPACE,
-                  "Disk quota exceeded": "disk quota exceeded", "(os error 122)": "disk quota exceeded"}  # fmt: skip
+_NO_SPACE, _QUOTA = "no space left on the device", "disk quota exceeded"
+_IO, _READ_ONLY = "input/output error (the device failed)", "read-only file system"
+_REASONS = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _QUOTA, errno.EIO: _IO, errno.EROFS: _READ_ONLY}
+# what torch.save and safetensors make of these: the OSError is only the context of a RuntimeError ("[enforce fail
+# at inline_container.cc] unexpected pos", "file write failed") or text inside another error ("(os error 5)")
+_REASON_TEXT = {"No space left on device": _NO_SPACE, "(os error 28)": _NO_SPACE,
+                "Disk quota exceeded": _QUOTA, "(os error 122)": _QUOTA,
+                "Input/output error": _IO, "(os error 5)": _IO,
+                "Read-only file system": _READ_ONLY, "(os error 30)": _READ_ONLY}  # fmt: skip
 _TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
 
 
 def write_failure(e: BaseException) -> str | None:
-    """Why a write failed when the device is full ('no space left on the device', 'disk quota exceeded', or torch's
-    writer failing without saying why), looking through the chain of causes; None for any other error."""
+    """Why a write failed when the device refused it ('no space left on the device', 'disk quota exceeded', an
+    input/output error, a read-only file system, or torch's writer failing without saying why), looking through
+    the chain of causes; None for any other error."""
     seen, disguised = set(), None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return _NO_SPACE if e.errno == errno.ENOSPC else "disk quota exceeded"
+        if isinstance(e, OSError) and e.errno in _REASONS:
+            return _REASONS[e.errno]
         text = str(e)
-        for needle, reason in _NO_SPACE_TEXT.items():
+        for needle, reason in _REASON_TEXT.items():
             if needle in text:
                 return reason
         if disguised is None and isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
             disguised = "the device refused the write (full or failing)"
         e = e.__cause__ or e.__context__
     return disguised
+
+
+def write_advice(reason: str) -> str:
+    """What to do about a refused write of `reason` (from write_failure), before re-running the same command."""
+    if reason in (_NO_SPACE, _QUOTA):
+        return "free some space"
+    if reason == _READ_ONLY:
+        return "make the folder writable or use another --out"
+    return "check the device (or use another --out)"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...atomic import on_full_disk, pid_alive, remove_leftovers, save_torch, temp_name
+from ...atomic import on_write_failure, pid_alive, remove_leftovers, save_torch, temp_name
 from ...config import to_dict
 from ...errors import CheckpointError, TrainingError
 from ...run_config import config_from_dict
@@ -149,7 +149,7 @@ class RunFolder:
             return
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         tmp = self.lock.with_name(temp_name(self.lock) + "tmp")
-        with on_full_disk(self.lock, "no lock was taken and nothing was written"):
+        with on_write_failure(self.lock, "no lock was taken and nothing was written"):
             self.out.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.lock)
             try:

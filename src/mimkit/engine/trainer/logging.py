@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ...atomic import on_full_disk, replace_text
+from ...atomic import on_write_failure, replace_text
 from ...errors import write_failure
 
 TIMING_KEYS = ("img_per_s", "time")  # differ between runs by nature; everything else is reproducible
@@ -39,7 +39,7 @@ class MetricsLog:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 quiet_full_disk_in_threads()
-                with on_full_disk(self.events):
+                with on_write_failure(self.events):
                     # a resumed run drops the events it will log again, as metrics.jsonl drops its lines
                     self.writer = SummaryWriter(str(self.events), purge_step=purge_step)
 
@@ -54,12 +54,12 @@ class MetricsLog:
         if not self.enabled:
             return
         clean = {k: (round(v, 7) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
-        with on_full_disk(self.path, f"'{self.path.name}' holds the lines before step {record['step']}"):
+        with on_write_failure(self.path, f"'{self.path.name}' holds the lines before step {record['step']}"):
             with self.path.open("a") as f:
                 f.write(json.dumps(clean) + "\n")
         scalars = {k: v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, int | float)}
         if self.writer is not None:
-            with on_full_disk(self.events, f"TensorBoard's event files hold the steps before {record['step']}"):
+            with on_write_failure(self.events, f"TensorBoard's event files hold the steps before {record['step']}"):
                 for k, v in scalars.items():
                     self.writer.add_scalar(k, v, record["step"])
                 self.writer.flush()
@@ -69,7 +69,7 @@ class MetricsLog:
     def close(self) -> None:
         writer, self.writer = self.writer, None  # closed once, even when closing fails
         if writer is not None:
-            with on_full_disk(self.events, "TensorBoard's event files hold what was flushed before"):
+            with on_write_failure(self.events, "TensorBoard's event files hold what was flushed before"):
                 writer.close()
         if self.wandb is not None:
             self.wandb.finish()

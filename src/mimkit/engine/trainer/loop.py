@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ... import __version__
 from ...config import Config, to_dict
 from ...config_yaml import dump_yaml
-from ...errors import DiskFullError, DivergedError, TrainingError
+from ...errors import DivergedError, TrainingError, WriteError, write_advice
 from ...runtime import prepare_for_precision
 from . import distributed as D
 from .checkpoint import RunFolder, capture_rng, restore_rng
@@ -71,10 +71,10 @@ def train(task: Task, finish: Callable[[int], dict] | None = None) -> dict:
         kept = loop.folder.after_divergence(e.step)
         raise TrainingError(f"{e}; {kept} (re-run with a lower optim.blr, optim.clip_grad or train.precision=fp32, "
                             "and --allow-config-change to go on from it)") from None  # fmt: skip
-    except DiskFullError as e:
+    except WriteError as e:
         holds = loop.folder.holds()
         said = f"{e}" if holds in str(e) else f"{e}; {holds}"
-        raise DiskFullError(f"{said}; free some space and re-run the same command to go on") from None
+        raise WriteError(f"{said}; {write_advice(e.reason)} and re-run the same command to go on", e.reason) from None
     finally:
         cleanup.close()
     return {"steps": loop.pos.step, "out": loop.out, "finished": True, "report": report}
