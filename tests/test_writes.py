@@ -255,3 +255,31 @@ def test_safetensors_io_error_text_is_a_refused_write():
         == ("input/output error (the device failed)")
     )
     assert write_failure(ValueError("(os error 2)")) is None  # a missing file is not the device's refusal
+
+
+def test_an_export_replaces_its_previous_folder_without_a_moment_without_one(tmp_path, monkeypatch):
+    """A kill just after the previous export is removed used to leave no export at all (its replacement then went
+    as a dead writer's temporary folder); the folders are now exchanged first."""
+    import json
+
+    import torch
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").touch()
+    if not atomic_writes.exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("no renameat2 RENAME_EXCHANGE on this system or file system")
+    assert (tmp_path / "b" / "x").exists() and not (tmp_path / "a" / "x").exists()
+    out = tmp_path / "encoder"
+    atomic_writes.write_weights_folder(torch.nn.Linear(2, 2), out, {"v": 1}, "config.json")
+    real = shutil.rmtree
+
+    def killed_after_removing(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_writes.shutil, "rmtree", killed_after_removing)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_writes.write_weights_folder(torch.nn.Linear(2, 2), out, {"v": 2}, "config.json")
+    monkeypatch.undo()
+    assert json.loads((out / "config.json").read_text()) == {"v": 2}
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

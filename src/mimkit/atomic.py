@@ -4,6 +4,8 @@ crash; and the one error path of a full disk, for every write of a run."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import re
@@ -76,8 +78,8 @@ def write_weights_folder(
     module: nn.Module, out_dir: str | Path, config: dict, config_name: str, texts: dict[str, str] | None = None
 ) -> Path:
     """`module`'s state dict as model.safetensors + `config` as JSON (+ `texts`: {file name: content}, e.g. a
-    model card), written into a temporary folder beside `out_dir` and renamed over it, so a crash never leaves a
-    half-written folder."""
+    model card), written into a temporary folder beside `out_dir` and exchanged with it in one step where the
+    system can (`exchange`), so a crash never leaves a half-written folder, nor (on Linux) none."""
     out_dir = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     need = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -103,9 +105,29 @@ def write_folder(tmp: Path, out_dir: Path, tensors: dict, config: dict, config_n
     for f in tmp.iterdir():
         f.chmod(0o644)
     tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+    if out_dir.exists() and exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder (a later export removes what stays)
+        return
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        shutil.rmtree(out_dir)  # no atomic exchange here: a moment without the folder
     tmp.rename(out_dir)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the names of `a` and `b` in one step (Linux's renameat2 with RENAME_EXCHANGE), so a reader or a crash
+    never finds neither. -> False where the C library or the file system cannot (the caller falls back)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28 (macOS, musl, Windows)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2  # <fcntl.h>, <linux/fs.h>
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def replace_text(path: str | Path, text: str) -> Path:
