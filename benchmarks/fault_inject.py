@@ -42,6 +42,9 @@ DURABLE = {
     "metrics.jsonl rewrite": r"/\.metrics\.jsonl\.\d+\.",
     "the run lock": r"\.mimkit\.lock",
 }
+NAMED = {"a checkpoint": "'last.pt'", "prev.pt": "'last.pt'", "the export": "'encoder'",
+         "summary.json": "'summary.json'", "config.yaml": "'config.yaml'", "metrics.jsonl rewrite": "'metrics.jsonl'",
+         "the run lock": "'.mimkit.lock'"}  # fmt: skip
 SYSCALLS = ("fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat")
 CALL = re.compile(r"^(\w+)\((.*)")
 
@@ -128,15 +131,7 @@ class IssueCases:
                 for target in TARGETS:
                     self.skip(f"{fault} at {target}", "strace is missing or may not trace here")
             return
-        ref = self.reference()
-
-        def resumed_copy(name: str) -> Path:  # a resume from one step back, without the export: every file written
-            out = self.work / name
-            shutil.copytree(ref, out)
-            (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")
-            shutil.rmtree(out / "encoder")
-            return out
-
+        resumed_copy = self.resumed_copy  # a resume from one step back, without the export: every file written
         first = self.first_writes(resumed_copy("inject-probe"))
         for fault, inject in (("ENOSPC", "error=ENOSPC"), ("SIGKILL", "signal=SIGKILL")):
             for target, index in first.items():
@@ -157,20 +152,28 @@ class IssueCases:
         if not strace_usable():
             self.skip("EIO at fsync/rename/link", "strace is missing or may not trace here")
             return
-        ref = self.reference()
+        # without the export every file is written anew; with it, the export replaces the previous folder (the
+        # exchange, renameat2); the model card is one of the export's files
+        for keep in (False, True):
+            first = self.first_calls(self.resumed_copy(f"eio-probe-{keep}", keep_export=keep))
+            for (call, target), index in first.items():
+                if keep and target != "the export":
+                    continue
+                out = self.resumed_copy(f"eio-{call}-{target.replace(' ', '-')}-{keep}", keep_export=keep)
+                strace = ["-o", "/dev/null", "-e", f"trace={call}", "-e", f"inject={call}:error=EIO:when={index}"]
+                r = Traced(self.work / "logs" / f"{out.name}.log", self.argv(out), strace)
+                name = f"{call} of {target}" + (" (replacing one)" if keep else "")
+                self.judge_fault("EIO", name, out, r, f"{call} #{index}", named=NAMED[target])
 
-        def resumed_copy(name: str) -> Path:
-            out = self.work / name
-            shutil.copytree(ref, out)
-            (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")
+    def resumed_copy(self, name: str, keep_export: bool = False) -> Path:
+        """A copy of the reference run one step before its end (prev.pt as last.pt), without its export unless
+        `keep_export`: the re-run writes every file again."""
+        out = self.work / name
+        shutil.copytree(self.reference(), out)
+        (out / "checkpoints" / "prev.pt").replace(out / "checkpoints" / "last.pt")
+        if not keep_export:
             shutil.rmtree(out / "encoder")
-            return out
-
-        for (call, target), index in self.first_calls(resumed_copy("eio-probe")).items():
-            out = resumed_copy(f"eio-{call}-{target.replace(' ', '-')}")
-            strace = ["-o", "/dev/null", "-e", f"trace={call}", "-e", f"inject={call}:error=EIO:when={index}"]
-            r = Traced(self.work / "logs" / f"{out.name}.log", self.argv(out), strace)
-            self.judge_fault("EIO", f"{call} of {target}", out, r, f"{call} #{index}")
+        return out
 
     def first_calls(self, out: Path) -> dict[tuple[str, str], int]:
         """For each (system call, DURABLE label), the index among that call's invocations by the main thread of
@@ -188,14 +191,16 @@ class IssueCases:
                 first.setdefault((match[1], label), counts[match[1]])
         return first
 
-    def judge_fault(self, fault: str, target: str, out: Path, r, where: str) -> None:
-        """After SIGKILL: whole metrics lines; after ENOSPC: a clean end; then the re-run ends like the reference."""
+    def judge_fault(self, fault: str, target: str, out: Path, r, where: str, named: str | None = None) -> None:
+        """After SIGKILL: whole metrics lines; after ENOSPC or EIO: a clean end (with `named`: exit 2, the one line
+        naming that file, so a fault that missed its call does not pass); then the re-run ends like the reference."""
         ref = self.reference()
         if fault == "SIGKILL":
             kept, killed = whole_lines(out, ref), r.code in (-9, 137)
             ok, detail = killed and kept, f"killed: {killed}, left: {leftovers(out)[:2]}, whole metrics lines: {kept}"
         else:
             ok, detail = self.clean_end(out, r)
+            ok = ok and (named is None or (r.code == 2 and named in r.last_line()))
         good, after = ends_like(ref, out, self.run(self.argv(out)))
         self.add(ok and good, f"{fault} at {target}", f"{where}: {detail}; re-run: {after}")
 

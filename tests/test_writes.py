@@ -241,6 +241,7 @@ def test_a_refused_write_in_a_run_says_why_and_what_to_do(tmp_path, monkeypatch,
     result, _, err = run(out, capsys)
     assert result == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert said in err and advice in err and "re-run the same command" in err, err
+    assert ("'.mimkit.lock'" if at == 1 else "'last.pt'") in err, err  # fsync 1: the lock; 2: config.yaml; 3-7: last.pt
     monkeypatch.undo()
     assert left_behind(out) == []
 
@@ -249,12 +250,27 @@ def test_safetensors_io_error_text_is_a_refused_write():
     from mimkit.errors import write_failure
 
     text = "Error while serializing: I/O error: Input/output error (os error 5)"
-    assert (
-        write_failure(RuntimeError(text))
-        == write_failure(OSError(errno.EIO, "x"))
-        == ("input/output error (the device failed)")
-    )
-    assert write_failure(ValueError("(os error 2)")) is None  # a missing file is not the device's refusal
+    io = "input/output error (the device failed)"
+    assert write_failure(RuntimeError(text), writing=True) == write_failure(OSError(errno.EIO, "x"), writing=True) == io
+    # an EIO may as well be a read (a failing data disk): only a write known to be under way is called one
+    assert write_failure(RuntimeError(text)) is None and write_failure(OSError(errno.EIO, "x", "a.jpg")) is None
+    assert write_failure(ValueError("(os error 2)"), writing=True) is None  # a missing file is not a refusal
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_an_export_over_a_file_or_a_link_is_refused_and_keeps_it(tmp_path, kind):
+    import torch
+
+    target = tmp_path / "encoder"
+    if kind == "file":
+        target.write_text("mine")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        target.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(atomic_writes.MimkitError, match="exists and is not a folder"):
+        atomic_writes.write_weights_folder(torch.nn.Linear(2, 2), target, {}, "config.json")
+    assert target.read_text() == "mine" if kind == "file" else target.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["encoder"] + (["elsewhere"] if kind == "link" else []))
 
 
 def test_an_export_replaces_its_previous_folder_without_a_moment_without_one(tmp_path, monkeypatch):

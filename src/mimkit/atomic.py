@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .errors import WriteError, write_failure
+from .errors import MimkitError, WriteError, write_failure
 
 
 @contextlib.contextmanager
@@ -32,7 +33,7 @@ def on_write_failure(path: str | Path, kept: str | Callable[[], str] = "", need:
     except WriteError:
         raise
     except Exception as e:
-        reason = write_failure(e)
+        reason = write_failure(e, writing=True)
         if reason is None:
             raise
         path = Path(path)
@@ -79,8 +80,11 @@ def write_weights_folder(
 ) -> Path:
     """`module`'s state dict as model.safetensors + `config` as JSON (+ `texts`: {file name: content}, e.g. a
     model card), written into a temporary folder beside `out_dir` and exchanged with it in one step where the
-    system can (`exchange`), so a crash never leaves a half-written folder, nor (on Linux) none."""
+    system can (`exchange`), so a crash never leaves a half-written folder, nor (on Linux) none. Its files are
+    fsynced before the exchange, so a power loss does not put empty files in place of the previous export."""
     out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise MimkitError(f"'{out_dir}' exists and is not a folder (a file or a link): remove it or write elsewhere")
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     need = sum(t.numel() * t.element_size() for t in tensors.values())
     kept = "the previous folder is unchanged" if out_dir.exists() else "nothing was written"
@@ -97,37 +101,56 @@ def write_weights_folder(
 
 
 def write_folder(tmp: Path, out_dir: Path, tensors: dict, config: dict, config_name: str, texts: dict | None):
-    """The folder's files into `tmp`, then `tmp` renamed over `out_dir`."""
+    """The folder's files into `tmp`, flushed, then `tmp` exchanged with `out_dir` (or renamed to it)."""
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "mimkit": __version__})
     (tmp / config_name).write_text(json.dumps(config, indent=2) + "\n")
     for name, text in (texts or {}).items():
         (tmp / name).write_text(text, encoding="utf-8")
     for f in tmp.iterdir():
         f.chmod(0o644)
+        fsync_path(f)
     tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+    fsync_path(tmp)
     if out_dir.exists() and exchange(tmp, out_dir):
         shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder (a later export removes what stays)
+    else:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # no atomic exchange here: a moment without the folder
+        tmp.rename(out_dir)
+    fsync_path(out_dir.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a written file, or a folder's entries, to the device (folders only on POSIX systems)."""
+    if path.is_dir() and os.name != "posix":
         return
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # no atomic exchange here: a moment without the folder
-    tmp.rename(out_dir)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def exchange(a: Path, b: Path) -> bool:
     """Swap the names of `a` and `b` in one step (Linux's renameat2 with RENAME_EXCHANGE), so a reader or a crash
-    never finds neither. -> False where the C library or the file system cannot (the caller falls back)."""
+    never finds neither. -> False where the C library, the file system or a sandbox cannot (the caller falls
+    back)."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # not glibc >= 2.28 (macOS, musl, Windows)
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28, musl)
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd, rename_exchange = -100, 2  # <fcntl.h>, <linux/fs.h>
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+    # no kernel or file-system support, overlayfs lower-layer folders (EXDEV), seccomp sandboxes (EPERM), or `b`
+    # gone in the meantime: the caller's remove-and-rename handles all of them
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM, errno.ENOENT):
         return False
-    raise OSError(code, os.strerror(code), str(b))
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def replace_text(path: str | Path, text: str) -> Path:
@@ -173,7 +196,7 @@ def save_torch(state: dict, path: str | Path, keep_previous: bool = False,
             os.replace(tmp, path)
         finally:
             for name in (tmp, link):
-                if os.path.exists(name):
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(name)
 
 

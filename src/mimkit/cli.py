@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MimkitError as e:
         advice = ""  # a refused write outside a training loop (the run lock, an export) says what to do here
-        if isinstance(e, WriteError) and "re-run" not in str(e):
+        if isinstance(e, WriteError) and not e.advised:
             advice = f"; {write_advice(e.reason)} and re-run the same command"
         print(f"mimkit: error: {e}{advice}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -36,16 +36,19 @@ class DivergedError(TrainingError):
 
 class WriteError(MimkitError):
     """The device refused a write: full (ENOSPC), over quota (EDQUOT), failing (EIO) or read-only (EROFS). The
-    message names the file and what the run folder keeps; `reason` says which, for the advice."""
+    message names the file and what the run folder keeps; `reason` says which, for the advice; `advised`: the
+    message already says what to do."""
 
-    def __init__(self, message: str, reason: str = ""):
+    def __init__(self, message: str, reason: str = "", advised: bool = False):
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.advised = reason, advised
 
 
 _NO_SPACE, _QUOTA = "no space left on the device", "disk quota exceeded"
 _IO, _READ_ONLY = "input/output error (the device failed)", "read-only file system"
-_REASONS = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _QUOTA, errno.EIO: _IO, errno.EROFS: _READ_ONLY}
+_DISGUISED = "the device refused the write (full or failing)"
+# EIO is as likely in a read: it counts only where a write is known to be under way (`writing`)
+_REASONS = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _QUOTA, errno.EROFS: _READ_ONLY}
 # what torch.save and safetensors make of these: the OSError is only the context of a RuntimeError ("[enforce fail
 # at inline_container.cc] unexpected pos", "file write failed") or text inside another error ("(os error 5)")
 _REASON_TEXT = {"No space left on device": _NO_SPACE, "(os error 28)": _NO_SPACE,
@@ -55,21 +58,21 @@ _REASON_TEXT = {"No space left on device": _NO_SPACE, "(os error 28)": _NO_SPACE
 _TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
 
 
-def write_failure(e: BaseException) -> str | None:
-    """Why a write failed when the device refused it ('no space left on the device', 'disk quota exceeded', an
-    input/output error, a read-only file system, or torch's writer failing without saying why), looking through
-    the chain of causes; None for any other error."""
+def write_failure(e: BaseException, writing: bool = False) -> str | None:
+    """Why a write failed when the device refused it ('no space left on the device', 'disk quota exceeded', a
+    read-only file system, torch's writer failing without saying why and, when `writing` (the caller knows a write
+    was under way), an input/output error), looking through the chain of causes; None for any other error."""
     seen, disguised = set(), None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _REASONS:
-            return _REASONS[e.errno]
+        if isinstance(e, OSError) and (e.errno in _REASONS or (writing and e.errno == errno.EIO)):
+            return _REASONS.get(e.errno, _IO)
         text = str(e)
         for needle, reason in _REASON_TEXT.items():
-            if needle in text:
+            if needle in text and (writing or reason != _IO):
                 return reason
         if disguised is None and isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
-            disguised = "the device refused the write (full or failing)"
+            disguised = _DISGUISED
         e = e.__cause__ or e.__context__
     return disguised
 
@@ -80,4 +83,6 @@ def write_advice(reason: str) -> str:
         return "free some space"
     if reason == _READ_ONLY:
         return "make the folder writable or use another --out"
+    if reason == _DISGUISED:
+        return "free some space or check the device"
     return "check the device (or use another --out)"

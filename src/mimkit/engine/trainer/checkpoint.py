@@ -165,7 +165,8 @@ class RunFolder:
                     except FileExistsError:
                         self.remove_stale_lock()
             finally:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # the lock stands; a leftover is removed once this run is gone
+                    tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not take the run lock '{self.lock}'")
 
     def remove_stale_lock(self) -> None:

@@ -74,7 +74,8 @@ def train(task: Task, finish: Callable[[int], dict] | None = None) -> dict:
     except WriteError as e:
         holds = loop.folder.holds()
         said = f"{e}" if holds in str(e) else f"{e}; {holds}"
-        raise WriteError(f"{said}; {write_advice(e.reason)} and re-run the same command to go on", e.reason) from None
+        advice = f"{write_advice(e.reason)} and re-run the same command to go on"
+        raise WriteError(f"{said}; {advice}", e.reason, advised=True) from None
     finally:
         cleanup.close()
     return {"steps": loop.pos.step, "out": loop.out, "finished": True, "report": report}
@@ -130,7 +131,7 @@ class Loop:
 
     def open(self, resume: dict | None, cleanup: contextlib.ExitStack) -> None:
         """The metrics log (cut back to the checkpoint), config.yaml, the run's first lines, the model as the
-        steps see it (precision kernels, DDP, compile), the step path, progress bar and stop signal."""
+        steps see it (precision kernels, SyncBatchNorm, DDP, compile), the step path, progress bar and stop signal."""
         cfg, rt, task, pos = self.cfg, self.rt, self.task, self.pos
         wandb = {
             "project": cfg.log.wandb_project,
