@@ -51,3 +51,29 @@ def make_tokenizer(out_dir: Path, image_size: int = 16, vocab_size: int = 64, do
     tok = VQTokenizer(vocab_size=vocab_size, downsample=downsample, width=16, code_dim=8, res_blocks=1,
                       image_size=image_size)  # fmt: skip
     return save_tokenizer(tok, out_dir)
+
+
+def sgd_steps(method, data_cfg, steps: int, opt=None, reseed: int | None = None) -> list[float]:
+    """`steps` SGD steps (lr 0.05, or `opt`) of a built method in train mode on fixed uint8 crops made into its views
+    as the pipeline does ('unit' views in [0, 1], the others normalised), the teacher updated after each (step of 10)
+    -> the losses. `reseed`: torch's global seed before each step's forward is reseed + step (masks alike)."""
+    import torch
+
+    from mimkit.data.pipeline import prepare_batch
+
+    method.train()
+    opt = opt or torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        raw = {v.name: torch.randint(0, 256, (8, 3, v.size, v.size), generator=g, dtype=torch.uint8)
+               for v in method.views}  # fmt: skip
+        if reseed is not None:
+            torch.manual_seed(reseed + step)
+        loss, _ = method(prepare_batch(raw, method.views, "cpu", data_cfg.mean, data_cfg.std))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step + 1, 10)
+        losses.append(loss.item())
+    return losses

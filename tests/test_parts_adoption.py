@@ -4,10 +4,9 @@ before, and pre-training checkpoints of the old layout (teachers without `.modul
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, sgd_steps
 
 from mimkit.data.augment import ColorAugment, scale_sigma
-from mimkit.data.pipeline import prepare_batch
 from mimkit.methods import build_method
 from mimkit.run_config import build_config
 
@@ -44,19 +43,8 @@ def train_losses(method: str, steps: int = 3) -> list[float]:
     """`steps` SGD steps on fixed uint8 crops made into the method's views as the pipeline does ('unit' views in
     [0, 1], the others normalised), the teacher updated after each (step of 10) -> the losses."""
     m, cfg = build(method)
-    m.train()
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
-    g = torch.Generator().manual_seed(1)
-    losses = []
-    for step in range(steps):
-        raw = {v.name: torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8) for v in m.views}
-        loss, _ = m(prepare_batch(raw, m.views, "cpu", cfg.data.mean, cfg.data.std))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.after_step(step + 1, 10)
-        losses.append(loss.item())
-    return losses
+    assert all(v.size == 16 for v in m.views)  # the crops BEFORE was recorded with
+    return sgd_steps(m, cfg.data, steps)
 
 
 @pytest.mark.parametrize("method", ["conmim", "cmae-mao", "mocov3"])

@@ -4,7 +4,7 @@ NCCL (SyncBatchNorm has no CPU kernel), in place, keeping the parameters an opti
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, sgd_steps
 from torch import nn
 
 from mimkit.engine.trainer import distributed as D
@@ -87,25 +87,12 @@ def test_pretrain_task_passes_the_methods_choice_to_the_loop(labeled_folder):
 def test_converted_training_steps_give_the_same_losses(nccl, method):
     """One process (no process group: SyncBatchNorm normalises like BatchNorm): two steps with their optimizer and
     teacher update, converted after the optimizer was built, give the unconverted run's losses."""
-    from mimkit.data.pipeline import prepare_batch
-
     cfg = build_config([], None, [*TINY, f"method={method}", *SMALL[method]])
     runs = []
     for convert in (False, True):
         torch.manual_seed(0)
-        m = build_method(cfg).train()
+        m = build_method(cfg)
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
         assert D.sync_batchnorm(m, m.sync_batchnorm and convert) is convert
-        g, losses = torch.Generator().manual_seed(1), []
-        for step in range(2):
-            raw = {v.name: torch.randint(0, 256, (8, 3, v.size, v.size), generator=g, dtype=torch.uint8)
-                   for v in m.views}  # fmt: skip
-            torch.manual_seed(10 + step)
-            loss, _ = m(prepare_batch(raw, m.views, "cpu", cfg.data.mean, cfg.data.std))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            m.after_step(step + 1, 10)
-            losses.append(loss.item())
-        runs.append(losses)
+        runs.append(sgd_steps(m, cfg.data, 2, opt=opt, reseed=10))
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
