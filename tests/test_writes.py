@@ -233,6 +233,7 @@ def test_a_failing_device_in_a_checkpoint_write_keeps_both_checkpoints(tmp_path,
 
 @pytest.mark.parametrize("code, said, advice", [(errno.EIO, "input/output error", "check the device"),
                                                 (errno.EROFS, "read-only file system", "make the folder writable"),
+                                                (errno.EACCES, "permission denied", "make the folder writable"),
                                                 (errno.ENOSPC, "no space left", "free some space")])  # fmt: skip
 @pytest.mark.parametrize("at", [1, 6])  # the run lock (before the loop), a checkpoint (inside it)
 def test_a_refused_write_in_a_run_says_why_and_what_to_do(tmp_path, monkeypatch, capsys, code, said, advice, at):
@@ -254,6 +255,8 @@ def test_safetensors_io_error_text_is_a_refused_write():
     assert write_failure(RuntimeError(text), writing=True) == write_failure(OSError(errno.EIO, "x"), writing=True) == io
     # an EIO may as well be a read (a failing data disk): only a write known to be under way is called one
     assert write_failure(RuntimeError(text)) is None and write_failure(OSError(errno.EIO, "x", "a.jpg")) is None
+    assert write_failure(PermissionError(errno.EACCES, "x", "a.jpg")) is None  # an unreadable data file
+    assert write_failure(PermissionError(errno.EACCES, "x", "out"), writing=True) == "permission denied"
     assert write_failure(ValueError("(os error 2)"), writing=True) is None  # a missing file is not a refusal
 
 

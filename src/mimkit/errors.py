@@ -46,14 +46,15 @@ class WriteError(MimkitError):
 
 _NO_SPACE, _QUOTA = "no space left on the device", "disk quota exceeded"
 _IO, _READ_ONLY = "input/output error (the device failed)", "read-only file system"
-_DISGUISED = "the device refused the write (full or failing)"
-# EIO is as likely in a read: it counts only where a write is known to be under way (`writing`)
+_DENIED, _DISGUISED = "permission denied", "the device refused the write (full or failing)"
 _REASONS = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _QUOTA, errno.EROFS: _READ_ONLY}
+# as likely in a read (a failing or unreadable data file): counted only where a write is known to be under way
+_WRITING_REASONS = {errno.EIO: _IO, errno.EACCES: _DENIED, errno.EPERM: _DENIED}
 # what torch.save and safetensors make of these: the OSError is only the context of a RuntimeError ("[enforce fail
 # at inline_container.cc] unexpected pos", "file write failed") or text inside another error ("(os error 5)")
 _REASON_TEXT = {"No space left on device": _NO_SPACE, "(os error 28)": _NO_SPACE,
                 "Disk quota exceeded": _QUOTA, "(os error 122)": _QUOTA,
-                "Input/output error": _IO, "(os error 5)": _IO,
+                "Input/output error": _IO, "(os error 5)": _IO, "(os error 13)": _DENIED,
                 "Read-only file system": _READ_ONLY, "(os error 30)": _READ_ONLY}  # fmt: skip
 _TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
 
@@ -61,15 +62,17 @@ _TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWrit
 def write_failure(e: BaseException, writing: bool = False) -> str | None:
     """Why a write failed when the device refused it ('no space left on the device', 'disk quota exceeded', a
     read-only file system, torch's writer failing without saying why and, when `writing` (the caller knows a write
-    was under way), an input/output error), looking through the chain of causes; None for any other error."""
+    was under way), an input/output error or a denied permission), looking through the chain of causes; None for
+    any other error."""
+    reasons = {**_REASONS, **_WRITING_REASONS} if writing else _REASONS
     seen, disguised = set(), None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and (e.errno in _REASONS or (writing and e.errno == errno.EIO)):
-            return _REASONS.get(e.errno, _IO)
+        if isinstance(e, OSError) and e.errno in reasons:
+            return reasons[e.errno]
         text = str(e)
         for needle, reason in _REASON_TEXT.items():
-            if needle in text and (writing or reason != _IO):
+            if needle in text and (writing or reason in _REASONS.values()):
                 return reason
         if disguised is None and isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
             disguised = _DISGUISED
@@ -81,7 +84,7 @@ def write_advice(reason: str) -> str:
     """What to do about a refused write of `reason` (from write_failure), before re-running the same command."""
     if reason in (_NO_SPACE, _QUOTA):
         return "free some space"
-    if reason == _READ_ONLY:
+    if reason in (_READ_ONLY, _DENIED):
         return "make the folder writable or use another --out"
     if reason == _DISGUISED:
         return "free some space or check the device"
