@@ -181,7 +181,8 @@ def save_torch(state: dict, path: str | Path, keep_previous: bool = False,
     with on_write_failure(path, kept, state_bytes(state)):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=".tmp", dir=path.parent)
-        link = path.with_name(temp_name(path.with_name("prev.pt")) + "link.tmp")
+        prev = path.with_name("prev.pt")
+        link = prev.with_name(temp_name(prev) + "link.tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(state, f)
@@ -189,7 +190,6 @@ def save_torch(state: dict, path: str | Path, keep_previous: bool = False,
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
             if keep_previous and path.exists():
-                prev = path.with_name("prev.pt")
                 link.unlink(missing_ok=True)
                 os.link(path, link)  # `path` stays in place until the new state replaces it
                 os.replace(link, prev)

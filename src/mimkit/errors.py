@@ -65,6 +65,7 @@ def write_failure(e: BaseException, writing: bool = False) -> str | None:
     was under way), an input/output error or a denied permission), looking through the chain of causes; None for
     any other error."""
     reasons = {**_REASONS, **_WRITING_REASONS} if writing else _REASONS
+    known = set(reasons.values())
     seen, disguised = set(), None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -72,7 +73,7 @@ def write_failure(e: BaseException, writing: bool = False) -> str | None:
             return reasons[e.errno]
         text = str(e)
         for needle, reason in _REASON_TEXT.items():
-            if needle in text and (writing or reason in _REASONS.values()):
+            if needle in text and reason in known:
                 return reason
         if disguised is None and isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
             disguised = _DISGUISED

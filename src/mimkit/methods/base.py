@@ -113,14 +113,18 @@ class Method(nn.Module):
         """The learning rate of parameter `name` relative to the run's (e.g. a separately paced generator). By
         default the method's own `<method>.lr_scale` for every parameter where its options have one (a recipe
         shared with other methods, such as the demo's, can give one method its own lr), else 1."""
-        return getattr(getattr(self, "options", None), "lr_scale", 1.0)
+        return self.option("lr_scale", 1.0)
 
     @property
     def sync_batchnorm(self) -> bool:
         """Whether the method's BatchNorm layers should normalise over the global batch when several processes
         train (the loop converts them to SyncBatchNorm under NCCL before wrapping in DDP). By default the
         method's own `<method>.sync_bn` where its options have one, else False (per-process statistics)."""
-        return bool(getattr(getattr(self, "options", None), "sync_bn", False))
+        return bool(self.option("sync_bn", False))
+
+    def option(self, name: str, default):
+        """The method's own option `name` where its options dataclass has one, else `default`."""
+        return getattr(getattr(self, "options", None), name, default)
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> torch.Tensor:

@@ -62,8 +62,8 @@ def sync_batchnorm(model: nn.Module, wanted: bool) -> bool:
     before and the state dict's keys stay valid. -> whether any layer was converted."""
     if not (wanted and is_distributed() and dist.get_backend() == "nccl"):
         return False
-    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not batchnorms or isinstance(model, nn.modules.batchnorm._BatchNorm):
+    batchnorm = nn.modules.batchnorm._BatchNorm
+    if isinstance(model, batchnorm) or not any(isinstance(m, batchnorm) for m in model.modules()):
         return False
     nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces children, so `model` itself is kept
     return True
