@@ -216,6 +216,32 @@ def first_step(tok, *extra, enh_weight=1.0):
     return m, opt, change, grads
 
 
+def test_vit_enhancer_starts_as_maes_encoder(tok):
+    """The default `cim.enhancer_init=mae` is facebookresearch/mae's `initialize_weights` on the enhancer (xavier-
+    uniform Linear weights, zero biases, unit LayerNorm, the patch conv xavier as a Linear, class token N(0, 0.02));
+    `timm` keeps timm's trunc-normal 0.02; a beit_* enhancer is never re-initialised."""
+
+    def xavier_std(w):
+        fan_out, fan_in = w.shape[0], w[0].numel()
+        return (2.0 / (fan_in + fan_out)) ** 0.5
+
+    torch.manual_seed(0)
+    vit = cim("cim-revdet", tok, "model.embed_dim=64").enhancer
+    linears = [m for m in vit.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 4  # qkv, proj, fc1, fc2 per block
+    for w in [lin.weight for lin in linears] + [vit.patch_embed.proj.weight]:
+        bound = 3.0**0.5 * xavier_std(w)
+        assert w.abs().max() <= bound + 1e-6 and abs(w.std().item() / xavier_std(w) - 1) < 0.1
+    assert all(torch.all(lin.bias == 0) for lin in linears if lin.bias is not None)
+    assert abs(vit.cls_token.std().item() / 0.02 - 1) < 0.35
+    assert not vit.pos_embed.requires_grad  # the fixed sin-cos table is kept
+
+    timm_init = cim("cim-revdet", tok, "model.embed_dim=64", "cim.enhancer_init=timm").enhancer
+    assert timm_init.blocks[0].attn.qkv.weight.std() < 0.025  # timm's 0.02, not xavier's ~0.09 at 64 -> 192
+    beit = cim("cim-revdet", tok, "model.name=beit_base_patch16_224", "model.embed_dim=64").enhancer
+    assert isinstance(beit, Beit) and beit.blocks[0].attn.qkv.weight.std() < 0.025
+
+
 def test_generator_lr_scale_is_a_real_knob(tok):
     """cim.generator_lr_scale puts every trainable generator parameter into groups at that multiple of the lr (the
     enhancer's stay at the run's lr), so the generator's AdamW step is that much smaller; a constant weight on the

@@ -57,6 +57,9 @@ class CIMOptions:
     temperature: PositiveFloat = 1.0  # UNVERIFIED
     target_norm: Literal["window", "patch", "none"] = "window"  # ResPix targets: window (paper) | patch (MAE) | none
     window: PositiveInt = 9  # UNVERIFIED sliding-window size (odd)
+    # a vit_*/deit_* enhancer is MAE's sin-cos ViT: mae = MAE's initialisation too | timm = timm's (mimkit's before);
+    # UNVERIFIED (the paper does not say). beit_* and CNN enhancers keep their timm initialisation
+    enhancer_init: Literal["mae", "timm"] = "mae"
     cnn_output_stride: Literal[8, 16, 32] = 32  # CNN enhancers (dilation keeps small images' maps large enough)
     vocab_size: NonNegInt = 0  # 0 = the tokenizer's codebook size; otherwise must equal it
     eval_images: NonNegInt = 256  # held-out images for the epoch-end check against trivial baselines
@@ -203,7 +206,10 @@ class CIM(Method):
     def build_enhancer(self, shared: SharedSettings) -> tuple[nn.Module, bool]:
         name = shared.model.name
         if name.startswith(("vit_", "deit_", "beit_")):
-            return V.create_encoder(shared.model, shared.image_size, allow_beit=True), True
+            vit = V.create_encoder(shared.model, shared.image_size, allow_beit=True)
+            if self.options.enhancer_init == "mae" and not name.startswith("beit_"):
+                V.init_mae_encoder(vit)
+            return vit, True
         if not timm.is_model(name):
             raise ConfigError(f"model.name '{name}' is not a timm model")
         kwargs = {"num_classes": 0, "drop_path_rate": shared.model.drop_path}

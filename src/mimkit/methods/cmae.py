@@ -31,7 +31,7 @@ from ..ema import BUDGET_HALF_LIFE, HalfLife, MomentumRule
 from ..masking import gather_tokens
 from ..models import vit as V
 from .base import SharedSettings
-from .mae import MAE, MAEOptions, init_mae_weights
+from .mae import MAE, MAEOptions
 from .parts import MomentumTeacher, ViewColour, info_nce, ln_mlp
 
 TASKS = ("rec", "contrast", "pos")
@@ -128,8 +128,8 @@ class CMAE(MAE):
             self.color = ViewColour(self.views, shared.mean, shared.std)
             self.projector = ln_mlp(dim, o.proj_hidden, o.proj_dim)
             self.predictor = ln_mlp(o.proj_dim, o.proj_hidden, o.proj_dim) if o.predictor else nn.Identity()
-            init_mae_weights(self.projector)
-            init_mae_weights(self.predictor)
+            V.init_mae_weights(self.projector)
+            V.init_mae_weights(self.predictor)
             if o.target_encoder == "ema":
                 rule = {"rule": o.momentum_rule, "half_life": o.momentum_half_life}
                 self.target_vit = MomentumTeacher(self.encoder, o.momentum, o.momentum_final, **rule)
@@ -139,7 +139,7 @@ class CMAE(MAE):
                 )
         if self.weights["pos"]:
             self.pos_head = nn.Linear(dim, self.num_patches)
-            init_mae_weights(self.pos_head)
+            V.init_mae_weights(self.pos_head)
 
     def export_options(self):
         if self.target_vit is None:

@@ -25,7 +25,7 @@ from ..masking import cell_masking, mask_cell
 from ..models import vit as V
 from ..models.decoder import MaskedDecoder
 from .base import SharedSettings
-from .mae import MAE, MAEOptions, init_mae_weights
+from .mae import MAE, MAEOptions
 from .parts import MomentumTeacher, ViewColour, bn_mlp, info_nce
 
 
@@ -85,7 +85,7 @@ class CMAEHuang(MAE):
             dim, o.decoder_dim, o.feature_decoder_depth, o.decoder_heads, self.grid, out_dim=dim,
             num_prefix=self.encoder.num_prefix_tokens,
         )  # fmt: skip
-        init_mae_weights(self.feature_decoder)
+        V.init_mae_weights(self.feature_decoder)
         self.projector = bn_mlp(2, dim, o.proj_hidden, o.proj_dim, last_bn=False, hidden_bias=True, eps=1e-6)
         self.predictor = bn_mlp(2, o.proj_dim, o.proj_hidden, o.proj_dim, last_bn=False, hidden_bias=True, eps=1e-6)
         rule = {"rule": o.momentum_rule, "half_life": o.momentum_half_life}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..config import ConfigError, NonNegFloat, PositiveInt
 from ..data.views import View
@@ -24,18 +23,6 @@ class MAEOptions:
     decoder_heads: PositiveInt = 3
     norm_pix_loss: bool = True
     norm_pix_eps: NonNegFloat = 1e-6  # MAE's value; flat images (documents, digits) want a larger one
-
-
-def init_mae_weights(module: nn.Module) -> None:
-    """MAE's initialisation: xavier-uniform Linear layers (zero bias), unit LayerNorm, patch conv as a Linear."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class MAE(Method):
@@ -68,10 +55,8 @@ class MAE(Method):
             out_dim=self.patch**2 * 3,
             num_prefix=self.encoder.num_prefix_tokens,
         )
-        init_mae_weights(self)
-        w = self.encoder.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        V.init_mae_weights(self)  # encoder and decoder, in MAE's order
+        V.init_mae_patch_embed(self.encoder)
 
     # ---- steps -------------------------------------------------------------------------------------------
     def mask(self, batch_size: int, device, noise=None):
