@@ -190,18 +190,23 @@ def beit_trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
 
 
-@torch.no_grad()
-def init_beit_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BEiT's `_init_weights` on every submodule: Linear and Conv2d weights `beit_trunc_normal_`, biases 0,
-    LayerNorm weight 1 and bias 0 (BEiT's, SimMIM's and ConMIM's pre-training models; their heads included)."""
+def init_layers(module: nn.Module, kinds, init_weight) -> None:
+    """Every submodule of the types `kinds`: `init_weight(weight)`, bias 0; every LayerNorm: weight 1, bias 0."""
     for m in module.modules():
-        if isinstance(m, nn.Linear | nn.Conv2d):
-            beit_trunc_normal_(m.weight, std)
+        if isinstance(m, kinds):
+            init_weight(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def init_beit_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BEiT's `_init_weights` on every submodule: Linear and Conv2d weights `beit_trunc_normal_`, biases 0,
+    LayerNorm weight 1 and bias 0 (BEiT's, SimMIM's and ConMIM's pre-training models; their heads included)."""
+    init_layers(module, nn.Linear | nn.Conv2d, lambda w: beit_trunc_normal_(w, std))
 
 
 @torch.no_grad()
@@ -228,14 +233,7 @@ def init_beit_encoder(vit: nn.Module, std: float = 0.02) -> None:
 def init_mae_weights(module: nn.Module) -> None:
     """MAE's `_init_weights` on every submodule: xavier-uniform Linear weights, biases 0, LayerNorm weight 1 and
     bias 0 (MAE's and CMAE's encoders, decoders and heads)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_layers(module, nn.Linear, nn.init.xavier_uniform_)
 
 
 @torch.no_grad()
