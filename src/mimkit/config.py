@@ -85,9 +85,6 @@ class TokenizerConfig:
     downsample: PositiveInt = 4  # pixels per token side, a power of 2: the ViT patch size (4 at 32 px gives 8x8 tokens)
     width: PositiveInt = 64  # channels after the stem, doubled at each downsampling up to 4x
     res_blocks: NonNegInt = 2  # residual blocks at token resolution, in the encoder and in the decoder
-    # each token decodes to its own patch only (1x1 / non-overlapping kernels): replacing a token changes nothing
-    # else, so CIM RevDet's "replaced" label is what the image shows (docs/methods.md, CIM)
-    local_decoder: bool = False
     code_dim: PositiveInt = 16  # low-dimensional codes are used more evenly (docs/results.md, "Tokenizer")
     commitment: NonNegFloat = 0.25  # weight of ||z - sg(code)||^2 (VQ-VAE's beta)
     ema_decay: Probability = 0.99  # codebook running-mean decay

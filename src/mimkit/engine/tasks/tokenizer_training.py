@@ -54,7 +54,6 @@ class TokenizerTraining(Method):
                 res_blocks=t.res_blocks,
                 image_size=cfg.data.image_size,
                 ema_decay=t.ema_decay,
-                local_decoder=t.local_decoder,
             )
         self.encoder = tokenizer  # the contract's `encoder`: what is exported
         self.register_buffer("restarted", torch.tensor(0))  # codes restarted since the last epoch end

@@ -38,11 +38,11 @@ def code_counts(ids: torch.Tensor, vocab_size: int, dtype=torch.float32) -> torc
 
 
 class ResBlock(nn.Module):
-    """x + 1x1(ReLU(kxk(ReLU(x)))), channels unchanged (VQ-VAE's residual block, k = 3; 1 in a local decoder)."""
+    """x + 1x1(ReLU(3x3(ReLU(x)))), channels unchanged (VQ-VAE's residual block)."""
 
-    def __init__(self, channels: int, kernel: int = 3):
+    def __init__(self, channels: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, kernel, padding=kernel // 2)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +125,7 @@ class EMACodebook(nn.Module):
 
 class VQTokenizer(ImageTokenizer):
     """Conv encoder (stride-2 4x4 convs, log2(downsample) of them) -> nearest of `vocab_size` codes -> conv decoder
-    (transposed convs) -> RGB. Channels: `width` after the stem, doubled at each downsampling up to 4x `width`.
-    `local_decoder`: 1x1 convolutions and non-overlapping 2x2 transposed ones, so each token draws its own patch
-    and nothing else (the default decoder's 3x3 and 4x4 kernels let a token reach its neighbours' pixels)."""
+    (transposed convs) -> RGB. Channels: `width` after the stem, doubled at each downsampling up to 4x `width`."""
 
     kind = "vqvae"
 
@@ -140,7 +138,6 @@ class VQTokenizer(ImageTokenizer):
         res_blocks: int = 2,
         image_size: int = 32,
         ema_decay: float = 0.99,
-        local_decoder: bool = False,
     ):
         super().__init__()
         if downsample < 2 or downsample & (downsample - 1):
@@ -157,7 +154,6 @@ class VQTokenizer(ImageTokenizer):
             res_blocks=res_blocks,
             image_size=image_size,
             ema_decay=ema_decay,
-            local_decoder=local_decoder,
         )
         self.vocab_size, self.downsample, self.image_size = vocab_size, downsample, image_size
         stages = downsample.bit_length() - 1
@@ -172,12 +168,11 @@ class VQTokenizer(ImageTokenizer):
 
         self.codebook = EMACodebook(vocab_size, code_dim, ema_decay)
 
-        k, up = (1, dict(kernel_size=2)) if local_decoder else (3, dict(kernel_size=4, padding=1))
-        dec: list[nn.Module] = [nn.Conv2d(code_dim, chans[-1], k, padding=k // 2)]
-        dec += [ResBlock(chans[-1], k) for _ in range(res_blocks)]
+        dec: list[nn.Module] = [nn.Conv2d(code_dim, chans[-1], 3, padding=1)]
+        dec += [ResBlock(chans[-1]) for _ in range(res_blocks)]
         for a, b in zip(chans[::-1], chans[-2::-1]):
-            dec += [nn.ReLU(), nn.ConvTranspose2d(a, b, stride=2, **up)]
-        dec += [nn.ReLU(), nn.Conv2d(chans[0], 3, k, padding=k // 2)]
+            dec += [nn.ReLU(), nn.ConvTranspose2d(a, b, 4, stride=2, padding=1)]
+        dec += [nn.ReLU(), nn.Conv2d(chans[0], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
     # ---- steps -------------------------------------------------------------------------------------------
