@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -53,23 +54,46 @@ def test_torch_disguised_full_disk_is_one_line_saying_what_is_kept(tmp_path, mon
         assert load(out / "checkpoints" / "last.pt")["run"]["step"] == at - 1
 
 
-def test_full_disk_in_tensorboards_thread_is_one_line_and_releases_the_lock(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("code, said", [(errno.ENOSPC, "no space left"), (errno.EIO, "input/output error")])
+def test_full_disk_in_tensorboards_thread_is_one_line_and_releases_the_lock(tmp_path, monkeypatch, capsys, code, said):
     from tensorboard.summary.writer import record_writer
 
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's, not pytest's, prints here
     real, calls = record_writer.RecordWriter.write, []
 
     def write(self, data):  # runs in TensorBoard's writer thread
         calls.append(1)
         if len(calls) > 4:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(code, os.strerror(code))
         return real(self, data)
 
     monkeypatch.setattr(record_writer.RecordWriter, "write", write)
     out = tmp_path / "run"
-    code, said, err = run(out, capsys)
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err + said, err
-    assert f"'{out}'" in err and "tensorboard" in err and "no space left" in err, err
+    status, printed, err = run(out, capsys)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err + printed, err
+    assert f"'{out}'" in err and "tensorboard" in err and said in err, err
     assert left_behind(out) == []
+
+
+def test_an_io_error_in_another_thread_keeps_its_traceback(monkeypatch, capsys):
+    """Only TensorBoard's writer thread, where every call writes, has its EIO quieted (the writer raises it again
+    in the main thread); elsewhere an EIO may be a failing read, and its traceback is all there is."""
+    from mimkit.engine.trainer.logging import quiet_full_disk_in_threads
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    quiet_full_disk_in_threads()
+
+    def fail():
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    class WriterThread(threading.Thread):
+        __module__ = "tensorboard.summary.writer.event_file_writer"
+
+    for thread in (threading.Thread(target=fail), WriterThread(target=fail)):
+        thread.start()
+        thread.join()
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 1 and "Input/output error" in err, err
 
 
 def test_metrics_rewrite_is_atomic(tmp_path, monkeypatch):

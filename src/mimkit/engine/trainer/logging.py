@@ -76,14 +76,16 @@ class MetricsLog:
 
 
 def quiet_full_disk_in_threads() -> None:
-    """A full disk in TensorBoard's writer thread: no traceback from the thread (the writer raises the same error
-    in the main thread at its next call, which says it in one line); every other thread error as before."""
+    """A failed write in TensorBoard's writer thread (a full disk anywhere; EIO, EACCES, EPERM there, where every
+    call writes): no traceback from the thread, since the writer raises the same error in the main thread at its
+    next call, which says it in one line. Every other thread error as before (an EIO elsewhere may be a read)."""
     previous = threading.excepthook
     if getattr(previous, "mimkit", False):
         return
 
     def hook(args):
-        if args.exc_value is None or write_failure(args.exc_value) is None:
+        writer = type(args.thread).__module__.startswith("tensorboard.")
+        if args.exc_value is None or write_failure(args.exc_value, writing=writer) is None:
             previous(args)
 
     hook.mimkit = True
