@@ -31,8 +31,8 @@ TARGETS = {
     "summary.json": r"/\.summary\.json\.\d+\.tmp$",
 }
 WRITE = re.compile(r"^write\(\d+<([^>]*)>")
-# EIO (a failing device) at the first fsync, rename and link of each file a run makes durable; the label is the first
-# of these patterns that the call's arguments (paths, with strace -y) match
+# EIO (a failing device) at the first open, mkdir, fsync, rename and link of each file a run makes durable; the label
+# is the first of these patterns that the call's arguments (paths, with strace -y) match
 DURABLE = {
     "a checkpoint": r"/checkpoints/\.last\.pt\.\d+\.",
     "prev.pt": r"/checkpoints/(\.)?prev\.pt",
@@ -45,7 +45,7 @@ DURABLE = {
 NAMED = {"a checkpoint": "'last.pt'", "prev.pt": "'last.pt'", "the export": "'encoder'",
          "summary.json": "'summary.json'", "config.yaml": "'config.yaml'", "metrics.jsonl rewrite": "'metrics.jsonl'",
          "the run lock": "'.mimkit.lock'"}  # fmt: skip
-SYSCALLS = ("fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat")
+SYSCALLS = ("openat", "mkdir", "mkdirat", "fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat")
 CALL = re.compile(r"^(\w+)\((.*)")
 
 
@@ -147,8 +147,8 @@ class IssueCases:
             self.judge_fault(fault, "TensorBoard's thread", out, r, "its write #3")
 
     def eio(self) -> None:
-        """EIO at the first fsync, rename and link of each durable file: a clean end (exit 2 and one line naming
-        the file, no temporary file, no lock), then a re-run that ends like the reference."""
+        """EIO at the first open, mkdir, fsync, rename and link of each durable file: a clean end (exit 2 and one line
+        naming the file, no temporary file, no lock), then a re-run that ends like the reference."""
         if not strace_usable():
             self.skip("EIO at fsync/rename/link", "strace is missing or may not trace here")
             return

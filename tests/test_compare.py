@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import TINY
 
-from mimkit.cli import build_parser, main
+from mimkit.cli import main
+from mimkit.cli_parser import build_parser
 from mimkit.config import ConfigError
 from mimkit.engine.drivers import compare, compare_report
 from mimkit.engine.drivers.compare import method_list, parse_budget

@@ -20,16 +20,16 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # importer -> the modules it must not import (a name covers its sub-modules)
 LAYERS = {
-    "mimkit.data": ("mimkit.methods", "mimkit.engine", "mimkit.cli"),
-    "mimkit.models": ("mimkit.methods", "mimkit.engine", "mimkit.cli"),
-    "mimkit.methods": ("mimkit.engine", "mimkit.cli"),
-    "mimkit.engine": ("mimkit.cli",),
+    "mimkit.data": ("mimkit.methods", "mimkit.engine", "mimkit.cli", "mimkit.cli_parser"),
+    "mimkit.models": ("mimkit.methods", "mimkit.engine", "mimkit.cli", "mimkit.cli_parser"),
+    "mimkit.methods": ("mimkit.engine", "mimkit.cli", "mimkit.cli_parser"),
+    "mimkit.engine": ("mimkit.cli", "mimkit.cli_parser"),
     # inside the engine: the loop knows tasks (and methods) only by their contract; tasks know no driver
     "mimkit.engine.trainer": ("mimkit.engine.tasks", "mimkit.engine.drivers", "mimkit.methods"),
     "mimkit.engine.tasks": ("mimkit.engine.drivers",),
     # the schema machinery knows no registry: mimkit.run_config attaches the method sections
     **{
-        schema: ("mimkit.methods", "mimkit.run_config", "mimkit.engine", "mimkit.cli")
+        schema: ("mimkit.methods", "mimkit.run_config", "mimkit.engine", "mimkit.cli", "mimkit.cli_parser")
         for schema in ("mimkit.config", "mimkit.config_schema", "mimkit.config_yaml", "mimkit.config_checks")
     },
 }
