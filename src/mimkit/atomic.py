@@ -1,5 +1,5 @@
 """Files and folders written atomically (exports, tokenizers, rewritten text files): no half-written file after a
-crash; and the one error path of a full disk, for every write of a run."""
+crash; and the one error path of a refused write (full, failing or read-only device), for every write of a run."""
 
 from __future__ import annotations
 

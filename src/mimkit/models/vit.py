@@ -248,10 +248,15 @@ def init_mae_encoder(vit: nn.Module) -> None:
 
 @torch.no_grad()
 def init_mae_patch_embed(vit: nn.Module) -> None:
-    """MAE's patch projection (xavier-uniform on the weight viewed as a Linear) and class token (N(0, 0.02))."""
-    w = vit.patch_embed.proj.weight
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    """MAE's patch projection (`xavier_as_linear`) and class token (N(0, 0.02))."""
+    xavier_as_linear(vit.patch_embed.proj.weight)
     nn.init.normal_(vit.cls_token, std=0.02)
+
+
+def xavier_as_linear(conv_weight: torch.Tensor) -> None:
+    """Xavier-uniform on a patch convolution's (C_out, C_in, p, p) weight viewed as a (C_out, C_in*p*p) Linear, as
+    MAE initialises its patch projection."""
+    nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
 
 
 def init_sincos_patch_embed(vit: nn.Module) -> bool:
@@ -264,8 +269,7 @@ def init_sincos_patch_embed(vit: nn.Module) -> bool:
     pos = getattr(vit, "pos_embed", None)
     if not isinstance(pos, nn.Parameter) or pos.requires_grad:
         return False
-    w = vit.patch_embed.proj.weight
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    xavier_as_linear(vit.patch_embed.proj.weight)
     if vit.patch_embed.proj.bias is not None:
         nn.init.zeros_(vit.patch_embed.proj.bias)
     return True
