@@ -1,8 +1,9 @@
 """The fault campaign's cases of issue 24 (benchmarks/faults.py runs them): a real full disk (a 3 MiB tmpfs),
 faults injected into the write system calls of a run by strace (ENOSPC, SIGKILL) at the first write of each of
-its files, the run lock across the export, leftover temporary folders, the loss-level divergence guard, config
-values that only fail together, and model.init messages. Cases the machine cannot run (no root for the tmpfs, no
-strace or ptrace) are skipped and counted."""
+its files, EIO at open, mkdir, fsync, rename, link and removal of each file a run makes durable or removes, a
+device whose every fsync fails, the run lock across the export, leftover temporary folders, the loss-level
+divergence guard, config values that only fail together, and model.init messages. Cases the machine cannot run
+(no root for the tmpfs, no strace or ptrace) are skipped and counted."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from fault_runs import ends_like, leftovers, metrics
+from fault_runs import ends_like, leftovers, metrics, newest_state
 
 # the first write of each of these (a path regex) is where a fault is injected; the probe finds its index. strace
 # follows the main thread only: a fault in another process (find_library's ldconfig) or thread would change what
@@ -46,6 +47,10 @@ NAMED = {"a checkpoint": "'last.pt'", "prev.pt": "'last.pt'", "the export": "'en
          "summary.json": "'summary.json'", "config.yaml": "'config.yaml'", "metrics.jsonl rewrite": "'metrics.jsonl'",
          "the run lock": "'.mimkit.lock'"}  # fmt: skip
 SYSCALLS = ("openat", "mkdir", "mkdirat", "fsync", "fdatasync", "rename", "renameat", "renameat2", "link", "linkat")
+# EIO at the first removal of each temporary file (most of them are already renamed away: the call would have said
+# ENOENT), of the previous export's files after the exchange, and of the run lock at the end
+REMOVALS = ("unlink", "unlinkat", "rmdir")
+REMOVED = {"the run lock's release": r'/\.mimkit\.lock"', **DURABLE}
 CALL = re.compile(r"^(\w+)\((.*)")
 
 
@@ -152,18 +157,55 @@ class IssueCases:
         if not strace_usable():
             self.skip("EIO at fsync/rename/link", "strace is missing or may not trace here")
             return
-        # without the export every file is written anew; with it, the export replaces the previous folder (the
-        # exchange, renameat2); the model card is one of the export's files
+        for call, target, index, out, name in self.first_call_cases("eio", SYSCALLS, DURABLE):
+            r = self.traced(out, call, f"when={index}")
+            self.judge_fault("EIO", name, out, r, f"{call} #{index}", named=NAMED[target])
+
+    def unlink(self) -> None:
+        """EIO at the first removal of each file a run removes: the run's results are whole, so it ends with exit 0
+        (a warning line at most), and whatever stays behind is gone after the re-run, which ends like the
+        reference."""
+        if not strace_usable():
+            self.skip("EIO at unlink", "strace is missing or may not trace here")
+            return
+        for call, _, index, out, name in self.first_call_cases("unlink", REMOVALS, REMOVED):
+            r = self.traced(out, call, f"when={index}")
+            ok = r.code == 0 and not r.tracebacks() and r.text().count("warning:") <= 1
+            detail = f"{call} #{index}: exit {r.code}, left: {leftovers(out)[:2]}: {r.last_line()[:100]!r}"
+            good, after = ends_like(self.reference(), out, self.run(self.argv(out)))
+            self.add(ok and good, f"EIO at {name}", f"{detail}; re-run: {after}")
+
+    def failing(self) -> None:
+        """A device that keeps failing: EIO at every fsync from the first one of a durable file on (every durable
+        write fsyncs; a failing `write` would also silence the run's own error line). A clean end (exit 2, one line
+        naming that file), the newest checkpoint intact; once the device works, the re-run ends like the
+        reference."""
+        if not strace_usable():
+            self.skip("a device that keeps failing", "strace is missing or may not trace here")
+            return
+        for _, target, index, out, name in self.first_call_cases("failing", ("fsync",), DURABLE):
+            r = self.traced(out, "fsync", f"when={index}+")
+            intact = newest_state(out).endswith("loads, finite")
+            self.judge_fault("EIO", f"every {name} on", out, r, f"fsync #{index}+, newest checkpoint intact: {intact}",
+                             named=NAMED[target], also=intact)  # fmt: skip
+
+    def first_call_cases(self, prefix: str, calls: tuple, labels: dict):
+        """-> (call, label, index, folder, name) for the first of `calls` on each file of `labels`, each in a fresh
+        resumed copy: without the export every file is written anew; with it (the export's cases only) the export
+        replaces the previous folder (the exchange, renameat2)."""
         for keep in (False, True):
-            first = self.first_calls(self.resumed_copy(f"eio-probe-{keep}", keep_export=keep))
+            first = self.first_calls(self.resumed_copy(f"{prefix}-probe-{keep}", keep_export=keep), calls, labels)
             for (call, target), index in first.items():
                 if keep and target != "the export":
                     continue
-                out = self.resumed_copy(f"eio-{call}-{target.replace(' ', '-')}-{keep}", keep_export=keep)
-                strace = ["-o", "/dev/null", "-e", f"trace={call}", "-e", f"inject={call}:error=EIO:when={index}"]
-                r = Traced(self.work / "logs" / f"{out.name}.log", self.argv(out), strace)
-                name = f"{call} of {target}" + (" (replacing one)" if keep else "")
-                self.judge_fault("EIO", name, out, r, f"{call} #{index}", named=NAMED[target])
+                out = self.resumed_copy(f"{prefix}-{call}-{target.replace(' ', '-')}-{keep}", keep_export=keep)
+                yield call, target, index, out, f"{call} of {target}" + (" (replacing one)" if keep else "")
+
+    def traced(self, out: Path, call: str, when: str) -> Traced:
+        """The command on `out` with EIO injected into `call` at `when` (strace's syntax: N, or N+ for every one
+        from the N-th on)."""
+        strace = ["-o", "/dev/null", "-e", f"trace={call}", "-e", f"inject={call}:error=EIO:{when}"]
+        return Traced(self.work / "logs" / f"{out.name}.log", self.argv(out), strace)
 
     def resumed_copy(self, name: str, keep_export: bool = False) -> Path:
         """A copy of the reference run one step before its end (prev.pt as last.pt), without its export unless
@@ -175,23 +217,24 @@ class IssueCases:
             shutil.rmtree(out / "encoder")
         return out
 
-    def first_calls(self, out: Path) -> dict[tuple[str, str], int]:
-        """For each (system call, DURABLE label), the index among that call's invocations by the main thread of
-        the first one on that file, in one run of the command on `out`."""
+    def first_calls(self, out: Path, calls: tuple = SYSCALLS, labels: dict = DURABLE) -> dict[tuple[str, str], int]:
+        """For each (system call of `calls`, label of `labels`), the index among that call's invocations by the main
+        thread of the first one on that file, in one run of the command on `out`."""
         log = self.work / "logs" / f"{out.name}.strace"
-        Traced(log.with_suffix(".log"), self.argv(out), ["-y", "-e", f"trace={','.join(SYSCALLS)}", "-o", str(log)])
+        Traced(log.with_suffix(".log"), self.argv(out), ["-y", "-e", f"trace={','.join(calls)}", "-o", str(log)])
         counts: dict[str, int] = {}
         first: dict[tuple[str, str], int] = {}
         for match in map(CALL.match, log.read_text().splitlines()):
-            if match is None or match[1] not in SYSCALLS:
+            if match is None or match[1] not in calls:
                 continue
             counts[match[1]] = counts.get(match[1], 0) + 1
-            label = next((name for name, pattern in DURABLE.items() if re.search(pattern, match[2])), None)
+            label = next((name for name, pattern in labels.items() if re.search(pattern, match[2])), None)
             if label is not None:
                 first.setdefault((match[1], label), counts[match[1]])
         return first
 
-    def judge_fault(self, fault: str, target: str, out: Path, r, where: str, named: str | None = None) -> None:
+    def judge_fault(self, fault: str, target: str, out: Path, r, where: str, named: str | None = None,
+                    also: bool = True) -> None:  # fmt: skip
         """After SIGKILL: whole metrics lines; after ENOSPC or EIO: a clean end (with `named`: exit 2, the one line
         naming that file, so a fault that missed its call does not pass); then the re-run ends like the reference."""
         ref = self.reference()
@@ -202,7 +245,7 @@ class IssueCases:
             ok, detail = self.clean_end(out, r)
             ok = ok and (named is None or (r.code == 2 and named in r.last_line()))
         good, after = ends_like(ref, out, self.run(self.argv(out)))
-        self.add(ok and good, f"{fault} at {target}", f"{where}: {detail}; re-run: {after}")
+        self.add(ok and good and also, f"{fault} at {target}", f"{where}: {detail}; re-run: {after}")
 
     def first_writes(self, out: Path) -> dict[str, int | None]:
         """For each of TARGETS, the index among the main thread's write calls of the first write to it, in one

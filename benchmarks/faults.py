@@ -286,7 +286,7 @@ class Campaign(IssueCases):
 
 
 SECTIONS = ["kill", "disk", "checkpoints", "concurrent", "data", "exports", "input", "fulldisk", "inject", "eio",
-            "lock", "guards"]  # fmt: skip
+            "unlink", "failing", "lock", "guards"]  # fmt: skip
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+import torch
 from test_faults import TorchWithFullDisk, argv, load, metrics, run
 
 from mimkit import atomic as atomic_writes
@@ -326,3 +327,27 @@ def test_an_export_replaces_its_previous_folder_without_a_moment_without_one(tmp
     monkeypatch.undo()
     assert json.loads((out / "config.json").read_text()) == {"v": 2}
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_device_that_refuses_removals_costs_no_result(reference, tmp_path, monkeypatch, capsys):
+    """EIO at every removal in the run folder (each temporary file once renamed away, the run lock at the end): the
+    writes succeeded, so the run ends with exit 0 and equals the reference, one warning names the lock it leaves,
+    and the next run takes the lock over and removes the leftovers (a failed removal once failed the write)."""
+    out, real = tmp_path / "run", os.unlink
+
+    def refused(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    code, said, err = run(out, capsys)
+    monkeypatch.undo()
+    assert code == 0 and "Traceback" not in err, err
+    assert said.count("warning:") == 1 and f"could not remove the run lock '{out / '.mimkit.lock'}'" in said, said
+    assert ".mimkit.lock" in left_behind(out) and metrics(out) == metrics(reference)
+    mine, theirs = (load(folder / "checkpoints" / "last.pt")["model"] for folder in (out, reference))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    code, said, err = run(out, capsys)
+    assert code == 0 and "warning:" not in said + err, said + err
+    assert left_behind(out) == []

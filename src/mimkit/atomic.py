@@ -59,9 +59,23 @@ def remove_leftovers(path: Path) -> list[str]:
         match = ours.fullmatch(p.name)
         if match is None or (match[1] is not None and pid_alive(int(match[1]))) or (match[1] is None and p.is_file()):
             continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        removed.append(p.name)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else discard(p)
+        if not os.path.lexists(p):  # what the device would not remove is tried again by the next run
+            removed.append(p.name)
     return removed
+
+
+def discard(path: str | Path) -> bool:
+    """Remove the temporary file `path` if it is there. A removal the device refuses leaves a leftover that the
+    next run in the folder removes (`remove_leftovers`), never a reason to fail a write that succeeded.
+    -> False when it is still there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def pid_alive(pid: int) -> bool:
@@ -167,7 +181,7 @@ def replace_text(path: str | Path, text: str) -> Path:
             tmp.chmod(0o644)
             os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return path
 
 
@@ -190,14 +204,12 @@ def save_torch(state: dict, path: str | Path, keep_previous: bool = False,
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
             if keep_previous and path.exists():
-                link.unlink(missing_ok=True)
+                discard(link)  # a leftover of this process (a link that stays makes os.link say so)
                 os.link(path, link)  # `path` stays in place until the new state replaces it
                 os.replace(link, prev)
             os.replace(tmp, path)
         finally:
-            for name in (tmp, link):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name)
+            discard(tmp), discard(link)
 
 
 def state_bytes(obj) -> int:

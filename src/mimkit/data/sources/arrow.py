@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...atomic import discard
 from ..folder import DataError, ImageSource, rank_zero_computes
 from .common import check_classes, read_classes, side_files
 
@@ -90,7 +91,7 @@ def parquet_as_arrow(path: str) -> str:
             os.replace(tmp, place)  # atomic: ranks converting at once leave one whole file
             return str(place)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            discard(tmp)  # if refused too, the temporary file stays and the next place is tried
     raise DataError(f"no writable place for the Arrow copy of '{path}' (tried {', '.join(map(str, places))})")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...atomic import on_write_failure, pid_alive, remove_leftovers, save_torch, temp_name
+from ...atomic import discard, on_write_failure, pid_alive, remove_leftovers, save_torch, temp_name
 from ...config import to_dict
 from ...errors import CheckpointError, TrainingError
 from ...run_config import config_from_dict
@@ -133,7 +133,7 @@ class RunFolder:
             raise CheckpointError(f"--out '{self.out}' is a file, not a folder")
         self.acquire()
         for tmp in self.last.parent.glob(".*.tmp") if self.last.parent.exists() else []:
-            tmp.unlink(missing_ok=True)  # the lock is ours: no other writer is at work in here
+            discard(tmp)  # the lock is ours: no other writer is at work in here
         for name in ("encoder", "metrics.jsonl", "config.yaml", "summary.json", "bad_files.txt"):
             remove_leftovers(self.out / name)
         metrics = self.out / "metrics.jsonl"
@@ -165,8 +165,7 @@ class RunFolder:
                     except FileExistsError:
                         self.remove_stale_lock()
             finally:
-                with contextlib.suppress(OSError):  # the lock stands; a leftover is removed once this run is gone
-                    tmp.unlink(missing_ok=True)
+                discard(tmp)  # the lock stands; a leftover is removed once this run is gone
         raise CheckpointError(f"could not take the run lock '{self.lock}'")
 
     def remove_stale_lock(self) -> None:
@@ -196,9 +195,9 @@ class RunFolder:
         if moved != holder:  # a live run's lock, taken in the meantime: give it back
             with contextlib.suppress(FileExistsError):
                 os.link(aside, self.lock)
-            aside.unlink(missing_ok=True)
+            discard(aside)
             raise CheckpointError(f"another run took the run lock '{self.lock}' just now; use another --out")
-        aside.unlink(missing_ok=True)
+        discard(aside)  # a leftover of ours if refused: removed by the next run
         if holder is None:
             say(f"warning: removed the unreadable run lock '{self.lock}' (left by a run that is gone)", True)
 
@@ -206,9 +205,12 @@ class RunFolder:
         return read_json(self.lock)
 
     def release(self) -> None:
+        """Remove the run lock. One the device will not remove names this process, which is gone by the time a
+        next run looks: that run takes it over, so the results stand and a warning says so."""
         if self.locked:
-            if (self.read_lock() or {}).get("pid") == os.getpid():
-                self.lock.unlink(missing_ok=True)
+            if (self.read_lock() or {}).get("pid") == os.getpid() and not discard(self.lock):
+                say(f"warning: could not remove the run lock '{self.lock}'; the next run in '{self.out}' takes it "
+                    "over", True)  # fmt: skip
             self.locked = False
 
     def holds(self) -> str:
@@ -240,7 +242,8 @@ class RunFolder:
                 os.link(self.last, snapshot)
                 kept = sorted(self.last.parent.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
                 for old in kept[:-keep_epochs]:
-                    old.unlink()
+                    if not discard(old):  # an extra snapshot costs space, never the run
+                        say(f"warning: could not remove '{old}' (train.keep_checkpoints={keep_epochs})", True)
 
     def after_divergence(self, bad_step: int) -> str:
         """After a non-finite step: when the newest checkpoint is the state the diverged update started from, its
