@@ -209,7 +209,8 @@ def save_torch(state: dict, path: str | Path, keep_previous: bool = False,
                 os.replace(link, prev)
             os.replace(tmp, path)
         finally:
-            discard(tmp), discard(link)
+            discard(tmp)
+            discard(link)
 
 
 def state_bytes(obj) -> int:

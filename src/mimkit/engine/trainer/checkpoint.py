@@ -206,11 +206,11 @@ class RunFolder:
 
     def release(self) -> None:
         """Remove the run lock. One the device will not remove names this process, which is gone by the time a
-        next run looks: that run takes it over, so the results stand and a warning says so."""
+        next run on this host looks: that run takes it over, so the results stand and a warning says so."""
         if self.locked:
             if (self.read_lock() or {}).get("pid") == os.getpid() and not discard(self.lock):
-                say(f"warning: could not remove the run lock '{self.lock}'; the next run in '{self.out}' takes it "
-                    "over", True)  # fmt: skip
+                say(f"warning: could not remove the run lock '{self.lock}'; a next run in '{self.out}' on this host "
+                    "takes it over (from another host, delete it)", True)  # fmt: skip
             self.locked = False
 
     def holds(self) -> str:
