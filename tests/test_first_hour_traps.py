@@ -40,6 +40,10 @@ def test_recipes_are_listed_and_a_misspelt_one_gets_the_list(capsys):
         (line,) = [x for x in lines if x.split()[0] == name]
         assert len(line.split()) > 3
     assert any(x.startswith("cifar10-mae ") and "pretrain --method mae" in x and "ViT-Tiny/4" in x for x in lines)
+    assert any(
+        x.startswith("cifar10-cmae-huang ") and x.endswith("et al. on CIFAR-10 (32 px) with a ViT-Tiny/4, for one GPU")
+        for x in lines
+    )  # not cut at "al."
     with pytest.raises(ConfigError, match=r"'cifar10-mea' is neither a config file nor a packaged recipe; did you "
                                           r"mean 'cifar10-mae'\? \(packaged recipes: ade20k-upernet"):  # fmt: skip
         build_config(["cifar10-mea"])

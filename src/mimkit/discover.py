@@ -25,7 +25,9 @@ def recipe_summary(path: Path) -> str:
             break
         lines.append(line.lstrip("#").strip())
     text = " ".join(lines)
-    sentence = re.split(r"(?<=[.:])\s+(?=[A-Za-z`])", text, maxsplit=1)[0].rstrip(".:")  # not "et al. 2022"
+    # a full stop or colon before a word ends it, not the one of "et al." or "e.g." (nor before "2022")
+    ends = r"(?<=[.:])(?<! al\.)(?<!e\.g\.)(?<!i\.e\.)\s+(?=[A-Za-z`])"
+    sentence = re.split(ends, text, maxsplit=1)[0].rstrip(".:")
     return sentence if len(sentence) <= 110 else sentence[:107].rstrip() + "..."
 
 
