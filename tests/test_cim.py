@@ -95,6 +95,37 @@ def test_shapes_for_vit_and_cnn_enhancers(tok, method, enhancer):
     assert m.visualize(b).shape == (2, 3, 16, 64)
 
 
+@pytest.mark.parametrize("method", ["cim-respix", "cim-revdet"])
+def test_visual_tokens_finer_than_the_vit_patch(tmp_path, method):
+    """cim.generator_patch=2 under a patch-4 ViT: 8x8 visual tokens (the tokenizer's grid), RevDet one logit per
+    visual token (4 per patch token), ResPix still every pixel."""
+    fine = make_tokenizer(tmp_path / "fine", downsample=2)
+    m = cim(method, fine, "cim.generator_patch=2", "cim.mask_ratio=0.5")
+    b = batch(2)
+    loss, metrics = m(b)
+    loss.backward()
+    assert m.grid == (8, 8) and m.generator.encoder.patch_embed.patch_size == (2, 2)
+    assert m.enhance(b["image"]).shape == ((2, 64) if method == "cim-revdet" else (2, 3, 16, 16))
+    assert m.visualize(b).shape == (2, 3, 16, 64)
+    with pytest.raises(ConfigError, match="cim.generator_patch 3 does not divide the ViT enhancer's patch 4"):
+        cim(method, fine, "cim.generator_patch=3", "data.image_size=24")
+
+
+def test_a_patch_token_answers_for_the_visual_tokens_inside_it():
+    """RevDet's logits from 2x2 patch tokens with 2x2 visual tokens each land on the 4x4 visual grid in raster
+    order: the value planted for visual token (row, col) comes out at index row * 4 + col."""
+    from mimkit.methods.cim import CIMOptions, RevDet
+
+    objective = RevDet(CIMOptions(), patch=4, grid=(2, 2), tokens_per_side=2)
+    planted = torch.empty(1, 4, 4)
+    for token in range(4):  # patch tokens in raster order, each with its 2x2 visual tokens in raster order
+        for sub in range(4):
+            row, col = (token // 2) * 2 + sub // 2, (token % 2) * 2 + sub % 2
+            planted[0, token, sub] = row * 4 + col
+    assert objective.grid == (4, 4)
+    assert torch.equal(objective.from_tokens(planted), torch.arange(16.0).view(1, 16))
+
+
 def test_bad_settings_are_named(tok, tmp_path):
     with pytest.raises(ConfigError, match="needs a tokenizer"):
         build_method(build_config(dotted=[*TINY, *GEN, "method=cim-revdet"]))

@@ -356,6 +356,17 @@ def test_beit_on_the_demo_trains_the_demo_tokenizer_first_and_reuses_it(tmp_path
     assert f"beit: reusing the demo tokenizer in '{out / 'tokenizer'}'" in printed and "psnr" not in printed
 
 
+def test_the_demo_tokenizer_has_the_methods_pixels_per_token(tmp_path):
+    """The demo's CIM sets cim.generator_patch=2 (2x2 visual tokens per 4 px patch): the tokenizer it trains first
+    downsamples by 2; CIM with the option at the patch, and BEiT (no such option), by the patch."""
+    from mimkit.run_config import build_config, demo_tokenizer
+
+    for method, extra, downsample in [("cim-revdet", [], 2), ("cim-respix", ["cim.generator_patch=4"], 4),
+                                      ("beit", [], 4)]:  # fmt: skip
+        cfg = build_config(["demo"], {"out": str(tmp_path / method)}, [f"method={method}", *extra])
+        assert demo_tokenizer(cfg, []).tokenizer.downsample == downsample, method
+
+
 @pytest.mark.parametrize("method", ["beit", "cim-respix"])
 def test_tokenizer_methods_on_user_data_name_the_command(tmp_path, capsys, labeled_folder, method):
     out = tmp_path / "run"

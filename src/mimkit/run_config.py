@@ -147,17 +147,21 @@ DEMO_TOKENIZER = "tokenizer-demo"  # the packaged recipe of the demo's VQ tokeni
 def demo_tokenizer(cfg: Config, overrides: list[str]) -> Config | None:
     """BEiT and CIM read their targets from a tokenizer (`tokenizer.path`). When the user named none: on the built-in
     demo, point `cfg` at `<out>/tokenizer` and -> the config of the demo tokenizer to train there first (the
-    `tokenizer-demo` recipe at the run's image size, patch, seed, subset and device, with the user's `tokenizer.*`
+    `tokenizer-demo` recipe at the run's image size, pixels per token (the method's `generator_patch` where it sets
+    one, else the patch), seed, subset and device, with the user's `tokenizer.*`
     overrides), or None when a finished one is there (a re-run reuses it); on other data, an error giving the
     command that makes one. None as well when the method needs no tokenizer or has one."""
     from .methods import method_class  # torch: not for `mimkit --help`
     from .models.vit import resolve_patch_size
     from .runtime import is_vit
 
-    if not method_class(cfg.method).needs_tokenizer or cfg.tokenizer.path:
+    method = method_class(cfg.method)
+    if not method.needs_tokenizer or cfg.tokenizer.path:
         return None
     m = cfg.model
     patch = resolve_patch_size(m.name, m.patch_size) if is_vit(m.name) else m.patch_size  # a CNN: the generator's
+    # pixels per visual token where the method sets its own (CIM's cim.generator_patch), else the patch
+    patch = getattr(cfg.sections.get(method.section_name()), "generator_patch", None) or patch
     if cfg.data.path != "demo":
         out = f"runs/tokenizer-{_data_name(cfg)}"
         down = f" tokenizer.downsample={patch}" if patch else ""

@@ -49,7 +49,10 @@ class CIMOptions:
     generator_depth: PositiveInt = 4  # a *small* BEiT: paper ablation favours 4-6 layers
     generator_dim: PositiveInt = 192  # UNVERIFIED width; keep it well below the enhancer's
     generator_heads: PositiveInt = 3
-    generator_patch: PositiveInt | None = None  # pixels per token; default: the ViT enhancer's patch / model.patch_size
+    # pixels per visual token; default: the ViT enhancer's patch (the paper: one token per patch) / model.patch_size.
+    # For a ViT, a divisor of its patch gives each patch token (patch / generator_patch)^2 visual tokens: a finer
+    # corruption and as many more RevDet labels per image (UNVERIFIED; for small images, docs/methods.md)
+    generator_patch: PositiveInt | None = None
     generator_layer_scale: NonNegFloat = 0.1  # the beit generator's LayerScale init (BEiT's ViT-B value); 0 = off
     # the generator's lr relative to the run's (the enhancer's); 1 = one lr for both (joint training; UNVERIFIED)
     generator_lr_scale: PositiveFloat = 1.0
@@ -68,11 +71,12 @@ class CIMOptions:
 class ResPix:
     """CIM-ResPix: the enhancer restores every pixel of the original image (not only the replaced ones). Targets:
     each pixel standardised by its `cim.window` neighbourhood (the paper's sliding-window normalisation), by its
-    patch (MAE's norm_pix) or raw; MSE over all pixels and channels."""
+    patch (MAE's norm_pix) or raw; MSE over all pixels and channels. Pixels are predicted per enhancer patch
+    (`patch`, `grid`), whatever the visual tokens' size."""
 
     name = "respix"
 
-    def __init__(self, o: CIMOptions, patch: int, grid: tuple[int, int]):
+    def __init__(self, o: CIMOptions, patch: int, grid: tuple[int, int], tokens_per_side: int):
         self.norm, self.window, self.patch, self.grid = o.target_norm, o.window, patch, grid
 
     def vit_head(self, dim: int) -> nn.Module:
@@ -117,15 +121,17 @@ class ResPix:
 
 class RevDet:
     """CIM-RevDet: for every visual token, was it replaced? The label is "id changed" (ELECTRA's convention: a
-    masked token resampled to its original id is original), BCE over all token positions."""
+    masked token resampled to its original id is original), BCE over all token positions. A ViT patch token
+    answers for the r x r visual tokens inside its patch (r = `tokens_per_side`, 1 in the paper)."""
 
     name = "revdet"
 
-    def __init__(self, o: CIMOptions, patch: int, grid: tuple[int, int]):
-        self.grid = grid
+    def __init__(self, o: CIMOptions, patch: int, grid: tuple[int, int], tokens_per_side: int):
+        self.r = tokens_per_side
+        self.grid = (grid[0] * self.r, grid[1] * self.r)  # the visual tokens' grid
 
     def vit_head(self, dim: int) -> nn.Module:
-        return nn.Linear(dim, 1)  # one logit per patch token
+        return nn.Linear(dim, self.r**2)  # one logit per visual token in the patch
 
     def cnn_map_fits(self, side: int) -> bool:
         return side <= self.grid[0]  # one logit per token: a finer map than the token grid has no token to match
@@ -134,8 +140,10 @@ class RevDet:
         return TokenLogitHead(channels, self.grid)
 
     def from_tokens(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, N, 1) -> (B, N)."""
-        return out.squeeze(-1)
+        """(B, h*w, r*r) patch tokens' logits -> (B, N) in the visual tokens' raster order (N = h*r * w*r)."""
+        (h, w), r = self.grid, self.r
+        out = out.view(-1, h // r, w // r, r, r).permute(0, 1, 3, 2, 4)  # (B, rows, r, cols, r)
+        return out.reshape(-1, h * w)
 
     def targets(self, imgs: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
         return replaced.float()
@@ -178,13 +186,15 @@ class CIM(Method):
             raise ConfigError(f"cim.window must be a positive odd number, got {o.window}")
         size = shared.image_size
         self.enhancer, self.is_vit = self.build_enhancer(shared)
-        self.patch = o.generator_patch or (V.patch_size(self.enhancer) if self.is_vit else shared.model.patch_size)
+        enhancer_patch = V.patch_size(self.enhancer) if self.is_vit else None
+        self.patch = o.generator_patch or enhancer_patch or shared.model.patch_size
         if self.patch is None:
             raise ConfigError(
                 f"a CNN enhancer ({shared.model.name}) has no patch: set cim.generator_patch (pixels/token)"
             )
-        if self.is_vit and self.patch != V.patch_size(self.enhancer):
-            raise ConfigError(f"cim.generator_patch {self.patch} differs from the ViT enhancer's patch")
+        if self.is_vit and enhancer_patch % self.patch:
+            raise ConfigError(f"cim.generator_patch {self.patch} does not divide the ViT enhancer's patch "
+                              f"{enhancer_patch} (each patch token answers for whole visual tokens)")  # fmt: skip
         if size % self.patch:
             raise ConfigError(f"data.image_size {size} is not divisible by cim.generator_patch {self.patch}")
         check_mask_ratio("cim.mask_ratio", o.mask_ratio, (size // self.patch) ** 2)
@@ -199,7 +209,8 @@ class CIM(Method):
         self.grid = V.grid_size(self.generator.encoder)
         self.num_patches = self.grid[0] * self.grid[1]
         self.views = self.generator.views  # the image and the same crop at the tokenizer's input size
-        self.objective = self.Objective(o, self.patch, self.grid)
+        r = enhancer_patch // self.patch if self.is_vit else 1  # visual tokens per side of a ViT patch
+        self.objective = self.Objective(o, self.patch * r, (self.grid[0] // r, self.grid[1] // r), r)
         self.head = self.build_head(shared, size)
 
     # ---- construction ------------------------------------------------------------------------------------
