@@ -305,7 +305,7 @@ def test_bad_cim_options_are_config_errors_naming_the_key(tok):
         "cim.generator_layer_scale=-0.1": "cim.generator_layer_scale must be >= 0",
         "cim.mask_ratio=0.99": "cim.mask_ratio 0.99 leaves no masked or no visible patch of 16",
         "cim.window=4": "cim.window must be a positive odd number, got 4",
-        "cim.generator_patch=8": "cim.generator_patch 8 differs from the ViT enhancer's patch",
+        "cim.generator_patch=8": "cim.generator_patch 8 does not divide the ViT enhancer's patch 4",
         "cim.sample=top_k": "cim.sample must be 'softmax' or 'argmax'",
     }
     for override, message in cases.items():
