@@ -245,3 +245,12 @@ def test_an_interrupted_wall_clock_compare_keeps_the_epochs_it_sized(tmp_path, l
     assert timed == ["mae", "simmim"]  # not timed again
     run("10min")
     assert timed == ["mae", "simmim", "mae", "simmim"]
+
+
+def test_the_report_mentions_timed_steps_only_under_a_wall_clock_budget():
+    """Only a wall-clock budget times a few steps per method to size its epochs; report.md says so only then."""
+    from mimkit.engine.drivers.compare_report import budget_lines
+
+    base = {"methods": {}, "scratch": {}}
+    assert "timed" not in " ".join(budget_lines({**base, "budget": "2ep", "budget_kind": "epochs"}))
+    assert "few steps timed per method" in " ".join(budget_lines({**base, "budget": "45s", "budget_kind": "seconds"}))

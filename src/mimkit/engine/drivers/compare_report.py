@@ -114,17 +114,19 @@ def gain_table(results: dict, evals: list[str]) -> list[str]:
 
 def budget_lines(results: dict) -> list[str]:
     """What the budget covered and what it did not: pre-training (and the tokenizer) is inside it, every
-    evaluation outside; the command also times a few steps per method to size its epochs."""
+    evaluation outside; under a wall-clock budget the command also times a few steps per method to size its
+    epochs."""
     runs = [*results["methods"].values(), results["scratch"], *results.get("step0", {}).values()]
     pretrain_s = sum(r.get("pretrain_seconds") or 0 for r in runs) + results.get("tokenizer", {}).get("seconds", 0)
     eval_s = sum(r.get("eval_seconds", 0) for r in runs)
     per = ": means over seeds" if len(results.get("seeds", [0])) > 1 else ""
+    timed = " plus the few steps timed per method to size its epochs" if results.get("budget_kind") == "seconds" else ""
     return [
         f"Budget: {results['budget']} of pre-training per method (BEiT and CIM: their tokenizer's included); "
         f"{pretrain_s:.0f} s of pre-training in all (`pre-train s`{per}; the k-NN monitor's time, with "
         "eval.knn_every, is inside it).",
         f"Evaluation (k-NN, linear probe, fine-tuning) is outside the budget: {eval_s:.0f} s in all (`eval s`); "
-        "the command's wall time is both plus the few steps timed per method to size its epochs.",
+        f"the command's wall time is both{timed}.",
     ]
 
 
