@@ -217,7 +217,7 @@ class IssueCases:
             shutil.rmtree(out / "encoder")
         return out
 
-    def first_calls(self, out: Path, calls: tuple = SYSCALLS, labels: dict = DURABLE) -> dict[tuple[str, str], int]:
+    def first_calls(self, out: Path, calls: tuple, labels: dict) -> dict[tuple[str, str], int]:
         """For each (system call of `calls`, label of `labels`), the index among that call's invocations by the main
         thread of the first one on that file, in one run of the command on `out`."""
         log = self.work / "logs" / f"{out.name}.strace"
